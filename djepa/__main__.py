@@ -1,0 +1,3 @@
+from djepa.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,54 @@
+"""Backend choice and argument plumbing shared by every op in djepa.ops."""
+import torch
+
+from djepa import backends
+
+# Must match csrc/common.h DType.
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+
+
+def select_backend(op, backend, device, *, cuda_reason=None, triton_reason=None):
+    """Pick the backend that serves one call of `op` on tensors on `device`.
+
+    `backend` is "auto" | "cuda" | "triton" | "eager" or None (DJEPA_BACKEND, default auto).
+    `cuda_reason` / `triton_reason` say why this particular call (dtype, head dim, ...) cannot
+    go to that backend, or are None. An explicit backend that cannot serve the call raises a
+    ValueError with the reason; it never falls back silently.
+    """
+    requested = backends.default_backend() if backend is None else str(backend).lower()
+    if requested not in backends.BACKENDS:
+        raise ValueError(f"{op}: backend={backend!r} is not one of {backends.BACKENDS}")
+    if requested == "eager":
+        return "eager"
+    cuda_why = backends.cuda_unavailable_reason(op, device) or cuda_reason
+    triton_why = backends.triton_unavailable_reason(op, device) or triton_reason
+    if requested == "cuda":
+        if cuda_why:
+            raise ValueError(f"{op}: backend='cuda' cannot serve this call: {cuda_why}")
+        return "cuda"
+    if requested == "triton":
+        if triton_why:
+            raise ValueError(f"{op}: backend='triton' cannot serve this call: {triton_why}")
+        return "triton"
+    if device.type == "cuda":
+        if cuda_why is None:
+            return "cuda"
+        if triton_why is None:
+            return "triton"
+    return "eager"
+
+
+def dtype_code(dtype):
+    return DTYPE_CODES[dtype]
+
+
+def stream_handle(device):
+    """The current CUDA stream of `device` as an integer, for djepa._C."""
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def extension():
+    ext = backends.cuda_extension()
+    if ext is None:
+        raise RuntimeError(backends.cuda_extension_error())
+    return ext
