@@ -34,8 +34,9 @@ _C.adaln_modulate_fwd(x, mod, ln_w, ln_b, h, stats, M, W, eps, dtype, stream, mo
     unused here); ln_w, ln_b [W] (both 0 = LayerNorm without affine);
     h [M, W] (written) = LN(x) * (1 + scale) + shift, LN in fp32 with biased variance;
     stats float32 [M, 2] (written) = (mean, rstd), or 0 to skip (inference).
-_C.adaln_modulate_bwd(x, mod, ln_w, stats, dh, dx, dmod, dln_w_partial, dln_b_partial,
+_C.adaln_modulate_bwd(x, mod, ln_w, ln_b, stats, dh, dx, dmod, dln_w_partial, dln_b_partial,
                       M, W, dtype, stream)
+    CHANGE relative to the brief: ln_b is passed too (dscale = dh * (xhat * ln_w + ln_b)).
     mod contiguous [M, 3W]. Writes (not accumulates) dx [M, W] = d/dx of h only (the
     residual's identity gradient is added by Python); dmod [M, 3W]: writes the shift and
     scale chunks only (the gate chunk is written by the gate GEMM). dln_w_partial and
@@ -73,3 +74,54 @@ _C.denoise_update(x, model_out, noise, out, xin_out, B, C, out_ld, cfg, cfg_scal
     posterior log variance (clipped), max_log = log(beta), noise_scale = temperature at
     t > 0 and 0 at t == 0.
 """
+import math
+
+import torch
+import torch.nn.functional as F
+
+from djepa.ops import _dispatch
+
+_FAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# ------------------------------------------------------------------------------------------
+# eager references
+# ------------------------------------------------------------------------------------------
+def adaln_block_reference(x, mod, ln_w, ln_b, w1, b1, w2, b2, eps=1e-6):
+    """Eager adaln_block (the definition the kernels are checked against)."""
+    W = x.shape[-1]
+    shift, scale, gate = mod[:, :W], mod[:, W:2 * W], mod[:, 2 * W:3 * W]
+    h = F.layer_norm(x, (W,), ln_w, ln_b, eps) * (1 + scale) + shift
+    return x + gate * F.linear(F.silu(F.linear(h, w1, b1)), w2, b2)
+
+
+def _check_block(x, mod, ln_w, ln_b, w1, b1, w2, b2, eps):
+    tensors = dict(x=x, mod=mod, ln_w=ln_w, ln_b=ln_b, w1=w1, b1=b1, w2=w2, b2=b2)
+    for name, t in tensors.items():
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"adaln_block: {name} must be a tensor, got {type(t).__name__}")
+    if x.ndim != 2:
+        raise ValueError(f"adaln_block: x must be [M, W], got {tuple(x.shape)}")
+    M, W = x.shape
+    shapes = dict(mod=(M, 3 * W), ln_w=(W,), ln_b=(W,), w1=(W, W), b1=(W,), w2=(W, W), b2=(W,))
+    for name, shape in shapes.items():
+        t = tensors[name]
+        if t is None:
+            if name in ("ln_w", "ln_b"):
+                continue
+            raise ValueError(f"adaln_block: {name} is required")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"adaln_block: {name} must be {list(shape)} for x {list(x.shape)}, got {list(t.shape)}")
+    if (ln_w is None) != (ln_b is None):
+        raise ValueError("adaln_block: give both ln_w and ln_b or neither")
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if not t.is_floating_point():
+            raise TypeError(f"adaln_block: {name} must be a floating tensor, got {t.dtype}")
+        if t.dtype != x.dtype:
+            raise TypeError(f"adaln_block: {name} has dtype {t.dtype}, x has {x.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"adaln_block: {name} is on {t.device}, x on {x.device}")
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+        raise ValueError(f"adaln_block: eps must be a positive finite number, got {eps!r}")
