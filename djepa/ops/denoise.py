@@ -125,3 +125,262 @@ def _check_block(x, mod, ln_w, ln_b, w1, b1, w2, b2, eps):
             raise ValueError(f"adaln_block: {name} is on {t.device}, x on {x.device}")
     if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
         raise ValueError(f"adaln_block: eps must be a positive finite number, got {eps!r}")
+
+
+# ------------------------------------------------------------------------------------------
+# kernel launchers: the same calls on both fast backends
+# ------------------------------------------------------------------------------------------
+def _next_pow2(n):
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+class _Triton:
+    name = "triton"
+
+    def __init__(self):
+        from djepa.kernels import denoise as k
+
+        self.k = k
+
+    def ln_mod_fwd(self, x, mod, mod_ld, ln_w, ln_b, h, stats, eps):
+        M, W = x.shape
+        BW = _next_pow2(W)
+        BM = max(1, min(16, 4096 // BW))
+        self.k.ln_mod_fwd_kernel[(triton_cdiv(M, BM),)](
+            x, mod, ln_w if ln_w is not None else x, ln_b if ln_b is not None else x, h,
+            stats if stats is not None else h, M, W, mod_ld, float(eps),
+            HAS_AFFINE=ln_w is not None, HAS_STATS=stats is not None, BLOCK_M=BM, BLOCK_W=BW)
+
+    def ln_mod_bwd(self, x, mod, ln_w, ln_b, stats, dh, dres, dx, dmod):
+        M, W = x.shape
+        rows = self.k.LN_BWD_ROWS
+        nb = triton_cdiv(M, rows)
+        dw_part = torch.empty(nb, W, device=x.device, dtype=torch.float32)
+        db_part = torch.empty(nb, W, device=x.device, dtype=torch.float32)
+        self.k.ln_mod_bwd_kernel[(nb,)](
+            x, mod, ln_w, ln_b, stats, dh, dres if dres is not None else dh, dx, dmod, dw_part, db_part, M, W,
+            HAS_AFFINE=True, HAS_DRES=dres is not None, ROWS=rows, BLOCK_W=_next_pow2(W))
+        return dw_part.sum(0), db_part.sum(0)
+
+    def gate_bwd(self, dout, mod, y2, dy2, dmod):
+        M, W = dout.shape
+        BLOCK = 1024
+        self.k.gate_bwd_kernel[(triton_cdiv(M * W, BLOCK),)](dout, mod, y2, dy2, dmod, M, W, BLOCK=BLOCK)
+
+    def add_silu(self, c, t_row, out):
+        M, W = c.shape
+        BLOCK = 1024
+        self.k.add_silu_kernel[(triton_cdiv(M * W, BLOCK),)](c, t_row, out, M, W, BLOCK=BLOCK)
+
+    def gemm(self, a, b, c, M, N, K, a_trans=False, b_trans=False, bias=None, epilogue=0,
+             aux1=None, aux2=None, aux2_ld=0, aux_out=None):
+        sam, sak = (1, M) if a_trans else (K, 1)
+        sbk, sbn = (1, K) if b_trans else (N, 1)
+        grid = lambda meta: (triton_cdiv(M, meta["BLOCK_M"]) * triton_cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+        self.k.gemm_kernel[grid](
+            a, b, c, bias if bias is not None else c, aux1 if aux1 is not None else c,
+            aux2 if aux2 is not None else c, aux_out if aux_out is not None else c, M, N, K,
+            sam, sak, sbk, sbn, aux2_ld, EPILOGUE=epilogue, HAS_BIAS=bias is not None,
+            HAS_AUX_OUT=aux_out is not None, IEEE=a.dtype == torch.float32)
+
+    def denoise_update(self, x, model_out, noise, out, xin, B, C, cfg, cfg_scale, coefs):
+        coef_x, coef_eps, min_log, max_log, noise_scale = coefs
+        BLOCK = 512
+        self.k.denoise_update_kernel[(triton_cdiv(B * C, BLOCK),)](
+            x, model_out, noise if noise is not None else x, out, xin if xin is not None else out,
+            B, C, model_out.stride(0), float(cfg_scale), coef_x, coef_eps, min_log, max_log, noise_scale,
+            CFG=bool(cfg), HAS_NOISE=noise is not None and noise_scale != 0.0, HAS_XIN=xin is not None,
+            BLOCK=BLOCK)
+
+
+def triton_cdiv(a, b):
+    return (a + b - 1) // b
+
+
+def _ptr(t):
+    return 0 if t is None else t.data_ptr()
+
+
+class _Cuda:
+    """djepa._C per the contract in this module's docstring."""
+    name = "cuda"
+
+    def __init__(self, device):
+        self.C = _dispatch.extension()
+        self.device = device
+
+    def _s(self):
+        return _dispatch.stream_handle(self.device)
+
+    def ln_mod_fwd(self, x, mod, mod_ld, ln_w, ln_b, h, stats, eps):
+        M, W = x.shape
+        self.C.adaln_modulate_fwd(_ptr(x), _ptr(mod), _ptr(ln_w), _ptr(ln_b), _ptr(h), _ptr(stats), M, W,
+                                  float(eps), _dispatch.dtype_code(x.dtype), self._s(), mod_ld)
+
+    def ln_mod_bwd(self, x, mod, ln_w, ln_b, stats, dh, dres, dx, dmod):
+        M, W = x.shape
+        nb = triton_cdiv(M, int(self.C.adaln_rows_per_block()))
+        dw_part = torch.empty(nb, W, device=x.device, dtype=torch.float32)
+        db_part = torch.empty(nb, W, device=x.device, dtype=torch.float32)
+        self.C.adaln_modulate_bwd(_ptr(x), _ptr(mod), _ptr(ln_w), _ptr(ln_b), _ptr(stats), _ptr(dh), _ptr(dx),
+                                  _ptr(dmod), _ptr(dw_part), _ptr(db_part), M, W,
+                                  _dispatch.dtype_code(x.dtype), self._s())
+        if dres is not None:
+            dx.add_(dres)
+        return dw_part.sum(0), db_part.sum(0)
+
+    def gate_bwd(self, dout, mod, y2, dy2, dmod):
+        W = dout.shape[1]
+        torch.mul(dout, mod[:, 2 * W:], out=dy2)
+        torch.mul(dout, y2, out=dmod[:, 2 * W:])
+
+    def add_silu(self, c, t_row, out):
+        torch.add(c, t_row, out=out)
+        F.silu(out, inplace=True)
+
+    def gemm(self, a, b, c, M, N, K, a_trans=False, b_trans=False, bias=None, epilogue=0,
+             aux1=None, aux2=None, aux2_ld=0, aux_out=None):
+        if c.dtype == torch.float32 and a.dtype != torch.float32:
+            epilogue |= 16
+        self.C.gemm(_ptr(a), _ptr(b), _ptr(c), _ptr(bias), M, N, K, int(a_trans), int(b_trans), epilogue,
+                    _ptr(aux1), _ptr(aux2), _ptr(aux_out), _dispatch.dtype_code(a.dtype), self._s(), aux2_ld)
+
+    def denoise_update(self, x, model_out, noise, out, xin, B, C, cfg, cfg_scale, coefs):
+        coef_x, coef_eps, min_log, max_log, noise_scale = coefs
+        self.C.denoise_update(_ptr(x), _ptr(model_out), _ptr(noise) if noise_scale != 0.0 else 0, _ptr(out),
+                              _ptr(xin), B, C, model_out.stride(0), int(bool(cfg)), float(cfg_scale),
+                              coef_x, coef_eps, min_log, max_log, noise_scale,
+                              _dispatch.dtype_code(model_out.dtype), self._s())
+
+
+def _runner(backend, device):
+    return _Triton() if backend == "triton" else _Cuda(device)
+
+
+# ------------------------------------------------------------------------------------------
+# adaln_block: fused forward/backward, torch.library ops, autograd
+# ------------------------------------------------------------------------------------------
+def _block_fwd_impl(backend, x, mod, ln_w, ln_b, w1, b1, w2, b2, eps, save):
+    run = _runner(backend, x.device)
+    M, W = x.shape
+    h = torch.empty_like(x)
+    stats = torch.empty(M, 2, device=x.device, dtype=torch.float32) if save else None
+    run.ln_mod_fwd(x, mod, 3 * W, ln_w, ln_b, h, stats, eps)
+    a = torch.empty_like(x)
+    p = torch.empty_like(x) if save else None
+    run.gemm(h, w1, a, M, W, W, b_trans=True, bias=b1, epilogue=1, aux_out=p)
+    out = torch.empty_like(x)
+    y2 = torch.empty_like(x) if save else None
+    run.gemm(a, w2, out, M, W, W, b_trans=True, bias=b2, epilogue=2, aux1=x, aux2=mod[:, 2 * W:],
+             aux2_ld=3 * W, aux_out=y2)
+    empty = x.new_empty(0)
+    if not save:
+        return out, empty, empty, empty, empty, empty.float()
+    return out, h, p, a, y2, stats
+
+
+def _block_bwd_impl(backend, dout, x, mod, ln_w, ln_b, w1, w2, h, p, a, y2, stats):
+    run = _runner(backend, x.device)
+    M, W = x.shape
+    dout = dout.contiguous()
+    dmod = torch.empty_like(mod)
+    dy2 = torch.empty_like(x)
+    run.gate_bwd(dout, mod, y2, dy2, dmod)
+    f32 = torch.empty(W, W, device=x.device, dtype=torch.float32)
+    run.gemm(dy2, a, f32, W, W, M, a_trans=True)                       # dW2 = dy2^T a
+    dw2 = f32.to(x.dtype)
+    f32 = torch.empty(W, W, device=x.device, dtype=torch.float32)
+    db2 = dy2.float().sum(0).to(x.dtype)
+    dp = torch.empty_like(x)
+    run.gemm(dy2, w2, dp, M, W, W, epilogue=3, aux1=p)                 # dp = (dy2 W2) * silu'(p)
+    run.gemm(dp, h, f32, W, W, M, a_trans=True)                        # dW1 = dp^T h
+    dw1 = f32.to(x.dtype)
+    db1 = dp.float().sum(0).to(x.dtype)
+    dh = torch.empty_like(x)
+    run.gemm(dp, w1, dh, M, W, W)                                      # dh = dp W1
+    dx = torch.empty_like(x)
+    dlnw, dlnb = run.ln_mod_bwd(x, mod, ln_w, ln_b, stats, dh, dout, dx, dmod)
+    return dx, dmod, dlnw.to(x.dtype), dlnb.to(x.dtype), dw1, db1, dw2, db2
+
+
+@torch.library.custom_op("djepa::adaln_block_fwd", mutates_args=())
+def _adaln_block_fwd_op(backend: str, x: torch.Tensor, mod: torch.Tensor, ln_w: torch.Tensor,
+                        ln_b: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+                        b2: torch.Tensor, eps: float, save: bool
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _block_fwd_impl(backend, x, mod, ln_w, ln_b, w1, b1, w2, b2, eps, save)
+
+
+@_adaln_block_fwd_op.register_fake
+def _(backend, x, mod, ln_w, ln_b, w1, b1, w2, b2, eps, save):
+    if not save:
+        e = x.new_empty(0)
+        return torch.empty_like(x), e, e, e, e, e.float()
+    stats = x.new_empty(x.shape[0], 2, dtype=torch.float32)
+    return tuple(torch.empty_like(x) for _ in range(5)) + (stats,)
+
+
+@torch.library.custom_op("djepa::adaln_block_bwd", mutates_args=())
+def _adaln_block_bwd_op(backend: str, dout: torch.Tensor, x: torch.Tensor, mod: torch.Tensor,
+                        ln_w: torch.Tensor, ln_b: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                        h: torch.Tensor, p: torch.Tensor, a: torch.Tensor, y2: torch.Tensor,
+                        stats: torch.Tensor) -> list[torch.Tensor]:
+    return list(_block_bwd_impl(backend, dout, x, mod, ln_w, ln_b, w1, w2, h, p, a, y2, stats))
+
+
+@_adaln_block_bwd_op.register_fake
+def _(backend, dout, x, mod, ln_w, ln_b, w1, w2, h, p, a, y2, stats):
+    W = x.shape[1]
+    return [torch.empty_like(x), torch.empty_like(mod), x.new_empty(W), x.new_empty(W),
+            torch.empty_like(w1), x.new_empty(W), torch.empty_like(w2), x.new_empty(W)]
+
+
+class _AdaLNBlock(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, backend, x, mod, ln_w, ln_b, w1, b1, w2, b2, eps, affine):
+        save = any(ctx.needs_input_grad)
+        out, h, p, a, y2, stats = _adaln_block_fwd_op(backend, x, mod, ln_w, ln_b, w1, b1, w2, b2, eps, save)
+        if save:
+            ctx.save_for_backward(x, mod, ln_w, ln_b, w1, w2, h, p, a, y2, stats)
+        ctx.backend, ctx.affine = backend, affine
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, mod, ln_w, ln_b, w1, w2, h, p, a, y2, stats = ctx.saved_tensors
+        dx, dmod, dlnw, dlnb, dw1, db1, dw2, db2 = _adaln_block_bwd_op(
+            ctx.backend, dout, x, mod, ln_w, ln_b, w1, w2, h, p, a, y2, stats)
+        if not ctx.affine:
+            dlnw = dlnb = None
+        return None, dx, dmod, dlnw, dlnb, dw1, db1, dw2, db2, None, None
+
+
+def _fast_reasons(x, W, what):
+    cuda_reason = triton_reason = None
+    if x.dtype not in _FAST_DTYPES:
+        triton_reason = f"{what} kernels take float16/bfloat16/float32, not {x.dtype}"
+    elif W > 8192:
+        triton_reason = f"width {W} > 8192 (a LayerNorm row must fit one Triton program)"
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        cuda_reason = f"the CUDA {what} kernels take float16/bfloat16, not {x.dtype}"
+    return cuda_reason, triton_reason
+
+
+def adaln_block(x, mod, ln_w, ln_b, w1, b1, w2, b2, *, eps=1e-6, backend="auto"):
+    """See the module docstring. x [M, W]; mod [M, 3W] = (shift | scale | gate); ln_w, ln_b [W]
+    or None (LayerNorm without affine); w1, w2 [W, W] nn.Linear weights, b1, b2 [W].
+    M == 0 returns an empty [0, W] tensor."""
+    _check_block(x, mod, ln_w, ln_b, w1, b1, w2, b2, eps)
+    M, W = x.shape
+    cuda_reason, triton_reason = _fast_reasons(x, W, "adaln_block")
+    chosen = _dispatch.select_backend("adaln_block", backend, x.device,
+                                      cuda_reason=cuda_reason, triton_reason=triton_reason)
+    if chosen == "eager" or M == 0:
+        return adaln_block_reference(x, mod, ln_w, ln_b, w1, b1, w2, b2, eps)
+    affine = ln_w is not None
+    if not affine:
+        ln_w = torch.ones(W, device=x.device, dtype=x.dtype)
+        ln_b = torch.zeros(W, device=x.device, dtype=x.dtype)
+    c = lambda t: t.contiguous()  # noqa: E731
+    return _AdaLNBlock.apply(chosen, c(x), c(mod), c(ln_w), c(ln_b), c(w1), c(b1), c(w2), c(b2),
+                             float(eps), affine)

@@ -1,0 +1,58 @@
+"""Flow matching as D-JEPA's variant uses it: x_t = t*x1 + (1-t)*x0 (x0 noise, x1 data),
+velocity target x1 - x0, t ~ U(0, 1), MSE; Euler sampling over linspace(0, 1, steps + 1)
+with an optional time shift t -> t / (t + s - s*t)."""
+import math
+
+import torch
+
+
+class FlowMatching:
+    def __init__(self, time_shift=None):
+        if time_shift is not None and (not math.isfinite(float(time_shift)) or float(time_shift) <= 0):
+            raise ValueError(f"time_shift must be a positive number or None, got {time_shift!r}")
+        self.time_shift = None if time_shift is None else float(time_shift)
+
+    def shift(self, t):
+        if self.time_shift is None:
+            return t
+        s = self.time_shift
+        return t / (t + s - s * t)
+
+    def training_losses(self, model, x1, model_kwargs=None, noise=None, t=None):
+        """{"loss": mean((model(x_t, t) - (x1 - x0))**2) per row}; model(x, t [M] float, **kw)."""
+        if noise is None:
+            noise = torch.randn_like(x1)
+        elif noise.shape != x1.shape:
+            raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {tuple(x1.shape)}")
+        if t is None:
+            t = torch.rand(x1.shape[0], device=x1.device, dtype=x1.dtype)
+        elif t.ndim != 1 or t.shape[0] != x1.shape[0]:
+            raise ValueError(f"t must be a 1-D tensor with one value per row of x1 ({x1.shape[0]})")
+        tb = t.to(x1.dtype).reshape((-1,) + (1,) * (x1.ndim - 1))
+        xt = tb * x1 + (1 - tb) * noise
+        v = model(xt, t, **(model_kwargs or {}))
+        if v.shape != x1.shape:
+            raise ValueError(f"the model returned {tuple(v.shape)}, expected {tuple(x1.shape)}")
+        loss = (v - (x1 - noise)) ** 2
+        return {"loss": loss.mean(dim=tuple(range(1, loss.ndim))) if loss.ndim > 1 else loss}
+
+    @torch.no_grad()
+    def sample(self, model, shape, steps, model_kwargs=None, noise=None, generator=None,
+               device=None, dtype=torch.float32):
+        """Euler from t=0 (noise) to t=1 in `steps` steps over shifted linspace(0, 1, steps+1)."""
+        steps = int(steps)
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        if noise is None:
+            if device is None:
+                device = generator.device if generator is not None else torch.device("cpu")
+            x = torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
+        else:
+            if tuple(noise.shape) != tuple(shape):
+                raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {tuple(shape)}")
+            x = noise
+        ts = self.shift(torch.linspace(0, 1, steps + 1, dtype=torch.float64))
+        for i in range(steps):
+            t = torch.full((x.shape[0],), float(ts[i]), device=x.device, dtype=x.dtype)
+            x = x + float(ts[i + 1] - ts[i]) * model(x, t, **(model_kwargs or {}))
+        return x

@@ -1,0 +1,205 @@
+"""Triton kernels of the denoising MLP: LayerNorm + AdaLN modulate (forward, backward), a
+tl.dot GEMM with fused epilogues (bias, SiLU, gate + residual, dSiLU), the gate backward, the
+per-step SiLU(cond + time) and the diffusion step's elementwise update."""
+import os
+
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# rows of x handled by one program of the LayerNorm-modulate backward = rows of its partials
+LN_BWD_ROWS = 16
+
+EPI_NONE, EPI_SILU, EPI_GATE_RES, EPI_DSILU = 0, 1, 2, 3
+
+
+@triton.jit
+def ln_mod_fwd_kernel(x_ptr, mod_ptr, lnw_ptr, lnb_ptr, h_ptr, stats_ptr, M, W, mod_ld, eps,
+                      HAS_AFFINE: tl.constexpr, HAS_STATS: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_W)
+    rmask = rows < M
+    cmask = cols < W
+    mask = rmask[:, None] & cmask[None, :]
+    r64 = rows.to(tl.int64)
+    x = tl.load(x_ptr + r64[:, None] * W + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=1) / W
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    var = tl.sum(xc * xc, axis=1) / W
+    rstd = 1.0 / tl.sqrt(var + eps)
+    y = xc * rstd[:, None]
+    if HAS_AFFINE:
+        w = tl.load(lnw_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        b = tl.load(lnb_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        y = y * w[None, :] + b[None, :]
+    mrow = mod_ptr + r64[:, None] * mod_ld + cols[None, :]
+    shift = tl.load(mrow, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(mrow + W, mask=mask, other=0.0).to(tl.float32)
+    h = y * (1.0 + scale) + shift
+    tl.store(h_ptr + r64[:, None] * W + cols[None, :], h.to(h_ptr.dtype.element_ty), mask=mask)
+    if HAS_STATS:
+        tl.store(stats_ptr + r64 * 2, mean, mask=rmask)
+        tl.store(stats_ptr + r64 * 2 + 1, rstd, mask=rmask)
+
+
+@triton.jit
+def ln_mod_bwd_kernel(x_ptr, mod_ptr, lnw_ptr, lnb_ptr, stats_ptr, dh_ptr, dres_ptr, dx_ptr, dmod_ptr,
+                      dw_part_ptr, db_part_ptr, M, W,
+                      HAS_AFFINE: tl.constexpr, HAS_DRES: tl.constexpr,
+                      ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_W)
+    rmask = rows < M
+    cmask = cols < W
+    mask = rmask[:, None] & cmask[None, :]
+    r64 = rows.to(tl.int64)
+    off = r64[:, None] * W + cols[None, :]
+    x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    dh = tl.load(dh_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.load(stats_ptr + r64 * 2, mask=rmask, other=0.0)
+    rstd = tl.load(stats_ptr + r64 * 2 + 1, mask=rmask, other=0.0)
+    xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+    mrow = r64[:, None] * (3 * W) + cols[None, :]
+    scale = tl.load(mod_ptr + mrow + W, mask=mask, other=0.0).to(tl.float32)
+    if HAS_AFFINE:
+        w = tl.load(lnw_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        b = tl.load(lnb_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        y = xhat * w[None, :] + b[None, :]
+    else:
+        y = xhat
+    dy = dh * (1.0 + scale)
+    tl.store(dmod_ptr + mrow, dh.to(dmod_ptr.dtype.element_ty), mask=mask)
+    tl.store(dmod_ptr + mrow + W, (dh * y).to(dmod_ptr.dtype.element_ty), mask=mask)
+    if HAS_AFFINE:
+        tl.store(dw_part_ptr + pid * W + cols, tl.sum(dy * xhat, axis=0), mask=cmask)
+        tl.store(db_part_ptr + pid * W + cols, tl.sum(dy, axis=0), mask=cmask)
+        dxhat = dy * w[None, :]
+    else:
+        dxhat = dy
+    c1 = tl.sum(dxhat * xhat, axis=1) / W
+    c2 = tl.sum(dxhat, axis=1) / W
+    dx = (dxhat - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+    if HAS_DRES:
+        dx += tl.load(dres_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def gate_bwd_kernel(dout_ptr, mod_ptr, y2_ptr, dy2_ptr, dmod_ptr, M, W, BLOCK: tl.constexpr):
+    """dy2 = dout * gate; dmod[:, 2W:] = dout * y2 (gate's gradient)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < M * W
+    r = offs // W
+    c = offs % W
+    dout = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    gate = tl.load(mod_ptr + r * (3 * W) + 2 * W + c, mask=mask, other=0.0).to(tl.float32)
+    y2 = tl.load(y2_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(dy2_ptr + offs, (dout * gate).to(dy2_ptr.dtype.element_ty), mask=mask)
+    tl.store(dmod_ptr + r * (3 * W) + 2 * W + c, (dout * y2).to(dmod_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def add_silu_kernel(c_ptr, t_ptr, out_ptr, M, W, BLOCK: tl.constexpr):
+    """out[r, :] = silu(c[r, :] + t[:])  (the adaLN input of every block, once per step)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < M * W
+    v = tl.load(c_ptr + offs, mask=mask, other=0.0).to(tl.float32) + \
+        tl.load(t_ptr + offs % W, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, (v / (1.0 + tl.exp(-v))).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def denoise_update_kernel(x_ptr, mo_ptr, noise_ptr, out_ptr, xin_ptr, B, C, out_ld, cfg_scale,
+                          coef_x, coef_eps, min_log, max_log, noise_scale,
+                          CFG: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_XIN: tl.constexpr,
+                          BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < B * C
+    r = offs // C
+    c = offs % C
+    e = tl.load(mo_ptr + r * out_ld + c, mask=mask, other=0.0).to(tl.float32)
+    if CFG:
+        u = tl.load(mo_ptr + (r + B) * out_ld + c, mask=mask, other=0.0).to(tl.float32)
+        e = u + cfg_scale * (e - u)
+    v = tl.load(mo_ptr + r * out_ld + C + c, mask=mask, other=0.0).to(tl.float32)
+    frac = (v + 1.0) * 0.5
+    logvar = frac * max_log + (1.0 - frac) * min_log
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    res = coef_x * x - coef_eps * e
+    if HAS_NOISE:
+        n = tl.load(noise_ptr + offs, mask=mask, other=0.0)
+        res += tl.exp(0.5 * logvar) * noise_scale * n
+    tl.store(out_ptr + offs, res, mask=mask)
+    if HAS_XIN:
+        tl.store(xin_ptr + offs, res.to(xin_ptr.dtype.element_ty), mask=mask)
+        if CFG:
+            tl.store(xin_ptr + B * C + offs, res.to(xin_ptr.dtype.element_ty), mask=mask)
+
+
+def _gemm_configs():
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4})]
+    return [
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
+    ]
+
+
+@triton.autotune(configs=_gemm_configs(), key=["M", "N", "K", "EPILOGUE", "IEEE"])
+@triton.jit
+def gemm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, aux1_ptr, aux2_ptr, auxo_ptr, M, N, K,
+                stride_am, stride_ak, stride_bk, stride_bn, aux2_ld,
+                EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_AUX_OUT: tl.constexpr,
+                IEEE: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """c[M, N] = epilogue(a @ b + bias), a/b addressed through strides (transposes for free);
+    c, aux1, aux_out are contiguous [M, N]; aux2 rows have stride aux2_ld."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    rm64 = rm.to(tl.int64)
+    rn64 = rn.to(tl.int64)
+    a_ptrs = a_ptr + rm64[:, None] * stride_am + rk[None, :] * stride_ak
+    b_ptrs = b_ptr + rk[:, None] * stride_bk + rn64[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        kmask = rk < K - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=(rm[:, None] < M) & kmask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=kmask[:, None] & (rn[None, :] < N), other=0.0)
+        if IEEE:
+            acc += tl.dot(a, b, input_precision="ieee")
+        else:
+            acc += tl.dot(a, b)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    off = rm64[:, None] * N + rn64[None, :]
+    if HAS_AUX_OUT:
+        tl.store(auxo_ptr + off, acc.to(auxo_ptr.dtype.element_ty), mask=mask)
+    if EPILOGUE == 1:
+        acc = acc / (1.0 + tl.exp(-acc))
+    elif EPILOGUE == 2:
+        res = tl.load(aux1_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        gate = tl.load(aux2_ptr + rm64[:, None] * aux2_ld + rn64[None, :], mask=mask, other=0.0).to(tl.float32)
+        acc = res + gate * acc
+    elif EPILOGUE == 3:
+        p = tl.load(aux1_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        s = 1.0 / (1.0 + tl.exp(-p))
+        acc = acc * s * (1.0 + p * (1.0 - s))
+    tl.store(c_ptr + off, acc.to(c_ptr.dtype.element_ty), mask=mask)
