@@ -15,8 +15,8 @@ BACKENDS = ("auto", "cuda", "triton", "eager")
 OPS = {
     "ema_update_": (("ema_update",), "djepa.kernels.ema"),
     "masked_attention": (("masked_attention_fwd", "masked_attention_bwd"), "djepa.kernels.attention"),
-    "adaln_block": (("adaln_block_fwd", "adaln_block_bwd"), "djepa.kernels.denoise"),
-    "denoise_step": (("denoise_step",), "djepa.kernels.denoise"),
+    "adaln_block": (("adaln_modulate_fwd", "adaln_modulate_bwd", "gemm"), "djepa.kernels.denoise"),
+    "denoise_step": (("adaln_modulate_fwd", "denoise_update", "gemm"), "djepa.kernels.denoise"),
 }
 
 
