@@ -384,3 +384,146 @@ def adaln_block(x, mod, ln_w, ln_b, w1, b1, w2, b2, *, eps=1e-6, backend="auto")
     c = lambda t: t.contiguous()  # noqa: E731
     return _AdaLNBlock.apply(chosen, c(x), c(mod), c(ln_w), c(ln_b), c(w1), c(b1), c(w2), c(b2),
                              float(eps), affine)
+
+
+# ------------------------------------------------------------------------------------------
+# denoise_step: one reverse step with the MLP inside
+# ------------------------------------------------------------------------------------------
+def _param_dtype(mlp):
+    return mlp.input_proj.weight.dtype
+
+
+def mlp_forward_embedded(mlp, x, timesteps, c_emb):
+    """mlp.forward with the condition already embedded (c_emb = mlp.cond_embed(z))."""
+    h = mlp.input_proj(x)
+    y = mlp.time_embed(timesteps) + c_emb
+    for blk in mlp.res_blocks:
+        h = blk(h, y)
+    return mlp.final_layer(h, y)
+
+
+def _check_step(mlp, x, c_emb, diffusion, t, noise, cfg_scale, temperature):
+    from djepa.diffusion.gaussian import _check_sampling_scalar
+
+    _check_sampling_scalar("cfg_scale", cfg_scale)
+    _check_sampling_scalar("temperature", temperature)
+    C, W = mlp.in_channels, mlp.model_channels
+    if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.shape[1] != C:
+        raise ValueError(f"denoise_step: x must be [B, {C}] (in_channels), got {tuple(getattr(x, 'shape', ()))}")
+    if x.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"denoise_step: the state x must be float32 (or float64 for references), got {x.dtype}")
+    B = x.shape[0]
+    if c_emb.ndim != 2 or c_emb.shape[1] != W or c_emb.shape[0] not in (B, 2 * B):
+        raise ValueError(f"denoise_step: c_emb must be [B, {W}] or [2B, {W}] (cond; uncond) with B = {B}, "
+                         f"got {tuple(c_emb.shape)}")
+    if c_emb.dtype != _param_dtype(mlp):
+        raise TypeError(f"denoise_step: c_emb has dtype {c_emb.dtype}, the MLP {_param_dtype(mlp)}")
+    if c_emb.device != x.device:
+        raise ValueError(f"denoise_step: c_emb is on {c_emb.device}, x on {x.device}")
+    if not isinstance(t, int) or not 0 <= t < diffusion.num_timesteps:
+        raise ValueError(f"denoise_step: t must be an int step index in [0, {diffusion.num_timesteps}), got {t!r}")
+    expect_out = 2 * C if diffusion.learn_sigma else C
+    if mlp.out_channels != expect_out:
+        raise ValueError(f"denoise_step: the MLP has {mlp.out_channels} outputs, the diffusion needs {expect_out}")
+    if noise is not None and (noise.shape != x.shape or noise.device != x.device):
+        raise ValueError(f"denoise_step: noise must be {list(x.shape)} on {x.device}, got {list(noise.shape)}")
+    return B, c_emb.shape[0] == 2 * B
+
+
+def denoise_step_reference(mlp, x, c_emb, diffusion, t, noise=None, cfg_scale=1.0, temperature=1.0):
+    """Eager denoise_step through the diffusion's own formulas (p_mean_variance)."""
+    B, cfg = _check_step(mlp, x, c_emb, diffusion, t, noise, cfg_scale, temperature)
+    C = mlp.in_channels
+    xin = x.to(_param_dtype(mlp))
+    if cfg:
+        xin = torch.cat([xin, xin])
+    ts = torch.full((xin.shape[0],), diffusion.timestep_map[t], device=x.device, dtype=torch.long)
+    out = mlp_forward_embedded(mlp, xin, ts, c_emb).to(x.dtype)
+    eps = out[:, :C]
+    if cfg:
+        eps = eps[B:] + cfg_scale * (eps[:B] - eps[B:])
+    model_out = torch.cat([eps, out[:B, C:]], dim=1)
+    tv = torch.full((B,), t, device=x.device, dtype=torch.long)
+    pm = diffusion.p_mean_variance_from_output(model_out, x, tv)
+    if t == 0 or temperature == 0:
+        return pm["mean"]
+    if noise is None:
+        noise = torch.randn_like(x)
+    return pm["mean"] + torch.exp(0.5 * pm["log_variance"]) * noise * temperature
+
+
+class _Packed:
+    """The MLP's weights laid out for the fused step: every adaLN_modulation (blocks, then the
+    final layer) stacked into one [(3D + 2) W, W] GEMM operand."""
+
+    def __init__(self, mlp):
+        c = lambda t: t.detach().contiguous()  # noqa: E731
+        mods = [blk.adaLN_modulation[1] for blk in mlp.res_blocks] + [mlp.final_layer.adaLN_modulation[1]]
+        self.w_mod = torch.cat([m.weight.detach() for m in mods]).contiguous()
+        self.b_mod = torch.cat([m.bias.detach() for m in mods]).contiguous()
+        self.w_in, self.b_in = c(mlp.input_proj.weight), c(mlp.input_proj.bias)
+        self.w_out, self.b_out = c(mlp.final_layer.linear.weight), c(mlp.final_layer.linear.bias)
+        self.blocks = [(c(b.in_ln.weight), c(b.in_ln.bias), c(b.mlp[0].weight), c(b.mlp[0].bias),
+                        c(b.mlp[2].weight), c(b.mlp[2].bias), b.in_ln.eps) for b in mlp.res_blocks]
+        self.final_eps = mlp.final_layer.norm_final.eps
+        self.W, self.C, self.out = mlp.model_channels, mlp.in_channels, mlp.out_channels
+
+
+def _fused_step(run, pk, x, xin, c_emb, temb_row, noise, coefs, cfg, cfg_scale, out, xin_next):
+    """One step in 3 + 3 * depth + 3 launches; writes out (and xin_next, the next MLP input)."""
+    rows, W = c_emb.shape
+    B = x.shape[0]
+    NM = pk.w_mod.shape[0]
+    sy = torch.empty_like(c_emb)
+    run.add_silu(c_emb, temb_row, sy)
+    mods = torch.empty(rows, NM, device=x.device, dtype=c_emb.dtype)
+    run.gemm(sy, pk.w_mod, mods, rows, NM, W, b_trans=True, bias=pk.b_mod)
+    h = torch.empty_like(c_emb)
+    run.gemm(xin, pk.w_in, h, rows, W, pk.C, b_trans=True, bias=pk.b_in)
+    hn, a, h2 = torch.empty_like(h), torch.empty_like(h), torch.empty_like(h)
+    for i, (lw, lb, w1, b1, w2, b2, eps) in enumerate(pk.blocks):
+        off = 3 * W * i
+        run.ln_mod_fwd(h, mods[:, off:], NM, lw, lb, hn, None, eps)
+        run.gemm(hn, w1, a, rows, W, W, b_trans=True, bias=b1, epilogue=1)
+        run.gemm(a, w2, h2, rows, W, W, b_trans=True, bias=b2, epilogue=2, aux1=h,
+                 aux2=mods[:, off + 2 * W:], aux2_ld=NM)
+        h, h2 = h2, h
+    run.ln_mod_fwd(h, mods[:, 3 * W * len(pk.blocks):], NM, None, None, hn, None, pk.final_eps)
+    model_out = torch.empty(rows, pk.out, device=x.device, dtype=c_emb.dtype)
+    run.gemm(hn, pk.w_out, model_out, rows, pk.out, W, b_trans=True, bias=pk.b_out)
+    run.denoise_update(x, model_out, noise, out, xin_next, B, pk.C, cfg, cfg_scale, coefs)
+
+
+def _step_reasons(mlp, x, diffusion):
+    cuda_reason, triton_reason = _fast_reasons(mlp.input_proj.weight, mlp.model_channels, "denoise_step")
+    why = None
+    if x.dtype != torch.float32:
+        why = f"the fused step keeps the state in float32, got {x.dtype}"
+    elif not diffusion.learn_sigma:
+        why = "the fused step implements the learned-range variance only (learn_sigma=True)"
+    return cuda_reason or why, triton_reason or why
+
+
+def denoise_step(mlp, x, c_emb, diffusion, t, *, noise=None, cfg_scale=1.0, temperature=1.0, backend="auto"):
+    """One reverse step (see the module docstring); t is the respaced step index (int).
+    noise [B, C] float32 defaults to torch.randn_like(x); it is unused at t == 0."""
+    B, cfg = _check_step(mlp, x, c_emb, diffusion, t, noise, cfg_scale, temperature)
+    cuda_reason, triton_reason = _step_reasons(mlp, x, diffusion)
+    chosen = _dispatch.select_backend("denoise_step", backend, x.device,
+                                      cuda_reason=cuda_reason, triton_reason=triton_reason)
+    if noise is None and t > 0:
+        noise = torch.randn_like(x)
+    with torch.no_grad():
+        if chosen == "eager" or B == 0:
+            return denoise_step_reference(mlp, x, c_emb, diffusion, t, noise, cfg_scale, temperature)
+        dt = _param_dtype(mlp)
+        xin = x.to(dt)
+        if cfg:
+            xin = torch.cat([xin, xin])
+        ts = torch.tensor([diffusion.timestep_map[t]], device=x.device)
+        temb = mlp.time_embed(ts)[0].contiguous()
+        out = torch.empty_like(x)
+        _fused_step(_runner(chosen, x.device), _Packed(mlp), x.contiguous(), xin, c_emb.contiguous(), temb,
+                    None if noise is None else noise.contiguous(), diffusion.step_coefficients(t, temperature),
+                    cfg, cfg_scale, out, None)
+        return out
