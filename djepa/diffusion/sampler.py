@@ -1,0 +1,163 @@
+"""The diffusion head's sampling loop: `cond_embed(z)` and the time-embedding table once per
+loop, then `steps` fused reverse steps; on a GPU the whole loop is one CUDA graph, replayed.
+
+CFG layout (MAR): with cfg_scale != 1, z is the doubled batch [cond; uncond] (M = 2B rows).
+Only the conditional half of the state is carried (MAR runs the uncond half of x too but never
+uses it: forward_with_cfg feeds the first half of x to both halves), and the result is
+returned as [x; x] with M rows, so MAR's caller can keep `tokens.chunk(2)[0]`.
+
+Noise order (for reproducibility): x_T = randn(B, C) first, then one randn(B, C) per step
+taken, all from `generator` (the last step's is drawn but unused); this is the order
+GaussianDiffusion.p_sample_loop draws in, so without CFG the eager sampler reproduces it.
+"""
+import functools
+from collections import OrderedDict
+
+import torch
+
+from djepa.diffusion.gaussian import _check_sampling_scalar, create_diffusion
+from djepa.ops import _dispatch
+from djepa.ops import denoise as _d
+
+
+@functools.lru_cache(maxsize=32)
+def _diffusion(steps, learn_sigma):
+    return create_diffusion(timestep_respacing=str(steps), noise_schedule="cosine", learn_sigma=learn_sigma)
+
+
+def _check(mlp, z, steps, temperature, cfg_scale):
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    if steps > 1000:
+        raise ValueError(f"steps must be <= 1000 (the training schedule's length), got {steps}")
+    temperature = _check_sampling_scalar("temperature", temperature)
+    cfg_scale = _check_sampling_scalar("cfg_scale", cfg_scale)
+    if not isinstance(z, torch.Tensor) or z.ndim != 2 or z.shape[1] != mlp.z_channels:
+        raise ValueError(f"z must be [M, {mlp.z_channels}] (z_channels), got {tuple(getattr(z, 'shape', ()))}")
+    cfg = cfg_scale != 1.0
+    if cfg and z.shape[0] % 2:
+        raise ValueError(f"with cfg_scale != 1, z must be [cond; uncond] with an even number of rows, got {z.shape[0]}")
+    return temperature, cfg_scale, cfg
+
+
+def _draw_noise(shape, steps, generator, device, noise, step_noise):
+    if noise is None:
+        noise = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+    elif tuple(noise.shape) != shape:
+        raise ValueError(f"noise must be {list(shape)} (x_T of the carried rows), got {list(noise.shape)}")
+    if step_noise is None:
+        step_noise = torch.stack([torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+                                  for _ in range(steps)])
+    elif tuple(step_noise.shape) != (steps,) + shape:
+        raise ValueError(f"step_noise must be {[steps, *shape]}, got {list(step_noise.shape)}")
+    return noise, step_noise
+
+
+def _time_table(mlp, diffusion, device):
+    ts = torch.as_tensor(diffusion.timestep_map, device=device, dtype=torch.long)
+    return mlp.time_embed(ts).contiguous()
+
+
+def _eager_loop(mlp, z, x, step_noise, diffusion, cfg_scale, temperature):
+    c_emb = mlp.cond_embed(z)
+    x = x.to(torch.float64 if _d._param_dtype(mlp) == torch.float64 else torch.float32)
+    for k, i in enumerate(range(diffusion.num_timesteps - 1, -1, -1)):
+        x = _d.denoise_step_reference(mlp, x, c_emb, diffusion, i, step_noise[k].to(x.dtype), cfg_scale, temperature)
+    return x
+
+
+def _fused_loop(run, mlp, pk, z, x_T, step_noise, diffusion, cfg, cfg_scale, temperature, only=None):
+    """The loop of fused steps; `only` (step indices) restricts it for warm-up."""
+    c_emb = mlp.cond_embed(z).contiguous()
+    temb = _time_table(mlp, diffusion, z.device)
+    B = x_T.shape[0]
+    x = x_T.clone()
+    xin = x.to(c_emb.dtype, copy=True)
+    if cfg:
+        xin = torch.cat([xin, xin])
+    nxt = torch.empty_like(xin)
+    for k, i in enumerate(range(diffusion.num_timesteps - 1, -1, -1)):
+        if only is not None and k not in only:
+            continue
+        _d._fused_step(run, pk, x, xin, c_emb, temb[i], step_noise[k], diffusion.step_coefficients(i, temperature),
+                       cfg, cfg_scale, x, nxt)
+        xin, nxt = nxt, xin
+    assert x.shape[0] == B
+    return x
+
+
+class _Graph:
+    def __init__(self, run, mlp, z, x_T, step_noise, diffusion, cfg, cfg_scale, temperature):
+        self.pk = _d._Packed(mlp)
+        self.z, self.x_T, self.noise = z.clone(), x_T.clone(), step_noise.clone()
+        args = (run, mlp, self.pk, self.z, self.x_T, self.noise, diffusion, cfg, cfg_scale, temperature)
+        side = torch.cuda.Stream(z.device)
+        side.wait_stream(torch.cuda.current_stream(z.device))
+        with torch.cuda.stream(side):  # compile / autotune every kernel outside the capture
+            _fused_loop(*args, only={0, diffusion.num_timesteps - 1})
+        torch.cuda.current_stream(z.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = _fused_loop(*args)
+
+    def __call__(self, z, x_T, step_noise):
+        self.z.copy_(z)
+        self.x_T.copy_(x_T)
+        self.noise.copy_(step_noise)
+        self.graph.replay()
+        return self.out.clone()
+
+
+_GRAPHS = OrderedDict()
+_MAX_GRAPHS = 4
+
+
+def _graph_key(mlp, z, B, steps, cfg, cfg_scale, temperature, backend):
+    params = tuple((p.data_ptr(), p._version) for p in mlp.parameters())
+    return (id(mlp), params, tuple(z.shape), z.dtype, str(z.device), B, steps, cfg, cfg_scale, temperature, backend)
+
+
+@torch.no_grad()
+def sample(mlp, z, steps=100, temperature=1.0, cfg_scale=1.0, generator=None, backend="auto",
+           noise=None, step_noise=None, cuda_graph=True):
+    """Sample tokens [M, in_channels] float32 from the diffusion head `mlp` (a DenoisingMLP)
+    conditioned on z [M, z_channels], with the cosine schedule respaced to `steps` steps.
+
+    noise: x_T [B, C] (B = M, or M/2 with CFG); step_noise: [steps, B, C], the noise of each
+    step taken; both default to draws from `generator` (see the module docstring).
+    backend: "auto" | "cuda" | "triton" | "eager" (fused steps on the first two). On a GPU
+    with a fused backend and cuda_graph=True, the loop is captured once per (model weights,
+    shapes, settings) and replayed.
+    """
+    temperature, cfg_scale, cfg = _check(mlp, z, steps, temperature, cfg_scale)
+    if z.dtype != _d._param_dtype(mlp):
+        raise TypeError(f"z has dtype {z.dtype}, the MLP {_d._param_dtype(mlp)}")
+    M = z.shape[0]
+    B = M // 2 if cfg else M
+    C = mlp.in_channels
+    diffusion = _diffusion(steps, mlp.out_channels == 2 * C)
+    x_T, step_noise = _draw_noise((B, C), steps, generator, z.device, noise, step_noise)
+    if x_T.device != z.device or step_noise.device != z.device:
+        raise ValueError(f"noise and step_noise must be on {z.device}")
+    probe = x_T.float() if _d._param_dtype(mlp) != torch.float64 else x_T.double()
+    cuda_reason, triton_reason = _d._step_reasons(mlp, probe, diffusion)
+    chosen = _dispatch.select_backend("denoise_step", backend, z.device,
+                                      cuda_reason=cuda_reason, triton_reason=triton_reason)
+    if chosen == "eager" or B == 0:
+        x = _eager_loop(mlp, z, x_T, step_noise, diffusion, cfg_scale, temperature)
+    else:
+        run = _d._runner(chosen, z.device)
+        x_T, step_noise = x_T.float().contiguous(), step_noise.float().contiguous()
+        if z.device.type == "cuda" and cuda_graph:
+            key = _graph_key(mlp, z, B, steps, cfg, cfg_scale, temperature, chosen)
+            graph = _GRAPHS.pop(key, None)
+            if graph is None:
+                graph = _Graph(run, mlp, z.contiguous(), x_T, step_noise, diffusion, cfg, cfg_scale, temperature)
+                while len(_GRAPHS) >= _MAX_GRAPHS:
+                    _GRAPHS.popitem(last=False)
+            _GRAPHS[key] = graph
+            x = graph(z, x_T, step_noise)
+        else:
+            x = _fused_loop(run, mlp, _d._Packed(mlp), z.contiguous(), x_T, step_noise, diffusion, cfg,
+                            cfg_scale, temperature)
+    return torch.cat([x, x]) if cfg else x
