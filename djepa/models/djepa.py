@@ -1,0 +1,301 @@
+"""The D-JEPA model: context encoder, feature predictor, JEPA + denoising losses, EMA target."""
+from functools import partial
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from djepa.models import masking
+from djepa.models.config import DJEPAConfig
+from djepa.models.losses import DenoisingHead, JEPAHead, jepa_loss, masked_mean
+
+__all__ = ["DJEPA", "DJEPANet"]
+
+_norm = partial(nn.LayerNorm, eps=1e-6)
+
+
+class DJEPANet(nn.Module):
+    """The online network (everything the optimizer trains); `DJEPA` holds it and its EMA.
+
+    Parameter names follow the official D-JEPA code where it has the same piece.
+    """
+
+    def __init__(self, config: DJEPAConfig):
+        super().__init__()
+        from djepa.nn import Block
+
+        c = self.config = config
+        D, Dp, L = c.embed_dim, c.pred_embed_dim, c.seq_len
+        self.class_emb = nn.Embedding(c.num_classes, D)
+        self.fake_latent = nn.Parameter(torch.zeros(1, D))
+        self.buffer = nn.Parameter(torch.zeros(1, c.class_tokens, D))
+        # context encoder
+        self.z_proj = nn.Linear(c.token_channels, D)
+        self.z_proj_ln = _norm(D)
+        self.encoder_pos_embed_learned = nn.Parameter(torch.zeros(1, L, D))
+        block = partial(Block, mlp_ratio=c.mlp_ratio, qkv_bias=c.qkv_bias, qk_norm=c.qk_norm,
+                        proj_drop=c.proj_dropout, attn_drop=c.attn_dropout, norm_layer=_norm, backend=c.backend)
+        self.encoder_blocks = nn.ModuleList([block(D, c.num_heads) for _ in range(c.depth)])
+        self.encoder_norm = _norm(D)
+        # feature predictor
+        self.decoder_embed = nn.Linear(D, Dp)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, Dp))
+        self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, L, Dp))
+        self.decoder_blocks = nn.ModuleList([block(Dp, c.pred_num_heads) for _ in range(c.pred_depth)])
+        self.decoder_norm = _norm(Dp)
+        self.diffusion_pos_embed_learned = nn.Parameter(torch.zeros(1, L, Dp))
+        self._init_trunk()
+        # heads (their own initialisation, as in the official code)
+        self.jepa_head = JEPAHead(Dp, D, c.jepa_hidden_ratio)
+        self.diffloss = DenoisingHead(c.token_channels, Dp, c.diffloss_width, c.diffloss_depth, loss=c.loss,
+                                      num_sampling_steps=c.num_sampling_steps, flow_time_shift=c.flow_time_shift,
+                                      grad_checkpointing=c.grad_checkpointing, backend=c.backend)
+
+    def _init_trunk(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+                nn.init.ones_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        for p in (self.class_emb.weight, self.fake_latent, self.mask_token,
+                  self.encoder_pos_embed_learned, self.decoder_pos_embed_learned, self.diffusion_pos_embed_learned):
+            nn.init.normal_(p, std=0.02)
+
+    # --- pieces ----------------------------------------------------------------------------
+    def class_embedding(self, labels: torch.Tensor, drop: bool = False, generator=None) -> torch.Tensor:
+        """Class embeddings [B, D]; with `drop`, each label becomes the fake class with
+        probability label_drop_prob (classifier-free guidance training)."""
+        emb = self.class_emb(labels)
+        if drop and self.config.label_drop_prob > 0:
+            gen_device = generator.device if generator is not None else labels.device
+            u = torch.rand(labels.shape[0], generator=generator, device=gen_device).to(labels.device)
+            dropped = (u < self.config.label_drop_prob).unsqueeze(-1)
+            emb = torch.where(dropped, self.fake_latent.to(emb.dtype), emb)
+        return emb
+
+    def unconditional_embedding(self, batch: int) -> torch.Tensor:
+        return self.fake_latent.expand(batch, -1)
+
+    def _run(self, blocks, x, key_mask):
+        for blk in blocks:
+            if self.config.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(blk, x, key_mask, use_reentrant=False)
+            else:
+                x = blk(x, key_mask)
+        return x
+
+    def encode(self, tokens: torch.Tensor, mask: torch.Tensor, class_embedding: torch.Tensor):
+        """Context encoder on the class tokens + visible tokens (mask False).
+
+        Returns (x [B, T + V, D] after encoder_norm, index [B, V], valid [B, V]) with T the
+        number of class tokens; V is the largest visible count, shorter samples are padded and
+        excluded as keys through the attention's key_mask.
+        """
+        T = self.config.class_tokens
+        x = self.z_proj(tokens) + self.encoder_pos_embed_learned
+        visible, index, valid = masking.gather_visible(x, mask)
+        buffer = (self.buffer + class_embedding.unsqueeze(1)).to(visible.dtype)
+        x = torch.cat([buffer, visible], dim=1)
+        x = self.z_proj_ln(x)
+        key_mask = None
+        if not bool(valid.all()):
+            key_mask = torch.cat([valid.new_ones(valid.shape[0], T), valid], dim=1)
+        x = self._run(self.encoder_blocks, x, key_mask)
+        return self.encoder_norm(x), index, valid
+
+    def predict(self, encoded: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Feature predictor over class tokens + the full sequence (mask token where masked).
+
+        Returns z [B, L, Dp] (decoder_norm output, class tokens dropped)."""
+        T, L = self.config.class_tokens, self.config.seq_len
+        x = self.decoder_embed(encoded)
+        seq = masking.scatter_visible(x[:, T:], index, valid, L, self.mask_token.reshape(-1))
+        seq = seq + self.decoder_pos_embed_learned
+        x = torch.cat([x[:, :T], seq], dim=1)
+        x = self._run(self.decoder_blocks, x, None)
+        return self.decoder_norm(x)[:, T:]
+
+    def target_features(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The encoder's normed features of every token (no mask, no label drop): [B, L, D]."""
+        mask = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        x, _, _ = self.encode(tokens, mask, self.class_embedding(labels))
+        return x[:, self.config.class_tokens:]
+
+
+class DJEPA(nn.Module):
+    """D-JEPA: a MAR-style masked encoder/predictor over tokens, trained with a per-token
+    denoising loss plus a JEPA loss against the EMA model's encoder features.
+
+    `self.net` holds the trained networks, `self.ema` (a `djepa.nn.EMA`) its moving average:
+    the JEPA target, and by default the model used by `sample` and `features`. Call
+    `update_ema()` after every optimizer step; give the optimizer `trainable_parameters()`.
+    """
+
+    def __init__(self, config: DJEPAConfig):
+        super().__init__()
+        if isinstance(config, dict):
+            config = DJEPAConfig.from_dict(config)
+        if not isinstance(config, DJEPAConfig):
+            raise TypeError(f"DJEPA needs a DJEPAConfig (or its dict), got {type(config).__name__}")
+        self.config = config
+        self.net = DJEPANet(config)
+        from djepa.nn import EMA
+
+        ema_backend = None if config.backend is None else ("eager" if config.backend == "eager" else "auto")
+        self.ema = EMA(self.net, decay=config.ema_decay, backend=ema_backend)
+
+    # --- bookkeeping -----------------------------------------------------------------------
+    def trainable_parameters(self):
+        """The parameters the optimizer trains (the online network; never the EMA copy)."""
+        return [p for p in self.net.parameters() if p.requires_grad]
+
+    def num_parameters(self) -> int:
+        """Trainable parameters, counted as the official code counts them (EMA copy excluded)."""
+        return sum(p.numel() for p in self.trainable_parameters())
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """One EMA step of the target model towards the online network."""
+        self.ema.update(self.net)
+
+    # --- input checks ----------------------------------------------------------------------
+    def _check_tokens(self, tokens, name="tokens"):
+        c = self.config
+        if not isinstance(tokens, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tokens).__name__}")
+        if not tokens.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {tokens.dtype}")
+        if tokens.dim() != 3 or tokens.shape[1] != c.seq_len or tokens.shape[2] != c.token_channels:
+            raise ValueError(f"{name} must be [B, {c.seq_len}, {c.token_channels}] (seq_len, token_channels of "
+                             f"the config), got {tuple(tokens.shape)}")
+        if tokens.shape[0] == 0:
+            raise ValueError(f"{name}: empty batch")
+
+    def _check_labels(self, labels, batch=None):
+        if not isinstance(labels, torch.Tensor):
+            raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+        if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+            raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+        if labels.dim() != 1:
+            raise ValueError(f"labels must be 1-D [B], got shape {tuple(labels.shape)}")
+        if batch is not None and labels.shape[0] != batch:
+            raise ValueError(f"labels has {labels.shape[0]} entries for a batch of {batch}")
+        if labels.numel() == 0:
+            raise ValueError("labels: empty batch")
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= self.config.num_classes:
+            raise ValueError(f"labels must lie in [0, {self.config.num_classes}), got values in [{lo}, {hi}]")
+        return labels.long()
+
+    def _device(self):
+        return self.net.z_proj.weight.device
+
+    # --- training --------------------------------------------------------------------------
+    def make_mask(self, batch: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """A training mask [B, seq_len] bool (True = masked) drawn as configured."""
+        c = self.config
+        return masking.training_mask(batch, c.seq_len, c.mask_ratio_min, c.mask_ratio_per_sample,
+                                     generator=generator, device=self._device())
+
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor, generator: Optional[torch.Generator] = None,
+                mask: Optional[torch.Tensor] = None) -> dict:
+        """Training losses on a batch of tokens [B, seq_len, token_channels] with labels [B].
+
+        Returns {"loss": diffusion_weight * diffusion + jepa_weight * jepa (differentiable),
+        "diffusion": ..., "jepa": ... (detached)}. `mask` ([B, seq_len] bool, True = masked)
+        replaces the drawn mask; `generator` makes masks, label drops and noise reproducible.
+        """
+        out = self.compute_losses(tokens, labels, generator=generator, mask=mask)
+        return {"loss": out["loss"], "diffusion": out["diffusion"].detach(), "jepa": out["jepa"].detach()}
+
+    def compute_losses(self, tokens, labels, generator=None, mask=None, diffusion_t=None, diffusion_noise=None):
+        """`forward` with everything exposed: also the mask, the per-token losses
+        ("diffusion_per_token" [mul, B, L], "jepa_per_token" [B, L]) and z. `diffusion_t` /
+        `diffusion_noise` ([mul * B * L] / [mul * B * L, C], row r*B*L + b*L + l is repeat r
+        of token (b, l)) fix the denoising loss's randomness."""
+        c = self.config
+        self._check_tokens(tokens)
+        B, L, C = tokens.shape
+        labels = self._check_labels(labels, B)
+        if mask is None:
+            mask = self.make_mask(B, generator)
+        else:
+            if not isinstance(mask, torch.Tensor) or mask.shape != (B, L):
+                raise ValueError(f"mask must be a [B, seq_len] = [{B}, {L}] tensor")
+            mask = mask.to(device=tokens.device, dtype=torch.bool)
+        net = self.net
+        class_embedding = net.class_embedding(labels, drop=self.training, generator=generator)
+        encoded, index, valid = net.encode(tokens, mask, class_embedding)
+        z = net.predict(encoded, index, valid)
+
+        # denoising loss on the masked tokens, each repeated diffusion_batch_mul times
+        mul = c.diffusion_batch_mul
+        zd = (z + net.diffusion_pos_embed_learned).reshape(B * L, -1).repeat(mul, 1)
+        target = tokens.detach().reshape(B * L, C).repeat(mul, 1)
+        per_row = net.diffloss.per_token_loss(target, zd, generator=generator, t=diffusion_t, noise=diffusion_noise)
+        per_row = per_row.reshape(mul, B, L)
+        diffusion = masked_mean(per_row, mask.unsqueeze(0).expand(mul, B, L))
+
+        # JEPA loss against the EMA encoder's normed features of all tokens
+        if c.jepa_weight > 0:
+            with torch.no_grad():
+                ema_net = self.ema.module
+                ema_dtype = ema_net.z_proj.weight.dtype
+                target_x = ema_net.target_features(tokens.detach().to(ema_dtype), labels)
+            jepa, jepa_per_token = jepa_loss(net.jepa_head(z), target_x, mask, c.jepa_beta)
+        else:
+            jepa = diffusion.new_zeros(())
+            jepa_per_token = torch.zeros(B, L, device=tokens.device)
+        loss = c.diffusion_weight * diffusion + c.jepa_weight * jepa
+        return {"loss": loss, "diffusion": diffusion, "jepa": jepa, "mask": mask, "z": z,
+                "diffusion_per_token": per_row, "jepa_per_token": jepa_per_token}
+
+    # --- inference -------------------------------------------------------------------------
+    def _inference_net(self, use_ema: bool):
+        return self.ema.module if use_ema else self.net
+
+    def sample(self, labels: torch.Tensor, num_iter: int = 64, cfg_scale: float = 1.0, cfg_schedule: str = "linear",
+               temperature: float = 1.0, generator: Optional[torch.Generator] = None, progress: bool = False,
+               use_ema: bool = True, callback=None) -> torch.Tensor:
+        """MAR's masked-autoregressive sampler: tokens [B, seq_len, token_channels] for labels [B].
+
+        `num_iter` iterations (1 <= num_iter <= seq_len) unmask tokens in a random order on a
+        cosine schedule; each iteration runs encoder + predictor and draws the tokens it unmasks
+        with the denoising head's full loop. `cfg_scale` != 1 guides with the fake class
+        (doubled batch), `cfg_schedule` "linear" (ramps from 1 as tokens are revealed) or
+        "constant". `callback(step, tokens, predicted_mask)` is called after every iteration.
+        """
+        from djepa.models.sampler import sample_tokens
+
+        labels = self._check_labels(labels)
+        net = self._inference_net(use_ema)
+        was_training = net.training
+        net.eval()
+        try:
+            with torch.no_grad():
+                return sample_tokens(net, labels.to(self._device()), num_iter=num_iter, cfg_scale=cfg_scale,
+                                     cfg_schedule=cfg_schedule, temperature=temperature, generator=generator,
+                                     progress=progress, callback=callback)
+        finally:
+            net.train(was_training)
+
+    def features(self, tokens: torch.Tensor, use_ema: bool = True) -> torch.Tensor:
+        """Pooled representations [B, embed_dim]: the mean over tokens of the encoder's normed
+        output on the whole (unmasked) sequence, conditioned on the fake (unconditional) class."""
+        self._check_tokens(tokens)
+        net = self._inference_net(use_ema)
+        B = tokens.shape[0]
+        mask = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not use_ema):
+            x, _, _ = net.encode(tokens.to(net.z_proj.weight.dtype), mask, net.unconditional_embedding(B))
+        return x[:, self.config.class_tokens:].mean(dim=1)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"seq_len={c.seq_len}, token_channels={c.token_channels}, embed_dim={c.embed_dim}, "
+                f"depth={c.depth}, loss={c.loss!r}")

@@ -1,0 +1,119 @@
+"""D-JEPA's two losses: the JEPA feature loss and the per-token denoising (diffusion/flow) loss."""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["JEPAHead", "jepa_loss", "masked_mean", "DenoisingHead"]
+
+
+def masked_mean(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """sum(per_token * mask) / sum(mask); 0 when nothing is masked."""
+    mask = mask.to(per_token.dtype)
+    return (per_token * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+class JEPAHead(nn.Module):
+    """Maps predictor features to the encoder's width: Linear -> GELU -> LayerNorm -> Linear."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden_ratio: float = 4.0):
+        super().__init__()
+        hidden = int(in_dim * hidden_ratio)
+        self.fc1 = nn.Linear(in_dim, hidden)
+        self.act = nn.GELU()
+        self.norm = nn.LayerNorm(hidden, eps=1e-6)
+        self.fc2 = nn.Linear(hidden, out_dim)
+
+    def forward(self, x):
+        return self.fc2(self.norm(self.act(self.fc1(x))))
+
+
+def jepa_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, beta: float = 2.0):
+    """SmoothL1(beta) between pred and the detached target, mean over channels, masked mean over
+    tokens. Returns (loss, per-token loss [B, L])."""
+    per_token = F.smooth_l1_loss(pred.float(), target.detach().float(), beta=beta, reduction="none").mean(-1)
+    return masked_mean(per_token, mask), per_token
+
+
+class DenoisingHead(nn.Module):
+    """MAR's DiffLoss: a DenoisingMLP conditioned on predictor features z, trained per token.
+
+    loss="diffusion": cosine Gaussian diffusion with 1000 training steps and learned sigma
+    (loss = MSE(eps) + VB); sampling with the respaced `num_sampling_steps` schedule through
+    `djepa.diffusion.sample`. loss="flow": flow matching (the MLP outputs a velocity; its
+    timestep input is t * 1000 so the sinusoidal embedding sees the same range as diffusion).
+    """
+
+    def __init__(self, token_channels: int, z_channels: int, width: int, depth: int, loss: str = "diffusion",
+                 num_sampling_steps: str = "100", flow_time_shift: Optional[float] = None,
+                 grad_checkpointing: bool = False, backend: Optional[str] = None):
+        super().__init__()
+        from djepa.nn import DenoisingMLP
+
+        self.kind = loss
+        self.token_channels = token_channels
+        self.num_sampling_steps = int(num_sampling_steps)
+        self.backend = backend
+        out = 2 * token_channels if loss == "diffusion" else token_channels
+        self.net = DenoisingMLP(token_channels, width, out, z_channels, depth,
+                                grad_checkpointing=grad_checkpointing, backend=backend)
+        if loss == "diffusion":
+            from djepa.diffusion import create_diffusion
+
+            self.train_diffusion = create_diffusion(timestep_respacing="", noise_schedule="cosine")
+        else:
+            from djepa.diffusion import FlowMatching
+
+            self.flow = FlowMatching(time_shift=flow_time_shift)
+
+    def _flow_model(self, x, t, c):
+        return self.net(x, t * 1000.0, c)
+
+    def _flow_model_cfg(self, x, t, c, cfg_scale):
+        return self.net.forward_with_cfg(x, t * 1000.0, c, cfg_scale)
+
+    def per_token_loss(self, target, z, generator=None, t=None, noise=None):
+        """Loss of every row: target [M, C], z [M, z_channels] -> [M] (float32 math where it matters).
+
+        `t` / `noise` fix the timesteps and noise (else drawn from `generator`)."""
+        rows = target.shape[0]
+        gen_device = generator.device if generator is not None else target.device
+        if noise is None:
+            noise = torch.randn(target.shape, generator=generator, device=gen_device, dtype=target.dtype)
+        noise = noise.to(device=target.device, dtype=target.dtype)
+        if self.kind == "diffusion":
+            if t is None:
+                t = torch.randint(0, self.train_diffusion.num_timesteps, (rows,), generator=generator,
+                                  device=gen_device)
+            t = t.to(target.device)
+            return self.train_diffusion.training_losses(self.net, target, t, dict(c=z), noise=noise)["loss"]
+        if t is None:
+            t = torch.rand(rows, generator=generator, device=gen_device, dtype=torch.float32)
+        t = t.to(device=target.device, dtype=target.dtype)
+        return self.flow.training_losses(self._flow_model, target, dict(c=z), noise=noise, t=t)["loss"]
+
+    @torch.no_grad()
+    def sample(self, z, temperature=1.0, cfg_scale=1.0, generator=None):
+        """Tokens [M, C] for conditions z [M, z] (cfg_scale == 1), or for z = [cond; uncond]
+        ([2M, z], cfg_scale != 1) the M guided tokens of the conditional half."""
+        cfg = float(cfg_scale) != 1.0
+        rows = z.shape[0] // 2 if cfg else z.shape[0]
+        if self.kind == "diffusion":
+            from djepa.diffusion import sample
+
+            out = sample(self.net, z, steps=self.num_sampling_steps, temperature=temperature,
+                         cfg_scale=cfg_scale, generator=generator,
+                         backend="auto" if self.backend is None else self.backend)
+        else:
+            gen_device = generator.device if generator is not None else z.device
+            noise = torch.randn(rows, self.token_channels, generator=generator, device=gen_device,
+                                dtype=torch.float32).to(z.device)
+            if cfg:
+                out = self.flow.sample(self._flow_model_cfg, (2 * rows, self.token_channels),
+                                       self.num_sampling_steps, model_kwargs=dict(c=z, cfg_scale=cfg_scale),
+                                       noise=torch.cat([noise, noise]))
+            else:
+                out = self.flow.sample(self._flow_model, (rows, self.token_channels), self.num_sampling_steps,
+                                       model_kwargs=dict(c=z), noise=noise)
+        return out[:rows]

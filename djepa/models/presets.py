@@ -1,0 +1,33 @@
+"""Size presets of D-JEPA and `build(preset, **overrides)`."""
+from djepa.models.config import DJEPAConfig
+
+# B/L/H follow the official D-JEPA sizes (256 KL-16 latent tokens of 16 channels, 1000 classes).
+# "tiny" is for the CPU and the embedded 8x8 digits (2x2 patches of 1 channel: 16 tokens of 4).
+PRESETS = {
+    "tiny": DJEPAConfig(
+        seq_len=16, token_channels=4, num_classes=10,
+        embed_dim=64, depth=2, num_heads=4,
+        attn_dropout=0.0, proj_dropout=0.0,
+        class_tokens=4,
+        diffloss_depth=2, diffloss_width=128, diffusion_batch_mul=1,
+        num_sampling_steps="50",
+        ema_decay=0.999,
+    ),
+    "B": DJEPAConfig(embed_dim=768, depth=12, num_heads=12, diffloss_depth=6, diffloss_width=1024),
+    "L": DJEPAConfig(embed_dim=1024, depth=24, num_heads=16, diffloss_depth=8, diffloss_width=1280),
+    "H": DJEPAConfig(embed_dim=1280, depth=32, num_heads=16, diffloss_depth=12, diffloss_width=1536),
+}
+
+
+def get_config(preset: str, **overrides) -> DJEPAConfig:
+    """The preset's config with `overrides` applied (ValueError for an unknown preset or field)."""
+    if not isinstance(preset, str) or preset not in PRESETS:
+        raise ValueError(f"unknown D-JEPA preset {preset!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[preset].replace(**overrides)
+
+
+def build(preset: str, **overrides):
+    """A fresh `DJEPA` of the preset, with config fields overridden by keyword."""
+    from djepa.models.djepa import DJEPA
+
+    return DJEPA(get_config(preset, **overrides))
