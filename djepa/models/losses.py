@@ -32,7 +32,8 @@ class JEPAHead(nn.Module):
 def jepa_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, beta: float = 2.0):
     """SmoothL1(beta) between pred and the detached target, mean over channels, masked mean over
     tokens. Returns (loss, per-token loss [B, L])."""
-    per_token = F.smooth_l1_loss(pred.float(), target.detach().float(), beta=beta, reduction="none").mean(-1)
+    dtype = torch.promote_types(pred.dtype, torch.float32)
+    per_token = F.smooth_l1_loss(pred.to(dtype), target.detach().to(dtype), beta=beta, reduction="none").mean(-1)
     return masked_mean(per_token, mask), per_token
 
 
@@ -74,13 +75,14 @@ class DenoisingHead(nn.Module):
         return self.net.forward_with_cfg(x, t * 1000.0, c, cfg_scale)
 
     def per_token_loss(self, target, z, generator=None, t=None, noise=None):
-        """Loss of every row: target [M, C], z [M, z_channels] -> [M] (float32 math where it matters).
+        """Loss of every row: target [M, C], z [M, z_channels] -> [M].
 
         `t` / `noise` fix the timesteps and noise (else drawn from `generator`)."""
         rows = target.shape[0]
         gen_device = generator.device if generator is not None else target.device
         if noise is None:
-            noise = torch.randn(target.shape, generator=generator, device=gen_device, dtype=target.dtype)
+            # drawn in float32 whatever the model's dtype, so every precision sees the same noise
+            noise = torch.randn(target.shape, generator=generator, device=gen_device, dtype=torch.float32)
         noise = noise.to(device=target.device, dtype=target.dtype)
         if self.kind == "diffusion":
             if t is None:
