@@ -1,0 +1,605 @@
+// Device side of csrc/attention.cu: tile helpers and the four kernels (see the comment at
+// the top of attention.cu for the algorithm and the mma fragment layouts).
+//
+// DJEPA_ATTN_EMULATE: the few warp-collective primitives below (cp.async, ldmatrix, mma) are
+// left for an emulator to define, so tools/attention_emulate.cpp can run these exact kernels
+// on the CPU, one std::thread per CUDA thread.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+namespace djepa {
+namespace attention {
+
+constexpr int kThreads = 128;  // 4 warps, each owning 16 rows of a 64-row tile
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+struct Params {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* o;            // fwd: output; bwd: input
+  const void* dout;   // bwd only, contiguous [B, H, Nq, D]
+  float* lse;         // fwd: output; bwd: input; [B, H, Nq]
+  float* delta;       // bwd workspace [B, H, Nq]
+  void* dq;
+  void* dk;
+  void* dv;
+  const int* kv_index;  // [B, Nk] or nullptr (dense)
+  const int* kv_count;  // [B] or nullptr (dense)
+  int B, H, Nq, Nk;
+  long long qs[3], ks[3], vs[3];  // (batch, head, token) element strides
+  float scale;
+  float scale_log2;  // scale * log2(e): softmax runs in base 2
+  bool vec_ok;       // every tile source is 16-byte aligned (rows can be copied with cp.async)
+};
+
+// ---------------------------------------------------------------------------------------------
+// Small device helpers
+
+__device__ __forceinline__ uint32_t lds32(const void* p) {
+  return *reinterpret_cast<const uint32_t*>(p);
+}
+
+#ifndef DJEPA_ATTN_EMULATE
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void cp_async16(void* dst_smem, const void* src_global) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(dst_smem)),
+               "l"(src_global)
+               : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// Four transposed 8x8 b16 matrices; lane l addresses row (l & 7) of matrix (l >> 3).
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p))
+               : "memory");
+}
+
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1) {
+  if constexpr (std::is_same_v<T, __half>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+#endif  // DJEPA_ATTN_EMULATE
+
+// Two floats -> one register of two T (the first in the low half, as mma expects).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  if constexpr (std::is_same_v<T, __half>) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  } else {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+}
+
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+// A fragment (16 rows x 16 cols) from a row-major smem tile with row stride S elements.
+template <int S, typename T>
+__device__ __forceinline__ void load_a(uint32_t (&a)[4], const T* tile, int row0, int col0,
+                                       int g, int c) {
+  const T* p = tile + (row0 + g) * S + col0 + 2 * c;
+  a[0] = lds32(p);
+  a[1] = lds32(p + 8 * S);
+  a[2] = lds32(p + 8);
+  a[3] = lds32(p + 8 * S + 8);
+}
+
+// Two C tiles (16 x 8 each, columns 16*kk .. 16*kk+15) converted to one A fragment.
+template <typename T>
+__device__ __forceinline__ void c_to_a(uint32_t (&a)[4], const float (&lo)[4],
+                                       const float (&hi)[4]) {
+  a[0] = pack2<T>(lo[0], lo[1]);
+  a[1] = pack2<T>(lo[2], lo[3]);
+  a[2] = pack2<T>(hi[0], hi[1]);
+  a[3] = pack2<T>(hi[2], hi[3]);
+}
+
+// acc[16 x N] += A[16 x 16(rows of B)] * B where B = tile[k0 .. k0+15][0 .. D-1] (row-major
+// smem, row stride S), i.e. the B fragments come from transposed ldmatrix loads.
+template <typename T, int D, int S>
+__device__ __forceinline__ void mma_a_by_rows(float (&acc)[D / 8][4], const uint32_t (&a)[4],
+                                              const T* tile, int k0, int lane) {
+  const T* base = tile + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * S + (lane >> 4) * 8;
+#pragma unroll
+  for (int dn = 0; dn < D / 16; ++dn) {
+    uint32_t b[4];
+    ldmatrix_x4_trans(b, base + dn * 16);
+    mma16816<T>(acc[2 * dn], a, b[0], b[1]);
+    mma16816<T>(acc[2 * dn + 1], a, b[2], b[3]);
+  }
+}
+
+// acc[16 x N] += A[16 x D] * tile^T where A = a_tile rows row0.. (smem) and tile holds N rows
+// of D elements (each n-tile of 8 rows of `tile` is one B operand).
+template <typename T, int D, int S, int N>
+__device__ __forceinline__ void mma_rows_by_rows_t(float (&acc)[N / 8][4], const T* a_tile,
+                                                   int row0, const T* tile, int g, int c) {
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ++ks) {
+    uint32_t a[4];
+    load_a<S>(a, a_tile, row0, ks * 16, g, c);
+#pragma unroll
+    for (int j = 0; j < N / 8; ++j) {
+      const T* p = tile + (j * 8 + g) * S + ks * 16 + 2 * c;
+      mma16816<T>(acc[j], a, lds32(p), lds32(p + 8));
+    }
+  }
+}
+
+// Copies ROWS rows of D elements into smem (row stride D + 8). Tile row r is row j = row0 + r
+// of the (compacted) sequence; rows with j >= limit are zero-filled. `index`, when given, maps
+// j to the token position n (the gather of visible keys).
+template <typename T, int D, int ROWS>
+__device__ __forceinline__ void load_tile(T* tile, const T* base, long long stride_n,
+                                          const int* index, int row0, int limit, bool vec_ok) {
+  constexpr int kChunks = D / 8;  // 16-byte chunks per row
+  constexpr int S = D + 8;
+  for (int i = threadIdx.x; i < ROWS * kChunks; i += kThreads) {
+    const int r = i / kChunks;
+    const int col = (i % kChunks) * 8;
+    const int j = row0 + r;
+    T* dst = tile + r * S + col;
+    if (j < limit) {
+      const long long n = index ? __ldg(index + j) : j;
+      const T* src = base + n * stride_n + col;
+      if (vec_ok) {
+        cp_async16(dst, src);
+      } else {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) dst[e] = src[e];
+      }
+    } else {
+      *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
+    }
+  }
+}
+
+__device__ __forceinline__ int visible_count(const Params& p, int b) {
+  if (!p.kv_count) return p.Nk;
+  return min(max(p.kv_count[b], 0), p.Nk);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+
+template <int D>
+struct FwdCfg {
+  static constexpr int kBM = 64;  // query rows per block
+  static constexpr int kBN = 64;  // keys per iteration
+  static constexpr int S = D + 8;  // smem row stride: conflict-free fragment loads
+  static constexpr int kSmem = (kBM + 2 * kBN) * S * 2;
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) fwd_kernel(const Params p) {
+  using Cfg = FwdCfg<D>;
+  constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, S = Cfg::S;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sK = sQ + kBM * S;
+  T* sV = sK + kBN * S;
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, c = lane & 3;
+  const int m0 = blockIdx.x * kBM;
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int count = visible_count(p, b);
+  const int* index = p.kv_index ? p.kv_index + static_cast<long long>(b) * p.Nk : nullptr;
+  const T* qb = static_cast<const T*>(p.q) + b * p.qs[0] + h * p.qs[1];
+  const T* kb = static_cast<const T*>(p.k) + b * p.ks[0] + h * p.ks[1];
+  const T* vb = static_cast<const T*>(p.v) + b * p.vs[0] + h * p.vs[1];
+  const int n_tiles = (count + kBN - 1) / kBN;
+
+  // Groups in flight: Q, K0, V0; afterwards always K(t+1) then V(t+1) (possibly empty groups).
+  load_tile<T, D, kBM>(sQ, qb, p.qs[2], nullptr, m0, p.Nq, p.vec_ok);
+  cp_async_commit();
+  if (n_tiles > 0) load_tile<T, D, kBN>(sK, kb, p.ks[2], index, 0, count, p.vec_ok);
+  cp_async_commit();
+  if (n_tiles > 0) load_tile<T, D, kBN>(sV, vb, p.vs[2], index, 0, count, p.vec_ok);
+  cp_async_commit();
+  cp_async_wait<2>();
+  __syncthreads();
+
+  const int r0 = warp * 16;
+  uint32_t qf[D / 16][4];
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ++ks) load_a<S>(qf[ks], sQ, r0, ks * 16, g, c);
+
+  float acc[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
+  // Rows g and g + 8 of this warp's 16: running max (base-2 units) and this lane's share of
+  // the running sum (the quad's four shares are added at the end).
+  float row_max[2] = {-INFINITY, -INFINITY};
+  float row_sum[2] = {0.f, 0.f};
+
+  for (int t = 0; t < n_tiles; ++t) {
+    cp_async_wait<1>();
+    __syncthreads();  // K(t) visible to all
+
+    float s[kBN / 8][4];
+#pragma unroll
+    for (int j = 0; j < kBN / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[j][e] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+#pragma unroll
+      for (int j = 0; j < kBN / 8; ++j) {
+        const T* kp = sK + (j * 8 + g) * S + ks * 16 + 2 * c;
+        mma16816<T>(s[j], qf[ks], lds32(kp), lds32(kp + 8));
+      }
+    }
+
+    cp_async_wait<0>();
+    __syncthreads();  // V(t) visible to all; every warp is done reading K(t)
+    if (t + 1 < n_tiles) load_tile<T, D, kBN>(sK, kb, p.ks[2], index, (t + 1) * kBN, count, p.vec_ok);
+    cp_async_commit();
+
+    const int kv0 = t * kBN;
+    float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int j = 0; j < kBN / 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const bool ok = kv0 + j * 8 + 2 * c + (e & 1) < count;
+        s[j][e] = ok ? s[j][e] * p.scale_log2 : -INFINITY;
+        tile_max[e >> 1] = fmaxf(tile_max[e >> 1], s[j][e]);
+      }
+    }
+    float alpha[2], ref[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
+      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
+      const float new_max = fmaxf(row_max[r], tile_max[r]);
+      // Every processed tile has a visible key (kv0 < count), so new_max is finite; the guard
+      // keeps exp2 away from (-inf) - (-inf) anyway.
+      ref[r] = new_max == -INFINITY ? 0.f : new_max;
+      alpha[r] = exp2f(row_max[r] - ref[r]);
+      row_max[r] = new_max;
+      row_sum[r] *= alpha[r];
+    }
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      acc[n][0] *= alpha[0];
+      acc[n][1] *= alpha[0];
+      acc[n][2] *= alpha[1];
+      acc[n][3] *= alpha[1];
+    }
+#pragma unroll
+    for (int j = 0; j < kBN / 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[j][e] = exp2f(s[j][e] - ref[e >> 1]);
+        row_sum[e >> 1] += s[j][e];
+      }
+    }
+
+#pragma unroll
+    for (int kk = 0; kk < kBN / 16; ++kk) {
+      uint32_t a[4];
+      c_to_a<T>(a, s[2 * kk], s[2 * kk + 1]);
+      mma_a_by_rows<T, D, S>(acc, a, sV, kk * 16, lane);
+    }
+
+    __syncthreads();  // every warp is done reading V(t)
+    if (t + 1 < n_tiles) load_tile<T, D, kBN>(sV, vb, p.vs[2], index, (t + 1) * kBN, count, p.vec_ok);
+    cp_async_commit();
+  }
+
+  const long long row_base = (static_cast<long long>(b) * p.H + h) * p.Nq;
+  T* ob = static_cast<T*>(p.o);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float l = row_sum[r];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const float lse = l > 0.f ? row_max[r] * kLn2 + logf(l) : 0.f;
+    const int row = m0 + r0 + g + 8 * r;
+    if (row < p.Nq) {
+      T* orow = ob + (row_base + row) * D + 2 * c;
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        *reinterpret_cast<uint32_t*>(orow + n * 8) =
+            pack2<T>(acc[n][2 * r] * inv, acc[n][2 * r + 1] * inv);
+      }
+      if (c == 0) p.lse[row_base + row] = lse;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward
+
+template <typename T>
+__global__ void __launch_bounds__(256) delta_kernel(const T* __restrict__ o,
+                                                    const T* __restrict__ dout,
+                                                    float* __restrict__ delta, long long rows,
+                                                    int D) {
+  const long long row = static_cast<long long>(blockIdx.x) * 8 + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (row >= rows) return;
+  const T* orow = o + row * D;
+  const T* drow = dout + row * D;
+  float acc = 0.f;
+  for (int d = lane; d < D; d += 32) acc += to_float(orow[d]) * to_float(drow[d]);
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+  if (lane == 0) delta[row] = acc;
+}
+
+template <int D>
+struct DkdvCfg {
+  static constexpr int kBN = 64;               // keys per block (16 per warp)
+  static constexpr int kBM = D <= 64 ? 64 : 32;  // query rows per iteration
+  static constexpr int S = D + 8;
+  static constexpr int kSmem = (2 * kBN + 2 * kBM) * S * 2 + 2 * kBM * 4;
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) dkdv_kernel(const Params p) {
+  using Cfg = DkdvCfg<D>;
+  constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, S = Cfg::S;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sK = reinterpret_cast<T*>(smem_raw);
+  T* sV = sK + kBN * S;
+  T* sQ = sV + kBN * S;
+  T* sdO = sQ + kBM * S;
+  float* sLse = reinterpret_cast<float*>(sdO + kBM * S);  // lse * log2(e)
+  float* sDelta = sLse + kBM;
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, c = lane & 3;
+  const int n0 = blockIdx.x * kBN;
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int count = visible_count(p, b);
+  const int* index = p.kv_index ? p.kv_index + static_cast<long long>(b) * p.Nk : nullptr;
+  const long long kv_row_base = (static_cast<long long>(b) * p.H + h) * p.Nk;
+  T* dkb = static_cast<T*>(p.dk) + kv_row_base * D;
+  T* dvb = static_cast<T*>(p.dv) + kv_row_base * D;
+
+  if (n0 >= count) {
+    // Only invisible keys here: their gradient rows are zero. kv_index is a permutation of
+    // 0..Nk-1, so together with the visible tiles every dk/dv row is written exactly once.
+    constexpr int kChunks = D / 8;
+    for (int i = threadIdx.x; i < kBN * kChunks; i += kThreads) {
+      const int j = n0 + i / kChunks;
+      if (j >= p.Nk) break;
+      const long long n = index ? index[j] : j;
+      const int col = (i % kChunks) * 8;
+      *reinterpret_cast<uint4*>(dkb + n * D + col) = make_uint4(0u, 0u, 0u, 0u);
+      *reinterpret_cast<uint4*>(dvb + n * D + col) = make_uint4(0u, 0u, 0u, 0u);
+    }
+    return;
+  }
+
+  const T* kb = static_cast<const T*>(p.k) + b * p.ks[0] + h * p.ks[1];
+  const T* vb = static_cast<const T*>(p.v) + b * p.vs[0] + h * p.vs[1];
+  const T* qb = static_cast<const T*>(p.q) + b * p.qs[0] + h * p.qs[1];
+  const long long q_row_base = (static_cast<long long>(b) * p.H + h) * p.Nq;
+  const T* dob = static_cast<const T*>(p.dout) + q_row_base * D;
+  const float* lseb = p.lse + q_row_base;
+  const float* deltab = p.delta + q_row_base;
+
+  load_tile<T, D, kBN>(sK, kb, p.ks[2], index, n0, count, p.vec_ok);
+  load_tile<T, D, kBN>(sV, vb, p.vs[2], index, n0, count, p.vec_ok);
+  cp_async_commit();
+
+  const int r0 = warp * 16;  // this warp's 16 keys within the tile
+  const bool key_ok[2] = {n0 + r0 + g < count, n0 + r0 + g + 8 < count};
+  float dk[D / 8][4], dv[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[n][e] = dv[n][e] = 0.f;
+
+  const int m_tiles = (p.Nq + kBM - 1) / kBM;
+  for (int mt = 0; mt < m_tiles; ++mt) {
+    const int m0 = mt * kBM;
+    load_tile<T, D, kBM>(sQ, qb, p.qs[2], nullptr, m0, p.Nq, p.vec_ok);
+    load_tile<T, D, kBM>(sdO, dob, D, nullptr, m0, p.Nq, p.vec_ok);
+    cp_async_commit();
+    for (int i = threadIdx.x; i < kBM; i += kThreads) {
+      const bool ok = m0 + i < p.Nq;
+      sLse[i] = ok ? lseb[m0 + i] * kLog2e : 0.f;
+      sDelta[i] = ok ? deltab[m0 + i] : 0.f;
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+
+    // Transposed scores: st = K Q^T and dpt = V dO^T, this warp's 16 keys x kBM queries.
+    float st[kBM / 8][4], dpt[kBM / 8][4];
+#pragma unroll
+    for (int j = 0; j < kBM / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) st[j][e] = dpt[j][e] = 0.f;
+    mma_rows_by_rows_t<T, D, S, kBM>(st, sK, r0, sQ, g, c);
+    mma_rows_by_rows_t<T, D, S, kBM>(dpt, sV, r0, sdO, g, c);
+
+    // st <- P^T = exp(scale * s - lse), dpt <- dS^T = P^T * (dP^T - delta)
+#pragma unroll
+    for (int j = 0; j < kBM / 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int qc = j * 8 + 2 * c + (e & 1);
+        const bool ok = key_ok[e >> 1] && m0 + qc < p.Nq;
+        const float pr = ok ? exp2f(st[j][e] * p.scale_log2 - sLse[qc]) : 0.f;
+        st[j][e] = pr;
+        dpt[j][e] = pr * (dpt[j][e] - sDelta[qc]);
+      }
+    }
+
+    // dV += P^T dO, dK += dS^T Q (the scale is applied once at the end).
+#pragma unroll
+    for (int kk = 0; kk < kBM / 16; ++kk) {
+      uint32_t a[4];
+      c_to_a<T>(a, st[2 * kk], st[2 * kk + 1]);
+      mma_a_by_rows<T, D, S>(dv, a, sdO, kk * 16, lane);
+      c_to_a<T>(a, dpt[2 * kk], dpt[2 * kk + 1]);
+      mma_a_by_rows<T, D, S>(dk, a, sQ, kk * 16, lane);
+    }
+    __syncthreads();  // before the next tile overwrites sQ / sdO / sLse / sDelta
+  }
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int j = n0 + r0 + g + 8 * r;
+    if (j < p.Nk) {
+      const long long n = index ? index[j] : j;
+      const bool ok = key_ok[r];
+      T* dkr = dkb + n * D + 2 * c;
+      T* dvr = dvb + n * D + 2 * c;
+#pragma unroll
+      for (int nn = 0; nn < D / 8; ++nn) {
+        *reinterpret_cast<uint32_t*>(dkr + nn * 8) =
+            ok ? pack2<T>(dk[nn][2 * r] * p.scale, dk[nn][2 * r + 1] * p.scale) : 0u;
+        *reinterpret_cast<uint32_t*>(dvr + nn * 8) =
+            ok ? pack2<T>(dv[nn][2 * r], dv[nn][2 * r + 1]) : 0u;
+      }
+    }
+  }
+}
+
+template <int D>
+struct DqCfg {
+  static constexpr int kBM = 64;                 // query rows per block (16 per warp)
+  static constexpr int kBN = D <= 64 ? 64 : 32;  // keys per iteration
+  static constexpr int S = D + 8;
+  static constexpr int kSmem = (2 * kBM + 2 * kBN) * S * 2;
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) dq_kernel(const Params p) {
+  using Cfg = DqCfg<D>;
+  constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, S = Cfg::S;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sdO = sQ + kBM * S;
+  T* sK = sdO + kBM * S;
+  T* sV = sK + kBN * S;
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, c = lane & 3;
+  const int m0 = blockIdx.x * kBM;
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int count = visible_count(p, b);
+  const int* index = p.kv_index ? p.kv_index + static_cast<long long>(b) * p.Nk : nullptr;
+  const T* qb = static_cast<const T*>(p.q) + b * p.qs[0] + h * p.qs[1];
+  const T* kb = static_cast<const T*>(p.k) + b * p.ks[0] + h * p.ks[1];
+  const T* vb = static_cast<const T*>(p.v) + b * p.vs[0] + h * p.vs[1];
+  const long long q_row_base = (static_cast<long long>(b) * p.H + h) * p.Nq;
+  const T* dob = static_cast<const T*>(p.dout) + q_row_base * D;
+  const int n_tiles = (count + kBN - 1) / kBN;
+  const int r0 = warp * 16;
+
+  float lse2[2], delta[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = m0 + r0 + g + 8 * r;
+    lse2[r] = row < p.Nq ? p.lse[q_row_base + row] * kLog2e : 0.f;
+    delta[r] = row < p.Nq ? p.delta[q_row_base + row] : 0.f;
+  }
+  float dq[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dq[n][e] = 0.f;
+
+  if (n_tiles > 0) {
+    load_tile<T, D, kBM>(sQ, qb, p.qs[2], nullptr, m0, p.Nq, p.vec_ok);
+    load_tile<T, D, kBM>(sdO, dob, D, nullptr, m0, p.Nq, p.vec_ok);
+    cp_async_commit();
+  }
+  for (int t = 0; t < n_tiles; ++t) {
+    const int kv0 = t * kBN;
+    load_tile<T, D, kBN>(sK, kb, p.ks[2], index, kv0, count, p.vec_ok);
+    load_tile<T, D, kBN>(sV, vb, p.vs[2], index, kv0, count, p.vec_ok);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+
+    float s[kBN / 8][4], dp[kBN / 8][4];
+#pragma unroll
+    for (int j = 0; j < kBN / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[j][e] = dp[j][e] = 0.f;
+    mma_rows_by_rows_t<T, D, S, kBN>(s, sQ, r0, sK, g, c);
+    mma_rows_by_rows_t<T, D, S, kBN>(dp, sdO, r0, sV, g, c);
+
+    // dp <- dS = P * (dP - delta)
+#pragma unroll
+    for (int j = 0; j < kBN / 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const bool ok = kv0 + j * 8 + 2 * c + (e & 1) < count;
+        const float pr = ok ? exp2f(s[j][e] * p.scale_log2 - lse2[e >> 1]) : 0.f;
+        dp[j][e] = pr * (dp[j][e] - delta[e >> 1]);
+      }
+    }
+    // dQ += dS K
+#pragma unroll
+    for (int kk = 0; kk < kBN / 16; ++kk) {
+      uint32_t a[4];
+      c_to_a<T>(a, dp[2 * kk], dp[2 * kk + 1]);
+      mma_a_by_rows<T, D, S>(dq, a, sK, kk * 16, lane);
+    }
+    __syncthreads();  // before the next tile overwrites sK / sV
+  }
+
+  T* dqb = static_cast<T*>(p.dq) + q_row_base * D;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = m0 + r0 + g + 8 * r;
+    if (row < p.Nq) {
+      T* dqr = dqb + static_cast<long long>(row) * D + 2 * c;
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        *reinterpret_cast<uint32_t*>(dqr + n * 8) =
+            pack2<T>(dq[n][2 * r] * p.scale, dq[n][2 * r + 1] * p.scale);
+      }
+    }
+  }
+}
+
+}  // namespace attention
+}  // namespace djepa
