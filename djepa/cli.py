@@ -1,0 +1,380 @@
+"""`djepa train | sample | eval | bench | info` (also `python -m djepa`, and under torchrun).
+
+Mistakes in the input (a bad checkpoint, data, labels or output folder) end with one line on
+stderr and exit status 2; `--debug` shows the traceback instead.
+"""
+import argparse
+import datetime
+import json
+import os
+import re
+import sys
+
+import torch
+
+EXIT_USAGE = 2
+
+
+class CLIError(ValueError):
+    """A user-facing error of the command line itself."""
+
+
+# ----------------------------------------------------------------------------- helpers
+def parse_labels(spec: str) -> list:
+    """'0-9' -> [0..9]; '1,3,5-7' -> [1, 3, 5, 6, 7]."""
+    out = []
+    for part in str(spec).split(","):
+        part = part.strip()
+        m = re.fullmatch(r"(-?\d+)(?:\s*-\s*(-?\d+))?", part)
+        if not m:
+            raise CLIError(f"--labels {spec!r}: expected numbers and ranges such as 0-9 or 1,3,5-7")
+        lo = int(m.group(1))
+        hi = int(m.group(2)) if m.group(2) is not None else lo
+        if hi < lo:
+            raise CLIError(f"--labels {spec!r}: range {lo}-{hi} runs backwards")
+        out.extend(range(lo, hi + 1))
+    return out
+
+
+def parse_overrides(items) -> dict:
+    """--set KEY=VALUE pairs; VALUE is read as JSON (numbers, true/false, null) or else as text."""
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise CLIError(f"--set {item!r}: expected KEY=VALUE, e.g. --set depth=2")
+        try:
+            out[key.strip()] = json.loads(value)
+        except ValueError:
+            out[key.strip()] = value
+    return out
+
+
+def _device(arg):
+    if arg:
+        try:
+            dev = torch.device(arg)
+        except RuntimeError as exc:
+            raise CLIError(f"--device {arg!r}: {exc}") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise CLIError(f"--device {arg}: no CUDA GPU is visible")
+        return dev
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _progress(args):
+    return sys.stderr.isatty() if args.progress is None else args.progress
+
+
+def _add_common(p):
+    p.add_argument("--device", help="torch device (default: the GPU when there is one, else the CPU)")
+    p.add_argument("--backend", choices=["auto", "cuda", "triton", "eager"], default=None,
+                   help="kernel backend for the model's ops (default: DJEPA_BACKEND or auto)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--progress", dest="progress", action="store_true", default=None,
+                   help="show progress bars (default: when stderr is a terminal)")
+    g.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def _add_sampling(p, n_default, cfg_default):
+    p.add_argument("--cfg", type=float, default=cfg_default, help="classifier-free guidance scale")
+    p.add_argument("--cfg-schedule", choices=["linear", "constant"], default="linear")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--num-iter", type=int, default=None,
+                   help="masked-autoregressive iterations (default: the sequence length, at most 64)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--preset", default=None, help="refuse a checkpoint of any other preset")
+
+
+# ----------------------------------------------------------------------------- train
+def cmd_train(args) -> int:
+    from djepa.train import TrainSettings, train
+
+    defaults = TrainSettings()
+    given = {
+        "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "lr_schedule": args.lr_schedule,
+        "min_lr_ratio": args.min_lr_ratio, "warmup_steps": args.warmup_steps,
+        "weight_decay": args.weight_decay, "grad_clip": args.grad_clip, "seed": args.seed,
+        "precision": args.precision, "patch_size": args.patch_size, "data": args.data,
+    }
+    overrides = parse_overrides(args.set)
+    if "backend" in overrides:
+        raise CLIError("use --backend, not --set backend=...")
+    data_options = {k: v for k, v in (("image_size", args.image_size), ("channels", args.channels),
+                                      ("num_classes", args.num_classes), ("scale", args.latent_scale))
+                    if v is not None}
+    if args.resume:
+        if args.set:
+            given["overrides"] = overrides
+        if data_options:
+            given["data_options"] = data_options
+        if args.preset is not None:
+            given["preset"] = args.preset
+    settings = TrainSettings(
+        preset=args.preset or defaults.preset,
+        **{k: (v if v is not None else getattr(defaults, k)) for k, v in given.items()
+           if k not in ("overrides", "data_options", "preset")},
+        overrides=overrides, data_options=data_options)
+    resume = True if args.resume == "" else args.resume
+    result = train(settings, args.out, resume=resume, given=given, ckpt_every=args.ckpt_every,
+                   log_every=args.log_every, keep=args.keep, progress=_progress(args),
+                   backend=args.backend, device=args.device, num_workers=args.num_workers)
+    if result.checkpoint:
+        last = result.losses[-1]["loss"] if result.losses else float("nan")
+        print(f"trained to step {result.step}; last loss {last:.4f}")
+        print(f"checkpoint: {result.checkpoint}")
+        print(f"metrics:    {result.metrics}  (loss curve: {os.path.join(os.path.dirname(result.metrics), 'loss.png')})")
+    return 0
+
+
+# ----------------------------------------------------------------------------- sample
+def _load(args, device):
+    from djepa.train import load_checkpoint, make_tokenizer
+
+    model, state = load_checkpoint(args.ckpt, device=device, backend=args.backend, preset=args.preset)
+    data = state["data"]
+    tokenizer = make_tokenizer(data["channels"], data["patch_size"])
+    return model, state, tokenizer
+
+
+def _num_iter(args, model):
+    n = args.num_iter if args.num_iter is not None else min(64, model.config.seq_len)
+    if n < 1:
+        raise CLIError(f"--num-iter must be >= 1, got {n}")
+    return n
+
+
+def _check_sampling_args(args):
+    if args.temperature <= 0:
+        raise CLIError(f"--temperature must be > 0, got {args.temperature}")
+    if args.cfg < 1.0:
+        raise CLIError(f"--cfg must be >= 1 (1 = no guidance), got {args.cfg}")
+    if args.batch_size < 1:
+        raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
+
+
+def cmd_sample(args) -> int:
+    import numpy as np
+
+    from djepa.data import pixel_scale
+    from djepa.evaluate import generate
+    from djepa.plots import sample_grid
+    from djepa.train import ensure_writable_dir
+
+    _check_sampling_args(args)
+    labels = parse_labels(args.labels)
+    if args.n < 1:
+        raise CLIError(f"--n must be >= 1, got {args.n}")
+    out = os.path.abspath(args.out)
+    stem, ext = os.path.splitext(out)
+    if ext.lower() not in (".png", ".jpg", ".jpeg", ".pdf", ".svg"):
+        raise CLIError(f"--out {args.out!r}: expected a .png (or .jpg/.pdf/.svg) file name")
+    ensure_writable_dir(os.path.dirname(out), "output directory")
+    device = _device(args.device)
+    model, state, tokenizer = _load(args, device)
+    num_classes = model.config.num_classes
+    bad = [c for c in labels if not 0 <= c < num_classes]
+    if bad:
+        raise CLIError(f"--labels: {bad[0]} is out of range; this model knows classes 0-{num_classes - 1}")
+    y = torch.tensor(labels, dtype=torch.long).repeat_interleave(args.n)
+    images = generate(model, tokenizer, y, state["data"]["image_size"], num_iter=_num_iter(args, model),
+                      cfg=args.cfg, cfg_schedule=args.cfg_schedule, temperature=args.temperature,
+                      seed=args.seed, batch_size=args.batch_size, use_ema=not args.no_ema,
+                      progress=_progress(args))
+    to_pixels, prange = pixel_scale(state["data"])
+    pixels = to_pixels(images).numpy().astype(np.float32)
+    npz = stem + ".npz"
+    tmp = stem + ".tmp.npz"
+    np.savez_compressed(tmp, images=pixels, labels=y.numpy(),
+                        pixel_range=np.asarray(prange if prange else (np.nan, np.nan), dtype=np.float32))
+    os.replace(tmp, npz)
+    if prange is None:
+        lo, hi = float(pixels.min()), float(pixels.max())
+        prange = (lo, hi if hi > lo else lo + 1)
+    if pixels.shape[1] in (1, 3):
+        sample_grid(pixels, y.numpy(), out, value_range=prange,
+                    cmap="gray_r" if state["data"].get("name") == "digits" else "gray",
+                    title=f"{state['preset']} step {state['step']}, cfg {args.cfg:g}")
+        print(f"wrote {out}")
+    else:
+        print(f"{pixels.shape[1]}-channel samples (latents) cannot be drawn; no grid written")
+    print(f"wrote {npz} (images {list(pixels.shape)} in the data's own scale, labels)")
+    return 0
+
+
+# ----------------------------------------------------------------------------- eval
+def cmd_eval(args) -> int:
+    from djepa.data import build_dataset
+    from djepa.evaluate import evaluate, format_table
+    from djepa.train import atomic_write_text, ensure_writable_dir
+
+    _check_sampling_args(args)
+    if args.n_per_class < 2:
+        raise CLIError(f"--n-per-class must be >= 2, got {args.n_per_class}")
+    device = _device(args.device)
+    model, state, tokenizer = _load(args, device)
+    out = os.path.abspath(args.out or os.path.join(state["folder"], "eval.json"))
+    ensure_writable_dir(os.path.dirname(out), "output directory")
+    spec = args.data or state["data"].get("spec") or state["settings"]["data"]
+    opts = state["settings"].get("data_options", {})
+    train_set = build_dataset(spec, "train", **opts)
+    test_set = build_dataset(spec, "test", **opts)
+    if train_set.num_classes > model.config.num_classes:
+        raise CLIError(f"the data have {train_set.num_classes} classes; the model knows {model.config.num_classes}")
+    if tuple(train_set.image_size) != tuple(state["data"]["image_size"]) or train_set.channels != state["data"]["channels"]:
+        raise CLIError(f"the data ({train_set.channels}x{train_set.image_size}) do not match the checkpoint's "
+                       f"({state['data']['channels']}x{tuple(state['data']['image_size'])})")
+    res = evaluate(model, tokenizer, train_set, test_set, n_per_class=args.n_per_class,
+                   num_iter=_num_iter(args, model), cfg=args.cfg, cfg_schedule=args.cfg_schedule,
+                   temperature=args.temperature, seed=args.seed, batch_size=args.batch_size,
+                   progress=_progress(args))
+    res.update(checkpoint=state["folder"], step=state["step"], preset=state["preset"], data=spec)
+    print(format_table(res))
+    atomic_write_text(out, json.dumps(res, indent=1) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- bench, info
+def _gpu_slug() -> str:
+    if not torch.cuda.is_available():
+        return "cpu"
+    name = torch.cuda.get_device_name(0)
+    return re.sub(r"[^A-Za-z0-9]+", "-", name.replace("NVIDIA", "")).strip("-").lower() or "gpu"
+
+
+def cmd_bench(args) -> int:
+    import pytest
+
+    root = os.path.abspath(args.dir)
+    if not os.path.isdir(root):
+        raise CLIError(f"benchmark folder {root!r} not found (run from the source tree or pass --dir)")
+    targets = [root]
+    if args.op:
+        targets = []
+        for op in args.op:
+            f = os.path.join(root, f"test_bench_{op}.py")
+            if not os.path.isfile(f):
+                have = sorted(n[len("test_bench_"):-3] for n in os.listdir(root)
+                              if n.startswith("test_bench_") and n.endswith(".py"))
+                raise CLIError(f"--op {op!r}: no {f}; available: {', '.join(have) or 'none'}")
+            targets.append(f)
+    out = args.json or os.path.join(root, "results", f"{datetime.date.today():%Y-%m-%d}-{_gpu_slug()}.json")
+    from djepa.train import ensure_writable_dir
+
+    ensure_writable_dir(os.path.dirname(os.path.abspath(out)), "results directory")
+    pytest_args = [*targets, "--benchmark-only", f"--benchmark-json={out}", "-q"]
+    if args.k:
+        pytest_args += ["-k", args.k]
+    pytest_args += args.pytest_args
+    rc = int(pytest.main(pytest_args))
+    if rc == 0:
+        print(f"wrote {out}")
+    return rc
+
+
+def cmd_info(args) -> int:
+    from djepa.backends import describe
+
+    print(describe())
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="djepa", description="Train, sample, evaluate and benchmark D-JEPA.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{train,sample,eval,bench,info}")
+
+    t = sub.add_parser("train", help="train (or --resume) a model; torchrun runs it on many processes",
+                       description="Train D-JEPA. Unset options take the defaults (or, with --resume, "
+                                   "the checkpoint's settings).")
+    t.add_argument("--preset", default=None, help="model size: tiny, B, L, H (default tiny)")
+    t.add_argument("--data", default=None,
+                   help="'digits' (default, embedded), folder:PATH (class subfolders), latents:PATH, or a path")
+    t.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, loss.png")
+    t.add_argument("--steps", type=int, help="total optimizer steps (default 2000)")
+    t.add_argument("--batch-size", type=int, help="global batch, split over the processes (default 128)")
+    t.add_argument("--lr", type=float, help="peak learning rate (default 2e-3)")
+    t.add_argument("--lr-schedule", choices=["cosine", "constant"])
+    t.add_argument("--min-lr-ratio", type=float, help="cosine floor as a fraction of --lr (default 0.05)")
+    t.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default 100)")
+    t.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0.02)")
+    t.add_argument("--grad-clip", type=float, help="gradient-norm clip (default 3.0)")
+    t.add_argument("--seed", type=int, help="seed of initialisation, batches, masks and noise (default 0)")
+    t.add_argument("--precision", choices=["auto", "fp32", "bf16"], help="auto: bf16 autocast on GPU, fp32 on CPU")
+    t.add_argument("--patch-size", type=int, help="pixels per token side (default: the data's, 2 for digits)")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a model config field (repeatable)")
+    t.add_argument("--image-size", type=int, help="image folders: resize to this size")
+    t.add_argument("--channels", type=int, choices=[1, 3], help="image folders: grey or RGB")
+    t.add_argument("--num-classes", type=int, help="latents: number of classes (default max label + 1)")
+    t.add_argument("--latent-scale", type=float, help="latents: scale factor (MAR KL-16: 0.2325)")
+    t.add_argument("--resume", nargs="?", const="", default=None, metavar="CKPT",
+                   help="continue the newest checkpoint in --out (or CKPT) exactly")
+    t.add_argument("--ckpt-every", type=int, default=500, help="checkpoint every N steps and at the end")
+    t.add_argument("--log-every", type=int, default=50, help="metrics.jsonl record every N steps")
+    t.add_argument("--keep", type=int, default=2, help="checkpoints kept (older ones are deleted)")
+    t.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (image folders)")
+    _add_common(t)
+    t.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("sample", help="draw class-conditional samples: a grid PNG and an .npz beside it")
+    s.add_argument("--ckpt", required=True, help="run folder or step-* checkpoint folder")
+    s.add_argument("--labels", default="0-9", help="classes, e.g. 0-9 or 1,3,5-7 (default 0-9)")
+    s.add_argument("--n", type=int, default=8, help="samples per label (default 8)")
+    s.add_argument("--out", default="samples.png", help="grid image; the .npz goes beside it")
+    s.add_argument("--no-ema", action="store_true", help="sample with the online weights, not the EMA")
+    _add_sampling(s, 8, 3.0)
+    _add_common(s)
+    s.set_defaults(func=cmd_sample)
+
+    e = sub.add_parser("eval", help="linear probe, sample accuracy and Fréchet distance on held-out data")
+    e.add_argument("--ckpt", required=True, help="run folder or step-* checkpoint folder")
+    e.add_argument("--data", default=None, help="default: the data the checkpoint was trained on")
+    e.add_argument("--n-per-class", type=int, default=50, help="samples per class (default 50)")
+    e.add_argument("--out", default=None, help="JSON results (default: eval.json in the checkpoint folder)")
+    _add_sampling(e, 50, 3.0)
+    _add_common(e)
+    e.set_defaults(func=cmd_eval)
+
+    b = sub.add_parser("bench", help="run the pytest-benchmark suites; JSON into benchmarks/results/")
+    b.add_argument("--op", action="append", help="only benchmarks/test_bench_OP.py (repeatable)")
+    b.add_argument("-k", default=None, help="pytest -k expression")
+    b.add_argument("--dir", default="benchmarks", help="benchmark folder (default ./benchmarks)")
+    b.add_argument("--json", default=None, help="output (default benchmarks/results/<date>-<gpu>.json)")
+    b.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
+    b.set_defaults(func=cmd_bench)
+
+    i = sub.add_parser("info", help="versions, the CUDA extension, the GPU and each op's backends")
+    i.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv=None) -> int:
+    from djepa.data import DataError
+    from djepa.train import CheckpointError, TrainError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    prog = f"djepa {args.command}"
+    try:
+        return args.func(args)
+    except (CLIError, DataError, CheckpointError, TrainError) as exc:
+        if args.debug:
+            raise
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:
+        if args.debug:
+            raise
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        print(f"{prog}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
