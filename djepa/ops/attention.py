@@ -129,16 +129,28 @@ def _cuda_reason(q):
     return None
 
 
-def _triton_reason(q):
+def _triton_reason(q, device=None):
     from djepa import backends
 
+    device = q.device if device is None else device
     if q.dtype == torch.float64:
         return "the Triton kernels support float16, bfloat16 and float32, not float64"
-    if q.dtype == torch.bfloat16 and q.device.type == "cpu" and backends.interpreter_enabled():
+    if q.dtype == torch.bfloat16 and device.type == "cpu" and backends.interpreter_enabled():
         return "the Triton interpreter does not compute bfloat16 correctly; use float16/float32 or a GPU"
     if q.shape[-1] > TRITON_MAX_HEAD_DIM:
         return f"the Triton kernels support head dims up to {TRITON_MAX_HEAD_DIM}, not {q.shape[-1]}"
     return None
+
+
+@torch.compiler.assume_constant_result
+def _choose_backend(backend, device, dtype, head_dim):
+    # A pure function of its (constant) arguments and the environment, so torch.compile can
+    # evaluate it once at trace time instead of tracing the extension/Triton probes.
+    probe = torch.empty((0, 0, 0, head_dim), dtype=dtype, device="meta")
+    return _dispatch.select_backend(
+        _OP, backend, device,
+        cuda_reason=_cuda_reason(probe), triton_reason=_triton_reason(probe, device),
+    )
 
 
 def _compact(key_mask):
@@ -295,9 +307,10 @@ def masked_attention(q, k, v, key_mask=None, *, scale=None, backend="auto"):
         ``[B, H, Nq, D]`` in the input dtype (contiguous for the kernel backends).
 
     Defined edge case: a sample whose ``key_mask`` row has no True entry (or ``Nk == 0``) gets an
-    all-zero output and zero gradients for its q, k and v. (``F.scaled_dot_product_attention``
-    with such a boolean mask returns NaN instead.) An empty batch (``B == 0`` or ``Nq == 0``)
-    returns an empty tensor.
+    all-zero output and zero gradients for its q, k and v. A masked softmax written by hand
+    (``masked_fill(-inf).softmax``) gives NaN there, and so does ``F.scaled_dot_product_attention``
+    with a boolean mask on some backends and torch versions (others return zeros): do not rely on
+    SDPA for it. An empty batch (``B == 0`` or ``Nq == 0``) returns an empty tensor.
 
     The kernel backends compact the mask (visible indices first) and visit only the visible keys,
     so the cost follows their number. Their backward is deterministic: the same inputs give the
@@ -305,9 +318,7 @@ def masked_attention(q, k, v, key_mask=None, *, scale=None, backend="auto"):
     """
     _validate(q, k, v, key_mask, scale)
     scale = _default_scale(q, scale)
-    chosen = _dispatch.select_backend(
-        _OP, backend, q.device, cuda_reason=_cuda_reason(q), triton_reason=_triton_reason(q)
-    )
+    chosen = _choose_backend(backend, q.device, q.dtype, q.shape[-1])
     if chosen == "eager":
         return _eager_attention(q, k, v, key_mask, scale)
     if key_mask is None:
