@@ -87,7 +87,7 @@ void dispatch_head_dim(const Params& p, int D, cudaStream_t stream) {
     DJEPA_ATTN_CASE(128)
 #undef DJEPA_ATTN_CASE
     default:
-      break;  // rejected by check_args
+      break;  // rejected by make_params
   }
 }
 

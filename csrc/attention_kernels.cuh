@@ -43,10 +43,6 @@ struct Params {
 // ---------------------------------------------------------------------------------------------
 // Small device helpers
 
-__device__ __forceinline__ uint32_t lds32(const void* p) {
-  return *reinterpret_cast<const uint32_t*>(p);
-}
-
 #ifndef DJEPA_ATTN_EMULATE
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -67,7 +63,16 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
-// Four transposed 8x8 b16 matrices; lane l addresses row (l & 7) of matrix (l >> 3).
+// Four 8x8 b16 matrices; lane l addresses row (l & 7) of matrix (l >> 3); register i of
+// lane (g, c) receives M_i[g][2c..2c+1].
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p))
+               : "memory");
+}
+
+// Same, transposed: register i of lane (g, c) receives M_i[2c][g] and M_i[2c+1][g].
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -112,12 +117,16 @@ __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162f
 // A fragment (16 rows x 16 cols) from a row-major smem tile with row stride S elements.
 template <int S, typename T>
 __device__ __forceinline__ void load_a(uint32_t (&a)[4], const T* tile, int row0, int col0,
-                                       int g, int c) {
-  const T* p = tile + (row0 + g) * S + col0 + 2 * c;
-  a[0] = lds32(p);
-  a[1] = lds32(p + 8 * S);
-  a[2] = lds32(p + 8);
-  a[3] = lds32(p + 8 * S + 8);
+                                       int lane) {
+  ldmatrix_x4(a, tile + (row0 + (lane & 7) + ((lane >> 3) & 1) * 8) * S + col0 + (lane >> 4) * 8);
+}
+
+// B fragments of two neighbouring n-tiles for acc += A * tile^T: tile rows n0 .. n0+15 are the
+// n index, columns k0 .. k0+15 the k index. b[0], b[1] serve rows n0..n0+7; b[2], b[3] the rest.
+template <int S, typename T>
+__device__ __forceinline__ void load_b_pair(uint32_t (&b)[4], const T* tile, int n0, int k0,
+                                            int lane) {
+  ldmatrix_x4(b, tile + (n0 + (lane & 7) + (lane >> 4) * 8) * S + k0 + ((lane >> 3) & 1) * 8);
 }
 
 // Two C tiles (16 x 8 each, columns 16*kk .. 16*kk+15) converted to one A fragment.
@@ -149,15 +158,17 @@ __device__ __forceinline__ void mma_a_by_rows(float (&acc)[D / 8][4], const uint
 // of D elements (each n-tile of 8 rows of `tile` is one B operand).
 template <typename T, int D, int S, int N>
 __device__ __forceinline__ void mma_rows_by_rows_t(float (&acc)[N / 8][4], const T* a_tile,
-                                                   int row0, const T* tile, int g, int c) {
+                                                   int row0, const T* tile, int lane) {
 #pragma unroll
   for (int ks = 0; ks < D / 16; ++ks) {
     uint32_t a[4];
-    load_a<S>(a, a_tile, row0, ks * 16, g, c);
+    load_a<S>(a, a_tile, row0, ks * 16, lane);
 #pragma unroll
-    for (int j = 0; j < N / 8; ++j) {
-      const T* p = tile + (j * 8 + g) * S + ks * 16 + 2 * c;
-      mma16816<T>(acc[j], a, lds32(p), lds32(p + 8));
+    for (int j = 0; j < N / 8; j += 2) {
+      uint32_t b[4];
+      load_b_pair<S>(b, tile, j * 8, ks * 16, lane);
+      mma16816<T>(acc[j], a, b[0], b[1]);
+      mma16816<T>(acc[j + 1], a, b[2], b[3]);
     }
   }
 }
@@ -239,7 +250,7 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const Params p) {
   const int r0 = warp * 16;
   uint32_t qf[D / 16][4];
 #pragma unroll
-  for (int ks = 0; ks < D / 16; ++ks) load_a<S>(qf[ks], sQ, r0, ks * 16, g, c);
+  for (int ks = 0; ks < D / 16; ++ks) load_a<S>(qf[ks], sQ, r0, ks * 16, lane);
 
   float acc[D / 8][4];
 #pragma unroll
@@ -263,9 +274,11 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const Params p) {
 #pragma unroll
     for (int ks = 0; ks < D / 16; ++ks) {
 #pragma unroll
-      for (int j = 0; j < kBN / 8; ++j) {
-        const T* kp = sK + (j * 8 + g) * S + ks * 16 + 2 * c;
-        mma16816<T>(s[j], qf[ks], lds32(kp), lds32(kp + 8));
+      for (int j = 0; j < kBN / 8; j += 2) {
+        uint32_t kf[4];
+        load_b_pair<S>(kf, sK, j * 8, ks * 16, lane);
+        mma16816<T>(s[j], qf[ks], kf[0], kf[1]);
+        mma16816<T>(s[j + 1], qf[ks], kf[2], kf[3]);
       }
     }
 
@@ -453,8 +466,8 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const Params p) {
     for (int j = 0; j < kBM / 8; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) st[j][e] = dpt[j][e] = 0.f;
-    mma_rows_by_rows_t<T, D, S, kBM>(st, sK, r0, sQ, g, c);
-    mma_rows_by_rows_t<T, D, S, kBM>(dpt, sV, r0, sdO, g, c);
+    mma_rows_by_rows_t<T, D, S, kBM>(st, sK, r0, sQ, lane);
+    mma_rows_by_rows_t<T, D, S, kBM>(dpt, sV, r0, sdO, lane);
 
     // st <- P^T = exp(scale * s - lse), dpt <- dS^T = P^T * (dP^T - delta)
 #pragma unroll
@@ -563,8 +576,8 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const Params p) {
     for (int j = 0; j < kBN / 8; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) s[j][e] = dp[j][e] = 0.f;
-    mma_rows_by_rows_t<T, D, S, kBN>(s, sQ, r0, sK, g, c);
-    mma_rows_by_rows_t<T, D, S, kBN>(dp, sdO, r0, sV, g, c);
+    mma_rows_by_rows_t<T, D, S, kBN>(s, sQ, r0, sK, lane);
+    mma_rows_by_rows_t<T, D, S, kBN>(dp, sdO, r0, sV, lane);
 
     // dp <- dS = P * (dP - delta)
 #pragma unroll

@@ -90,6 +90,20 @@ template <int N>
 inline void cp_async_wait() {}
 
 
+// ldmatrix .x4: lane l gives the address of row (l & 7) of matrix (l >> 3); register i of
+// lane (g = l / 4, c = l % 4) receives M_i[g][2c] (low half) and M_i[g][2c + 1].
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+  Warp& w = my_warp();
+  const int lane = my_lane(), g = lane >> 2, c = lane & 3;
+  w.ptr[lane] = p;
+  w.bar.wait();
+  for (int i = 0; i < 4; ++i) {
+    const uint16_t* row = static_cast<const uint16_t*>(w.ptr[8 * i + g]);
+    r[i] = static_cast<uint32_t>(row[2 * c]) | (static_cast<uint32_t>(row[2 * c + 1]) << 16);
+  }
+  w.bar.wait();
+}
+
 // ldmatrix .x4 .trans: lane l gives the address of row (l & 7) of matrix (l >> 3); register i
 // of lane (g = l / 4, c = l % 4) receives M_i[2c][g] (low half) and M_i[2c + 1][g].
 inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
