@@ -152,12 +152,16 @@ Params make_params(const char* fn, std::uintptr_t q, std::uintptr_t k, std::uint
   p.H = static_cast<int>(H);
   p.Nq = static_cast<int>(Nq);
   p.Nk = static_cast<int>(Nk);
+  // A stride matters for alignment only where its dim has more than one element (torch gives
+  // size-1 dims arbitrary strides).
+  const int64_t q_sizes[3] = {B, H, Nq}, kv_sizes[3] = {B, H, Nk};
   bool vec_ok = aligned(q, 16) && aligned(k, 16) && aligned(v, 16);
   for (int i = 0; i < 3; ++i) {
     p.qs[i] = q_strides[i];
     p.ks[i] = k_strides[i];
     p.vs[i] = v_strides[i];
-    vec_ok = vec_ok && q_strides[i] % 8 == 0 && k_strides[i] % 8 == 0 && v_strides[i] % 8 == 0;
+    vec_ok = vec_ok && (q_sizes[i] == 1 || q_strides[i] % 8 == 0) &&
+             (kv_sizes[i] == 1 || (k_strides[i] % 8 == 0 && v_strides[i] % 8 == 0));
   }
   p.vec_ok = vec_ok;
   p.scale = static_cast<float>(scale);
