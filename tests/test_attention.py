@@ -97,10 +97,9 @@ def test_compact_puts_visible_keys_first_in_order():
 # Triton (interpreter on the CPU here, the GPU on the GPU machine)
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("D", [32, 64, 80, 128])
-@pytest.mark.parametrize("density", [1.0, 0.5, 0.25])
+@pytest.mark.parametrize("D,density", [(32, 1.0), (64, 0.5), (80, 0.25), (128, 0.25), (128, 1.0)])
 def test_triton_matches_reference(triton_device, dtype, D, density):
-    q, k, v, mask = _inputs(2, 2, 37, 37, D, dtype, triton_device, density)
+    q, k, v, mask = _inputs(2, 2, 29, 37, D, dtype, triton_device, density)
     mask[:, 0] = True
     check_against_reference(q, k, v, mask, "triton")
 
@@ -457,10 +456,14 @@ def test_block_matches_timm_math_with_loaded_weights(qk_norm, backend):
     mask[:, 3] = True
     torch.testing.assert_close(ours(x, mask), ref(x, mask), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(ours(x), ref(x), rtol=1e-4, atol=1e-4)
-    ours(x, mask).square().sum().backward()
-    ref(x, mask).square().sum().backward()
+    w = torch.randn(2, 11, 64, device=device)
+    (ours(x, mask) * w).sum().backward()
+    (ref(x, mask) * w).sum().backward()
+    # k's bias has a zero gradient in exact math (softmax is shift-invariant): compare on the
+    # scale of the largest gradient, not element-wise relative.
+    grad_scale = max(p.grad.abs().max().item() for p in ref.parameters())
     for (name, a), b in zip(ours.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-4, msg=name)
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5 * grad_scale, msg=name)
 
 
 def test_module_names_and_shapes_match_timm():
