@@ -21,6 +21,7 @@ def _one_thread():
 
 def tiny(**kw):
     kw.setdefault("num_sampling_steps", "4")
+    kw.setdefault("loss", "diffusion")
     return build("tiny", **kw)
 
 
@@ -61,6 +62,8 @@ def test_build_rejects_unknown_preset_and_override():
     m = tiny(depth=1, loss="flow")
     assert m.config.depth == 1 and len(m.net.encoder_blocks) == 1 and m.config.loss == "flow"
     assert PRESETS["tiny"].depth != 1  # the preset itself is untouched
+    t = PRESETS["tiny"]  # what the CLI feeds it: Patchifier(2, 1) on 8x8 digits
+    assert (t.seq_len, t.token_channels, t.num_classes, t.loss) == (16, 4, 10, "flow")
 
 
 # Official counts (D-JEPA repo: djepa_base/large/huge). Ours add the learned positional

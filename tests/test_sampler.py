@@ -19,6 +19,7 @@ def tiny(**kw):
     """A tiny model whose denoising head depends on its inputs: a fresh head's zero-initialised
     output layers would predict eps = 0 whatever the conditioning, hiding every mistake."""
     kw.setdefault("num_sampling_steps", "3")
+    kw.setdefault("loss", "diffusion")
     torch.manual_seed(kw.pop("seed", 0))
     model = build("tiny", **kw).eval()
     g = torch.Generator().manual_seed(99)
