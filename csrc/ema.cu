@@ -1,1 +1,166 @@
+// Fused multi-tensor EMA update: ema = decay * ema + (1 - decay) * x, float32 math.
+//
+// One launch covers up to kMaxTensors tensors of one (EMA dtype, tensor dtype) pair. The tensor
+// table travels in the kernel's parameter space (CUDA >= 12.1 allows 32 KiB on sm_70+), so no
+// host-to-device copy precedes a launch. Each block updates kBlockElems elements of one tensor,
+// found by binary search over the cumulative block starts; offsets are 64-bit.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
 #include "common.h"
+
+namespace djepa {
+namespace {
+
+constexpr int kMaxTensors = 256;
+constexpr int kThreads = 256;
+constexpr int kVec = 4;
+constexpr int kIters = 4;
+constexpr int64_t kBlockElems = int64_t(kThreads) * kVec * kIters;
+
+struct EmaTable {
+  void* ema[kMaxTensors];
+  const void* x[kMaxTensors];
+  int64_t numel[kMaxTensors];
+  int64_t block_start[kMaxTensors + 1];
+  int count;
+};
+
+template <typename T>
+__device__ __forceinline__ float to_float(T v) {
+  return static_cast<float>(v);
+}
+template <>
+__device__ __forceinline__ float to_float<__half>(__half v) {
+  return __half2float(v);
+}
+template <>
+__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v) {
+  return static_cast<T>(v);
+}
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) {
+  return __float2half_rn(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+template <typename TE, typename TX>
+__global__ void __launch_bounds__(kThreads)
+    ema_kernel(const __grid_constant__ EmaTable table, const float* __restrict__ decay_ptr,
+               float decay, float one_minus_decay) {
+  const int64_t block = blockIdx.x;
+  int lo = 0, hi = table.count;
+  while (hi - lo > 1) {
+    int mid = (lo + hi) >> 1;
+    if (table.block_start[mid] <= block) lo = mid; else hi = mid;
+  }
+  const int t = lo;
+  TE* __restrict__ ema = static_cast<TE*>(table.ema[t]);
+  const TX* __restrict__ x = static_cast<const TX*>(table.x[t]);
+  const int64_t numel = table.numel[t];
+  const int64_t begin = (block - table.block_start[t]) * kBlockElems;
+  const int64_t end = begin + kBlockElems < numel ? begin + kBlockElems : numel;
+
+  float d = decay, w = one_minus_decay;
+  if (decay_ptr != nullptr) {
+    d = *decay_ptr;
+    w = 1.0f - d;
+  }
+
+  const bool aligned = (reinterpret_cast<uintptr_t>(ema + begin) % (sizeof(TE) * kVec) == 0) &&
+                       (reinterpret_cast<uintptr_t>(x + begin) % (sizeof(TX) * kVec) == 0);
+  if (aligned && end - begin == kBlockElems) {
+#pragma unroll
+    for (int it = 0; it < kIters; ++it) {
+      const int64_t i = begin + (int64_t(it) * kThreads + threadIdx.x) * kVec;
+      Pack<TE, kVec> e = *reinterpret_cast<const Pack<TE, kVec>*>(ema + i);
+      const Pack<TX, kVec> v = *reinterpret_cast<const Pack<TX, kVec>*>(x + i);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        e.v[j] = from_float<TE>(d * to_float(e.v[j]) + w * to_float(v.v[j]));
+      }
+      *reinterpret_cast<Pack<TE, kVec>*>(ema + i) = e;
+    }
+  } else {
+    for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
+      ema[i] = from_float<TE>(d * to_float(ema[i]) + w * to_float(x[i]));
+    }
+  }
+}
+
+template <typename TE, typename TX>
+void launch(const EmaTable& table, int64_t blocks, const float* decay_ptr, float decay, float one_minus,
+            cudaStream_t stream) {
+  ema_kernel<TE, TX><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(table, decay_ptr, decay, one_minus);
+  check_launch("ema_update (ema_kernel)");
+}
+
+void ema_update(const std::vector<std::uintptr_t>& ema_ptrs, const std::vector<std::uintptr_t>& x_ptrs,
+                const std::vector<int64_t>& numels, int ema_dtype, int x_dtype, std::uintptr_t decay_ptr,
+                double decay, double one_minus_decay, std::uintptr_t stream) {
+  if (ema_ptrs.size() != x_ptrs.size() || ema_ptrs.size() != numels.size()) {
+    throw std::invalid_argument("djepa._C.ema_update: pointer and size lists differ in length");
+  }
+  const bool supported = (ema_dtype == kFloat32 && (x_dtype == kFloat32 || x_dtype == kFloat16 || x_dtype == kBFloat16)) ||
+                         (ema_dtype == kFloat16 && x_dtype == kFloat16) ||
+                         (ema_dtype == kBFloat16 && x_dtype == kBFloat16);
+  if (!supported) {
+    throw std::invalid_argument(std::string("djepa._C.ema_update: unsupported dtype pair (EMA ") +
+                                dtype_name(ema_dtype) + ", tensor " + dtype_name(x_dtype) + ")");
+  }
+  require_device("ema_update");
+  const float* dptr = reinterpret_cast<const float*>(decay_ptr);
+  const cudaStream_t s = as_stream(stream);
+  size_t pos = 0;
+  while (pos < ema_ptrs.size()) {
+    EmaTable table;
+    table.count = 0;
+    table.block_start[0] = 0;
+    for (; pos < ema_ptrs.size() && table.count < kMaxTensors; ++pos) {
+      if (numels[pos] <= 0) continue;
+      const int c = table.count++;
+      table.ema[c] = reinterpret_cast<void*>(ema_ptrs[pos]);
+      table.x[c] = reinterpret_cast<const void*>(x_ptrs[pos]);
+      table.numel[c] = numels[pos];
+      table.block_start[c + 1] = table.block_start[c] + (numels[pos] + kBlockElems - 1) / kBlockElems;
+    }
+    if (table.count == 0) continue;
+    const int64_t blocks = table.block_start[table.count];
+    if (blocks > 0x7fffffffLL) {
+      throw std::invalid_argument("djepa._C.ema_update: more than 2^31-1 blocks in one launch");
+    }
+    const float d = static_cast<float>(decay), w = static_cast<float>(one_minus_decay);
+    if (ema_dtype == kFloat32 && x_dtype == kFloat32) launch<float, float>(table, blocks, dptr, d, w, s);
+    else if (ema_dtype == kFloat32 && x_dtype == kFloat16) launch<float, __half>(table, blocks, dptr, d, w, s);
+    else if (ema_dtype == kFloat32 && x_dtype == kBFloat16) launch<float, __nv_bfloat16>(table, blocks, dptr, d, w, s);
+    else if (ema_dtype == kFloat16) launch<__half, __half>(table, blocks, dptr, d, w, s);
+    else launch<__nv_bfloat16, __nv_bfloat16>(table, blocks, dptr, d, w, s);
+  }
+}
+
+void register_ema(py::module_& m) {
+  m.def("ema_update", &ema_update, py::arg("ema_ptrs"), py::arg("x_ptrs"), py::arg("numels"),
+        py::arg("ema_dtype"), py::arg("x_dtype"), py::arg("decay_ptr"), py::arg("decay"),
+        py::arg("one_minus_decay"), py::arg("stream"),
+        "In place ema = decay*ema + (1-decay)*x over lists of device pointers (<= 256 tensors per launch). "
+        "decay_ptr, when non-zero, points to a float32 decay on the device and overrides decay.");
+}
+
+}  // namespace
+
+DJEPA_REGISTER(register_ema);
+
+}  // namespace djepa
