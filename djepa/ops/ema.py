@@ -63,8 +63,8 @@ def _validate(ema_tensors, tensors, decay):
                             f"{tuple(decay.shape)} dtype {decay.dtype}")
         if device is not None and decay.device != device and decay.device.type != "cpu":
             raise ValueError(f"{OP}: decay is on {decay.device} but the tensors are on {device}")
-        if decay.device.type == "cpu":
-            _check_decay_value(decay.item())
+        if decay.device.type == "cpu" and not torch.compiler.is_compiling():
+            _check_decay_value(decay.item())  # a host read: skipped under torch.compile
     elif isinstance(decay, (int, float)) and not isinstance(decay, bool):
         _check_decay_value(float(decay))
     else:
@@ -164,7 +164,8 @@ def ema_update_(ema_tensors: Sequence[torch.Tensor], tensors: Sequence[torch.Ten
       on one device. Pairs: a float32 EMA of float32/bfloat16/float16 tensors, or an EMA of the
       tensor's own dtype (float64 pairs on the eager backend only). An empty list is a no-op.
     decay: a float in [0, 1], or a 0-dim floating-point tensor (on the tensors' device, so that a
-      schedule changes it without recompiles or host syncs; its range is then not checked).
+      schedule changes it without recompiles or host syncs; its range is checked only when it is
+      a CPU tensor outside torch.compile).
     backend: "auto" | "cuda" | "triton" | "eager" (default: DJEPA_BACKEND, else "auto").
 
     Everything is validated before any tensor is written: a bad pair raises and leaves every

@@ -1,0 +1,357 @@
+"""djepa.ops.ema_update_ (eager, Triton under the interpreter, CUDA on a GPU) and djepa.nn.EMA."""
+import pytest
+import torch
+from torch import nn
+
+from djepa import backends
+from djepa.nn import EMA
+from djepa.nn.ema import constant, linear_ramp
+from djepa.ops import ema_update_
+from djepa.ops.ema import ema_update_reference
+from djepa.testing import assert_close_to_reference
+
+# Rounding of one update in each EMA dtype (the fast path may round differently than eager).
+ATOL = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float64: 1e-12}
+SIZES = [1, 3, 1023, 65537]
+
+
+def _pairs(sizes, ema_dtype, x_dtype, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    emas = [torch.randn(n, generator=g).to(device, ema_dtype) for n in sizes]
+    xs = [torch.randn(n, generator=g).to(device, x_dtype) for n in sizes]
+    return emas, xs
+
+
+def _check(emas, xs, decay, backend):
+    """Run `backend` on copies; compare each tensor with the float64 reference under the rule."""
+    ref = ema_update_reference(emas, xs, decay)
+    low = [e.clone() for e in emas]
+    ema_update_(low, xs, decay, backend="eager")
+    fast = [e.clone() for e in emas]
+    x_before = [x.clone() for x in xs]
+    ema_update_(fast, xs, decay, backend=backend)
+    for i, (f, lo, r) in enumerate(zip(fast, low, ref)):
+        assert f.dtype == emas[i].dtype and f.shape == emas[i].shape
+        assert_close_to_reference(f, lo, r, atol=ATOL[f.dtype], what=f"{backend} pair {i}")
+    for x, x0 in zip(xs, x_before):
+        assert torch.equal(x, x0), "the source tensors must not be written"
+
+
+def _backends_here(device):
+    """Backends that can run on `device` in this session."""
+    found = ["eager"]
+    if backends.triton_unavailable_reason("ema_update_", device) is None:
+        found.append("triton")
+    if device.type == "cuda" and backends.cuda_unavailable_reason("ema_update_", device) is None:
+        found.append("cuda")
+    return found
+
+
+# ---------------------------------------------------------------------------------------- eager
+@pytest.mark.parametrize("ema_dtype,x_dtype", [
+    (torch.float32, torch.float32), (torch.float32, torch.bfloat16), (torch.float32, torch.float16),
+    (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16), (torch.float64, torch.float64),
+])
+def test_eager_matches_reference(ema_dtype, x_dtype):
+    emas, xs = _pairs(SIZES, ema_dtype, x_dtype, "cpu", seed=1)
+    _check(emas, xs, 0.9, "eager")
+    _check(emas, xs, torch.tensor(0.75), "eager")
+
+
+def test_decay_bounds_are_exact():
+    emas, xs = _pairs([5, 7], torch.float32, torch.float32, "cpu", seed=2)
+    keep = [e.clone() for e in emas]
+    ema_update_(emas, xs, 1.0)
+    assert all(torch.equal(e, k) for e, k in zip(emas, keep))
+    ema_update_(emas, xs, 0.0)
+    assert all(torch.equal(e, x) for e, x in zip(emas, xs))
+
+
+# --------------------------------------------------------------------------------------- triton
+@pytest.mark.parametrize("ema_dtype,x_dtype", [
+    (torch.float32, torch.float32), (torch.float32, torch.bfloat16), (torch.float32, torch.float16),
+    (torch.float16, torch.float16),
+])
+def test_triton_matches_reference(triton_device, ema_dtype, x_dtype):
+    emas, xs = _pairs(SIZES, ema_dtype, x_dtype, triton_device, seed=3)
+    _check(emas, xs, 0.999, "triton")
+
+
+def test_triton_many_tensors_one_launch_per_dtype_pair(triton_device, monkeypatch):
+    from djepa.kernels import ema as kernel
+
+    g = torch.Generator().manual_seed(4)
+    sizes = torch.randint(1, 300, (500,), generator=g).tolist()
+    emas, xs = _pairs(sizes, torch.float32, torch.float32, triton_device, seed=5)
+    # mixed dtypes in one call: a float32 EMA of bf16 tensors beside the float32 ones
+    e16, x16 = _pairs([17, 4099, 1], torch.float32, torch.bfloat16, triton_device, seed=6)
+    emas, xs = emas[:250] + e16 + emas[250:], xs[:250] + x16 + xs[250:]
+    launches = []
+    real = kernel.ema_update
+    monkeypatch.setattr(kernel, "ema_update", lambda *a: (launches.append(len(a[0])), real(*a)))
+    _check(emas, xs, torch.tensor(0.9), "triton")
+    assert sorted(launches) == [3, 500], "one launch per dtype pair, not one per tensor"
+
+
+def test_triton_decay_tensor_on_device_and_empty_tensors(triton_device):
+    emas, xs = _pairs([0, 33, 0, 1], torch.float32, torch.float32, triton_device, seed=7)
+    _check(emas, xs, torch.tensor(0.5, device=triton_device), "triton")
+
+
+# ----------------------------------------------------------------------------------------- cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("ema_dtype,x_dtype", [
+    (torch.float32, torch.float32), (torch.float32, torch.bfloat16), (torch.float32, torch.float16),
+    (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+])
+def test_gpu_matches_reference(backend, ema_dtype, x_dtype):
+    if backend not in _backends_here(torch.device("cuda")):
+        pytest.skip(f"{backend}: {backends.cuda_unavailable_reason('ema_update_', torch.device('cuda'))}")
+    g = torch.Generator().manual_seed(8)
+    sizes = SIZES + torch.randint(1, 5000, (600,), generator=g).tolist()  # > 256 tensors: several CUDA launches
+    emas, xs = _pairs(sizes, ema_dtype, x_dtype, "cuda", seed=9)
+    _check(emas, xs, 0.9999, backend)
+    _check(emas, xs, torch.tensor(0.99, device="cuda"), backend)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_more_than_2_pow_31_elements(backend):
+    """64-bit indexing: the last elements of a 2^31 + 5 element tensor are updated."""
+    if backend not in _backends_here(torch.device("cuda")):
+        pytest.skip(f"{backend} unavailable")
+    free, _ = torch.cuda.mem_get_info()
+    n = 2**31 + 5
+    if free < 3 * n * 2:
+        pytest.skip("needs ~13 GB of free GPU memory")
+    e = torch.zeros(n, dtype=torch.float16, device="cuda")
+    x = torch.ones(n, dtype=torch.float16, device="cuda")
+    ema_update_([e], [x], 0.5, backend=backend)
+    assert e[:8].eq(0.5).all() and e[-8:].eq(0.5).all() and e[2**31 - 4: 2**31 + 4].eq(0.5).all()
+    assert int((e != 0.5).sum()) == 0
+
+
+# ------------------------------------------------------------------------------------ the op
+def test_empty_list_is_a_noop():
+    for backend in ("auto", "eager", "triton", "cuda"):
+        ema_update_([], [], 0.9, backend=backend)
+
+
+def test_registered_as_a_mutating_torch_library_op():
+    op = torch.ops.djepa.ema_update_.default
+    assert op._schema.arguments[0].alias_info is not None and op._schema.arguments[0].alias_info.is_write
+    emas, xs = _pairs([4, 9], torch.float32, torch.float32, "cpu", seed=10)
+    ref = ema_update_reference(emas, xs, 0.5)
+    torch.ops.djepa.ema_update_(emas, xs, 0.5, None, "eager")
+    assert all(torch.allclose(e.double(), r) for e, r in zip(emas, ref))
+
+
+def test_compiles_without_graph_breaks_and_tensor_decay_does_not_recompile():
+    torch._dynamo.reset()
+    emas, xs = _pairs([6, 10], torch.float32, torch.float32, "cpu", seed=11)
+    counts = {"n": 0}
+
+    def backend(gm, example_inputs):
+        counts["n"] += 1
+        return gm.forward
+
+    @torch.compile(backend=backend, fullgraph=True)
+    def step(es, ys, d):
+        ema_update_(es, ys, d, backend="eager")
+
+    for d in (0.5, 0.25, 0.125):
+        ref = ema_update_reference(emas, xs, d)
+        step(emas, xs, torch.tensor(d))
+        assert all(torch.allclose(e.double(), r, atol=1e-6) for e, r in zip(emas, ref))
+    assert counts["n"] == 1
+
+
+def _bad_calls(e, x):
+    """(args, exception, message fragment) for each kind of bad input; pair 1 is the bad one."""
+    ok_e, ok_x = torch.zeros(3), torch.ones(3)
+    return [
+        (([ok_e, e], [ok_x]), ValueError, "2 EMA tensors but 1"),
+        (([ok_e, e], [ok_x, torch.ones(5)]), ValueError, "pair 1"),
+        (([ok_e, e], [ok_x, torch.ones(4, dtype=torch.int64)]), TypeError, r"tensors\[1\]"),
+        (([ok_e, torch.zeros(4, dtype=torch.int32)], [ok_x, x]), TypeError, r"ema_tensors\[1\]"),
+        (([ok_e, e.half()], [ok_x, x]), TypeError, "pair 1"),
+        (([ok_e, e], [ok_x, x.to("meta")]), ValueError, "pair 1"),
+        (([ok_e, e], [ok_x, "x"]), TypeError, r"tensors\[1\]"),
+        ((ok_e, ok_x), TypeError, "list or tuple"),
+    ]
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton", "auto"])
+def test_bad_input_names_the_pair_and_writes_nothing(backend):
+    e, x = torch.zeros(4), torch.ones(4)
+    for (emas, xs), exc, msg in _bad_calls(e, x):
+        before = [t.clone() for t in emas] if isinstance(emas, list) else None
+        with pytest.raises(exc, match=msg):
+            ema_update_(emas, xs, 0.5, backend=backend)
+        if before is not None:
+            assert all(torch.equal(t, b) for t, b in zip(emas, before)), "nothing may be half-updated"
+
+
+@pytest.mark.parametrize("decay", [-0.1, 1.5, float("nan"), float("inf")])
+def test_decay_outside_unit_interval(decay):
+    e = torch.zeros(3)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        ema_update_([e], [torch.ones(3)], decay)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        ema_update_([e], [torch.ones(3)], torch.tensor(decay))
+    assert e.eq(0).all()
+
+
+def test_bad_decay_types():
+    e, x = torch.zeros(3), torch.ones(3)
+    for decay, exc in ((True, TypeError), ("0.9", TypeError), (torch.tensor([0.9]), TypeError),
+                       (torch.tensor(1), TypeError)):
+        with pytest.raises(exc, match="decay"):
+            ema_update_([e], [x], decay)
+
+
+def test_non_contiguous_for_an_explicit_kernel_backend_is_refused_eager_takes_it():
+    e = torch.zeros(6, 4).t()
+    x = torch.ones(6, 4).t()
+    with pytest.raises(ValueError, match="not contiguous"):
+        ema_update_([torch.zeros(3), e], [torch.ones(3), x], 0.5, backend="triton")
+    ema_update_([e], [x], 0.5, backend="auto")  # auto falls back to eager, which handles strides
+    assert e.eq(0.5).all()
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="backend"):
+        ema_update_([torch.zeros(1)], [torch.ones(1)], 0.5, backend="fast")
+
+
+# -------------------------------------------------------------------------------- the module
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(7, 5)
+        self.norm = nn.BatchNorm1d(5)
+        self.head = nn.Linear(5, 3, bias=False)
+        self.register_buffer("counter", torch.zeros((), dtype=torch.int64))
+
+    def forward(self, x):
+        return self.head(self.norm(self.lin(x)))
+
+
+def _train_steps(model, steps, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(steps):
+        model(torch.randn(8, 7, generator=g)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        model.counter += 1
+        yield
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear"])
+def test_module_matches_a_plain_per_parameter_loop(schedule):
+    torch.manual_seed(0)
+    model = _Net()
+    ema = EMA(model, decay=0.9, schedule=schedule, ramp_steps=4, backend="eager")
+    plain = {n: p.detach().clone().double() for n, p in model.named_parameters()}
+    decays = [0.9] * 6 if schedule == "constant" else [0.996 + 0.004 * min(k, 4) / 4 for k in range(6)]
+    for k, _ in enumerate(_train_steps(model, 6)):
+        assert ema.decay == pytest.approx(decays[k])
+        ema.update(model)
+        for n, p in model.named_parameters():
+            plain[n] = decays[k] * plain[n] + (1 - decays[k]) * p.detach().double()
+    for n, p in ema.module.named_parameters():
+        assert p.dtype == torch.float32 and not p.requires_grad
+        torch.testing.assert_close(p.double(), plain[n], atol=1e-6, rtol=0)
+    # buffers are copied by default
+    assert int(ema.module.counter) == 6
+    torch.testing.assert_close(ema.module.norm.running_mean, model.norm.running_mean)
+    assert int(ema.num_updates) == 6
+
+
+def test_module_triton_backend_equals_eager(triton_device):
+    torch.manual_seed(1)
+    model = _Net().to(triton_device)
+    fast = EMA(model, decay=0.8, backend="triton")
+    slow = EMA(model, decay=0.8, backend="eager")
+    for _ in _train_steps(model, 3):
+        fast.update(model)
+        slow.update(model)
+    for (n, a), (_, b) in zip(fast.module.named_parameters(), slow.module.named_parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=n)
+
+
+def test_module_params_are_views_of_one_flat_float32_buffer():
+    model = _Net().to(torch.bfloat16)
+    ema = EMA(model)
+    assert ema.flat.dtype == torch.float32
+    assert ema.flat.numel() == sum(p.numel() for p in model.parameters())
+    base = ema.flat.untyped_storage().data_ptr()
+    for p in ema.module.parameters():
+        assert p.untyped_storage().data_ptr() == base
+    # after a dtype/device move the views still point into the (moved) flat buffer
+    ema = ema.to(torch.float64)
+    assert ema.flat.dtype == torch.float32
+    assert all(p.untyped_storage().data_ptr() == ema.flat.untyped_storage().data_ptr()
+               for p in ema.module.parameters())
+    ema.update(model)  # still works after the move
+
+
+def test_module_average_buffers_option():
+    torch.manual_seed(2)
+    model = _Net()
+    ema = EMA(model, decay=0.5, average_buffers=True)
+    before = ema.module.norm.running_var.clone()
+    for _ in _train_steps(model, 1):
+        ema.update(model)
+    torch.testing.assert_close(ema.module.norm.running_var, 0.5 * before + 0.5 * model.norm.running_var)
+    assert int(ema.module.counter) == 1  # integer buffers are copied
+
+
+def test_module_is_frozen_and_usable_as_target_encoder():
+    model = _Net()
+    ema = EMA(model)
+    ema.train()
+    assert not ema.module.training
+    assert all(not p.requires_grad for p in ema.module.parameters())
+    out = ema(torch.randn(4, 7))
+    assert out.shape == (4, 3) and not out.requires_grad
+
+
+def test_copy_from_and_state_dict_round_trip():
+    torch.manual_seed(3)
+    model = _Net()
+    ema = EMA(model, decay=0.7)
+    for _ in _train_steps(model, 2):
+        ema.update(model)
+    state = {k: v.clone() for k, v in ema.state_dict().items()}
+    other = EMA(_Net(), decay=0.7)
+    other.load_state_dict(state)
+    for (n, a), (_, b) in zip(ema.module.named_parameters(), other.module.named_parameters()):
+        assert torch.equal(a, b), n
+    assert int(other.num_updates) == 2
+    # loaded values live in the flat buffer, so the next update continues from them
+    for _ in _train_steps(model, 1, seed=5):
+        ema.update(model)
+        other.update(model)
+    assert torch.equal(ema.flat, other.flat)
+    other.copy_from(model)
+    for (n, a), (_, b) in zip(other.module.named_parameters(), model.named_parameters()):
+        assert torch.equal(a, b.detach()), n
+    assert int(other.num_updates) == 0
+
+
+def test_module_bad_arguments():
+    with pytest.raises(ValueError, match="decay"):
+        EMA(_Net(), decay=1.5)
+    with pytest.raises(ValueError, match="schedule"):
+        EMA(_Net(), schedule="cosine")
+    with pytest.raises(ValueError, match="steps"):
+        linear_ramp(steps=0)
+    with pytest.raises(ValueError, match="decay"):
+        constant(-1)
+    ema = EMA(_Net())
+    with pytest.raises(ValueError, match="no parameter"):
+        ema.update(nn.Linear(7, 5))
