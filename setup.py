@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
@@ -107,15 +107,7 @@ else:
 
 setup(
     version=version,
-    packages=[
-        "djepa",
-        "djepa.ops",
-        "djepa.nn",
-        "djepa.diffusion",
-        "djepa.models",
-        "djepa.data",
-        "djepa.kernels",
-    ],
+    packages=find_packages(include=["djepa", "djepa.*"]) + ["djepa.kernels"],
     package_dir={"djepa": "djepa", "djepa.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
