@@ -273,9 +273,8 @@ def _block_fwd_impl(backend, x, mod, ln_w, ln_b, w1, b1, w2, b2, eps, save):
     y2 = torch.empty_like(x) if save else None
     run.gemm(a, w2, out, M, W, W, b_trans=True, bias=b2, epilogue=2, aux1=x, aux2=mod[:, 2 * W:],
              aux2_ld=3 * W, aux_out=y2)
-    empty = x.new_empty(0)
-    if not save:
-        return out, empty, empty, empty, empty, empty.float()
+    if not save:  # custom ops may not return aliased tensors: one fresh empty per slot
+        return (out, *(x.new_empty(0) for _ in range(4)), x.new_empty(0, dtype=torch.float32))
     return out, h, p, a, y2, stats
 
 
@@ -314,8 +313,7 @@ def _adaln_block_fwd_op(backend: str, x: torch.Tensor, mod: torch.Tensor, ln_w: 
 @_adaln_block_fwd_op.register_fake
 def _(backend, x, mod, ln_w, ln_b, w1, b1, w2, b2, eps, save):
     if not save:
-        e = x.new_empty(0)
-        return torch.empty_like(x), e, e, e, e, e.float()
+        return (torch.empty_like(x), *(x.new_empty(0) for _ in range(4)), x.new_empty(0, dtype=torch.float32))
     stats = x.new_empty(x.shape[0], 2, dtype=torch.float32)
     return tuple(torch.empty_like(x) for _ in range(5)) + (stats,)
 

@@ -1,0 +1,429 @@
+"""DenoisingMLP vs an independent SimpleMLPAdaLN, the fused adaln_block (Triton under the
+interpreter; CUDA on a GPU), denoise_step and the fused sampler."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from djepa import backends
+from djepa.diffusion import create_diffusion, sample
+from djepa.nn import DenoisingMLP
+from djepa.ops import adaln_block, adaln_block_reference, denoise_step, denoise_step_reference
+from djepa.testing import assert_close_to_reference, poison_
+
+HAS_GPU = torch.cuda.is_available()
+
+
+# ---------------- an independent SimpleMLPAdaLN, written from the documented structure -------
+def _modulate(x, shift, scale):
+    return x * (1 + scale) + shift
+
+
+class RefTimestepEmbedder(nn.Module):
+    def __init__(self, hidden, freq=256):
+        super().__init__()
+        self.freq = freq
+        self.mlp = nn.Sequential(nn.Linear(freq, hidden, bias=True), nn.SiLU(), nn.Linear(hidden, hidden, bias=True))
+
+    def forward(self, t):
+        half = self.freq // 2
+        dt = self.mlp[0].weight.dtype
+        f = torch.exp(-math.log(10000) * torch.arange(0, half, dtype=dt) / half)
+        args = t[:, None].to(dt) * f[None]
+        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
+
+
+class RefResBlock(nn.Module):
+    def __init__(self, ch):
+        super().__init__()
+        self.in_ln = nn.LayerNorm(ch, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(ch, ch), nn.SiLU(), nn.Linear(ch, ch))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(ch, 3 * ch))
+
+    def forward(self, x, y):
+        shift, scale, gate = self.adaLN_modulation(y).chunk(3, dim=-1)
+        return x + gate * self.mlp(_modulate(self.in_ln(x), shift, scale))
+
+
+class RefFinalLayer(nn.Module):
+    def __init__(self, ch, out):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(ch, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(ch, out)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(ch, 2 * ch))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.linear(_modulate(self.norm_final(x), shift, scale))
+
+
+class RefSimpleMLPAdaLN(nn.Module):
+    def __init__(self, in_ch, ch, out_ch, z_ch, depth):
+        super().__init__()
+        self.in_channels = in_ch
+        self.time_embed = RefTimestepEmbedder(ch)
+        self.cond_embed = nn.Linear(z_ch, ch)
+        self.input_proj = nn.Linear(in_ch, ch)
+        self.res_blocks = nn.ModuleList([RefResBlock(ch) for _ in range(depth)])
+        self.final_layer = RefFinalLayer(ch, out_ch)
+
+    def forward(self, x, t, c):
+        x = self.input_proj(x)
+        y = self.time_embed(t) + self.cond_embed(c)
+        for b in self.res_blocks:
+            x = b(x, y)
+        return self.final_layer(x, y)
+
+
+def _randomize(module, gen, std=0.1):
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * std + (1.0 if p.ndim == 1 and std > 1 else 0))
+    return module
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_module_matches_independent_simple_mlp_adaln(dtype):
+    gen = torch.Generator().manual_seed(11)
+    ref = _randomize(RefSimpleMLPAdaLN(5, 24, 10, 7, 3), gen).to(dtype)
+    ours = DenoisingMLP(5, 24, 10, 7, 3, backend="eager").to(dtype)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    assert sorted(ours.state_dict()) == sorted(ref.state_dict())
+    x = torch.randn(13, 5, generator=gen, dtype=dtype)
+    t = torch.randint(0, 1000, (13,), generator=gen)
+    c = torch.randn(13, 7, generator=gen, dtype=dtype)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(ours(x, t, c), ref(x, t, c), rtol=tol, atol=tol)
+    # float timesteps (MAR passes them too)
+    torch.testing.assert_close(ours(x, t.to(dtype), c), ref(x, t, c), rtol=tol, atol=tol)
+
+
+def test_initialization_matches_mar():
+    torch.manual_seed(0)
+    m = DenoisingMLP(16, 64, 32, 48, 2)
+    for blk in m.res_blocks:
+        assert blk.adaLN_modulation[1].weight.abs().sum() == 0 and blk.adaLN_modulation[1].bias.abs().sum() == 0
+        bound = math.sqrt(6 / (64 + 64))
+        assert blk.mlp[0].weight.abs().max() <= bound and blk.mlp[0].weight.std() > bound / 3
+    for lin in (m.final_layer.linear, m.final_layer.adaLN_modulation[1]):
+        assert lin.weight.abs().sum() == 0 and lin.bias.abs().sum() == 0
+    assert abs(m.time_embed.mlp[0].weight.std().item() - 0.02) < 0.003
+    # zero-init output: the untrained head predicts 0
+    out = m(torch.randn(4, 16), torch.arange(4), torch.randn(4, 48))
+    assert out.abs().max() == 0
+
+
+def test_forward_with_cfg_semantics_and_scale_one():
+    gen = torch.Generator().manual_seed(2)
+    m = _randomize(DenoisingMLP(4, 16, 8, 6, 2, backend="eager"), gen).double()
+    x = torch.randn(6, 4, generator=gen, dtype=torch.float64)
+    t = torch.full((6,), 500)
+    c = torch.randn(6, 6, generator=gen, dtype=torch.float64)
+    full = m(torch.cat([x[:3], x[:3]]), t, c)
+    out = m.forward_with_cfg(x, t, c, 2.5)
+    eps = full[3:, :4] + 2.5 * (full[:3, :4] - full[3:, :4])
+    torch.testing.assert_close(out[:3, :4], eps)
+    torch.testing.assert_close(out[3:, :4], eps)
+    torch.testing.assert_close(out[:, 4:], full[:, 4:])
+    one = m.forward_with_cfg(x, t, c, 1.0)
+    torch.testing.assert_close(one[:3], m(x[:3], t[:3], c[:3]))
+
+
+def test_module_bad_input():
+    m = DenoisingMLP(4, 16, 8, 6, 1)
+    with pytest.raises(ValueError, match="disagree"):
+        m(torch.randn(5, 4), torch.arange(4), torch.randn(5, 6))
+    with pytest.raises(ValueError, match="x must be"):
+        m(torch.randn(5, 3), torch.arange(5), torch.randn(5, 6))
+    with pytest.raises(ValueError, match="c must be"):
+        m(torch.randn(5, 4), torch.arange(5), torch.randn(5, 5))
+    with pytest.raises(ValueError):
+        DenoisingMLP(4, 0, 8, 6, 1)
+
+
+# ---------------- adaln_block ------------------------------------------------------------------
+def _block_inputs(M, W, dtype, device, gen):
+    def r(*s, scale=1.0, shift=0.0):
+        return (torch.randn(*s, generator=gen, dtype=torch.float64) * scale + shift)
+    ts = [r(M, W), r(M, 3 * W, scale=0.5), r(W, scale=0.1, shift=1.0), r(W, scale=0.1),
+          r(W, W, scale=W ** -0.5), r(W, scale=0.1), r(W, W, scale=W ** -0.5), r(W, scale=0.1)]
+    return ts
+
+
+def _check_block(M, W, dtype, device, backend, gen, affine=True, atol=1e-5):
+    base = _block_inputs(M, W, dtype, device, gen)
+    if not affine:
+        base[2] = base[3] = None
+    mk = lambda dt, dev: [None if t is None else t.detach().to(dev, dt).clone().requires_grad_() for t in base]  # noqa: E731
+    ref_dev = "cpu" if dtype != torch.float64 else device
+    ref_in, low_in, fast_in = mk(torch.float64, ref_dev), mk(dtype, device), mk(dtype, device)
+    ref = adaln_block_reference(*ref_in)
+    low = adaln_block_reference(*low_in)
+    fast = adaln_block(*fast_in, backend=backend)
+    assert fast.dtype == dtype and fast.shape == (M, W)
+    assert_close_to_reference(fast, low, ref, atol=atol)
+    g = torch.randn(M, W, generator=gen, dtype=torch.float64)
+    ref.backward(g.to(ref_dev))
+    low.backward(g.to(device, dtype))
+    fast.backward(g.to(device, dtype))
+    names = ["x", "mod", "ln_w", "ln_b", "w1", "b1", "w2", "b2"]
+    for name, f, lo, rf in zip(names, fast_in, low_in, ref_in):
+        if f is None:
+            continue
+        assert_close_to_reference(f.grad, lo.grad, rf.grad, atol=atol, what=f"d{name}")
+
+
+@pytest.mark.parametrize("M,W", [(20, 32), (37, 48)])
+def test_adaln_block_triton_fp32(triton_device, M, W):
+    _check_block(M, W, torch.float32, triton_device, "triton", torch.Generator().manual_seed(M * W))
+
+
+def test_adaln_block_triton_fp16_no_affine(triton_device):
+    _check_block(9, 32, torch.float16, triton_device, "triton", torch.Generator().manual_seed(5),
+                 affine=False, atol=1e-3)
+
+
+def test_adaln_block_no_grad_path_and_poisoned_output(triton_device):
+    gen = torch.Generator().manual_seed(8)
+    ins = [t.float().to(triton_device) for t in _block_inputs(20, 32, torch.float32, triton_device, gen)]
+    with torch.no_grad():
+        out = adaln_block(*ins, backend="triton")
+    assert_close_to_reference(out, adaln_block_reference(*ins),
+                              adaln_block_reference(*[t.double() for t in ins]))
+    # M = 0 is a defined empty result
+    empty = adaln_block(ins[0][:0], ins[1][:0], *ins[2:], backend="triton")
+    assert empty.shape == (0, 32)
+
+
+def test_adaln_block_bad_input():
+    gen = torch.Generator().manual_seed(1)
+    ins = [t.float() for t in _block_inputs(4, 8, torch.float32, "cpu", gen)]
+    with pytest.raises(ValueError, match="mod must be"):
+        adaln_block(ins[0], ins[1][:, :16], *ins[2:])
+    with pytest.raises(ValueError, match="w1 must be"):
+        adaln_block(*ins[:4], ins[4][:, :4], *ins[5:])
+    with pytest.raises(TypeError, match="dtype"):
+        adaln_block(ins[0], ins[1].double(), *ins[2:])
+    with pytest.raises(ValueError, match="eps"):
+        adaln_block(*ins, eps=float("nan"))
+    with pytest.raises(ValueError, match="backend='cuda'"):
+        adaln_block(*ins, backend="cuda")
+    with pytest.raises(ValueError, match="backend"):
+        adaln_block(*ins, backend="fast")
+
+
+def test_adaln_block_triton_rejects_float64(triton_device):
+    gen = torch.Generator().manual_seed(1)
+    ins = [t.to(triton_device) for t in _block_inputs(4, 8, torch.float64, triton_device, gen)]
+    with pytest.raises(ValueError, match="float64"):
+        adaln_block(*ins, backend="triton")
+
+
+def test_module_triton_backend_trains_like_eager(triton_device):
+    gen = torch.Generator().manual_seed(4)
+    ref = _randomize(DenoisingMLP(4, 32, 8, 6, 2, backend="eager"), gen)
+    fast = DenoisingMLP(4, 32, 8, 6, 2, backend="triton").to(triton_device)
+    fast.load_state_dict(ref.state_dict())
+    ref64 = DenoisingMLP(4, 32, 8, 6, 2, backend="eager").double()
+    ref64.load_state_dict(ref.state_dict())
+    x, t, c = torch.randn(20, 4, generator=gen), torch.randint(0, 1000, (20,), generator=gen), torch.randn(20, 6, generator=gen)
+    outs = [m(x.to(m.input_proj.weight), t, c.to(m.input_proj.weight)) for m in (fast, ref, ref64)]
+    assert_close_to_reference(*outs)
+    for o in outs:
+        (o.double() ** 2).sum().backward()
+    for (name, pf), pr, p64 in zip(fast.named_parameters(), ref.parameters(), ref64.parameters()):
+        assert_close_to_reference(pf.grad, pr.grad, p64.grad, atol=1e-5, what=name)
+
+
+# ---------------- denoise_step and the sampler -------------------------------------------------
+def _head(gen, in_ch=4, w=32, depth=2, z=6, std=0.05):
+    m = DenoisingMLP(in_ch, w, 2 * in_ch, z, depth)
+    _randomize(m, gen, std)
+    return m
+
+
+@pytest.mark.parametrize("cfg", [False, True])
+def test_denoise_step_triton_vs_reference(triton_device, cfg):
+    gen = torch.Generator().manual_seed(21 + cfg)
+    m32 = _head(gen)
+    m64 = _head(gen).double()
+    m64.load_state_dict(m32.state_dict())
+    d = create_diffusion("10")
+    B = 10
+    x = torch.randn(B, 4, generator=gen)
+    z = torch.randn(2 * B if cfg else B, 6, generator=gen)
+    n = torch.randn(B, 4, generator=gen)
+    with torch.no_grad():
+        for t in (9, 4, 0):
+            ce = m32.cond_embed(z)
+            fast = denoise_step(m32, x, ce, d, t, noise=n, cfg_scale=3.0, temperature=0.95, backend="triton")
+            low = denoise_step(m32, x, ce, d, t, noise=n, cfg_scale=3.0, temperature=0.95, backend="eager")
+            ref = denoise_step_reference(m64, x.double(), m64.cond_embed(z.double()), d, t, n.double(), 3.0, 0.95)
+            assert_close_to_reference(fast, low, ref, atol=1e-5, what=f"step t={t}")
+
+
+def test_denoise_step_cfg_scale_one_equals_conditional_path():
+    gen = torch.Generator().manual_seed(3)
+    m = _head(gen).double()
+    d = create_diffusion("10")
+    x = torch.randn(5, 4, generator=gen, dtype=torch.float64)
+    z = torch.randn(10, 6, generator=gen, dtype=torch.float64)
+    n = torch.randn(5, 4, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        ce = m.cond_embed(z)
+        both = denoise_step(m, x, ce, d, 6, noise=n, cfg_scale=1.0, backend="eager")
+        cond = denoise_step(m, x, ce[:5], d, 6, noise=n, backend="eager")
+    torch.testing.assert_close(both, cond, rtol=1e-12, atol=1e-12)
+
+
+def test_denoise_step_last_step_has_no_noise():
+    gen = torch.Generator().manual_seed(3)
+    m = _head(gen).double()
+    d = create_diffusion("10")
+    x = torch.randn(5, 4, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        ce = m.cond_embed(torch.randn(5, 6, generator=gen, dtype=torch.float64))
+        a = denoise_step(m, x, ce, d, 0, noise=torch.randn_like(x), backend="eager")
+        b = denoise_step(m, x, ce, d, 0, noise=torch.randn_like(x) * 9, backend="eager")
+        c = denoise_step(m, x, ce, d, 1, noise=torch.randn_like(x), backend="eager", temperature=0.0)
+        e = denoise_step(m, x, ce, d, 1, noise=torch.randn_like(x), backend="eager", temperature=1.0)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert (c - e).abs().max() > 1e-3
+
+
+def test_denoise_step_bad_input():
+    gen = torch.Generator().manual_seed(3)
+    m = _head(gen)
+    d = create_diffusion("10")
+    x = torch.randn(5, 4)
+    ce = m.cond_embed(torch.randn(5, 6)).detach()
+    with pytest.raises(ValueError, match="c_emb must be"):
+        denoise_step(m, x, ce[:4], d, 3)
+    with pytest.raises(ValueError, match="x must be"):
+        denoise_step(m, torch.randn(5, 3), ce, d, 3)
+    with pytest.raises(ValueError, match="t must be"):
+        denoise_step(m, x, ce, d, 10)
+    with pytest.raises(ValueError, match="cfg_scale"):
+        denoise_step(m, x, ce, d, 3, cfg_scale=float("nan"))
+    with pytest.raises(ValueError, match="temperature"):
+        denoise_step(m, x, ce, d, 3, temperature=-0.5)
+    with pytest.raises(ValueError, match="noise must be"):
+        denoise_step(m, x, ce, d, 3, noise=torch.randn(4, 4))
+
+
+def test_sample_eager_reproduces_p_sample_loop_and_is_deterministic():
+    gen = torch.Generator().manual_seed(5)
+    m = _head(gen)
+    z = torch.randn(6, 6, generator=gen)
+    a = sample(m, z, steps=8, temperature=0.9, generator=torch.Generator().manual_seed(3), backend="eager")
+    b = sample(m, z, steps=8, temperature=0.9, generator=torch.Generator().manual_seed(3), backend="eager")
+    c = sample(m, z, steps=8, temperature=0.9, generator=torch.Generator().manual_seed(4), backend="eager")
+    d = create_diffusion("8").p_sample_loop(m.forward, (6, 4), model_kwargs=dict(c=z), temperature=0.9,
+                                            generator=torch.Generator().manual_seed(3))
+    assert a.shape == (6, 4) and a.dtype == torch.float32
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(a, d, rtol=1e-6, atol=1e-6)
+    assert (a - c).abs().max() > 1e-2
+
+
+def test_sample_cfg_layout_matches_mar_first_half():
+    """MAR: p_sample_loop(forward_with_cfg) on [noise; noise]; its first half is the result."""
+    gen = torch.Generator().manual_seed(6)
+    m = _head(gen).double()
+    B, steps = 3, 6
+    z = torch.randn(2 * B, 6, generator=gen, dtype=torch.float64)
+    x_T = torch.randn(B, 4, generator=gen, dtype=torch.float64)
+    sn = torch.randn(steps, B, 4, generator=gen, dtype=torch.float64)
+    ours = sample(m, z, steps=steps, temperature=0.9, cfg_scale=2.0, noise=x_T, step_noise=sn, backend="eager")
+    mar_noise = torch.cat([sn, torch.randn(steps, B, 4, generator=gen, dtype=torch.float64)], dim=1)
+    mar = create_diffusion(str(steps)).p_sample_loop(
+        m.forward_with_cfg, (2 * B, 4), noise=torch.cat([x_T, x_T]), model_kwargs=dict(c=z, cfg_scale=2.0),
+        temperature=0.9, step_noise=mar_noise)
+    assert ours.shape == (2 * B, 4)
+    torch.testing.assert_close(ours[:B], mar[:B], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ours[B:], ours[:B], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 2.5])
+def test_sample_triton_vs_eager(triton_device, cfg_scale):
+    gen = torch.Generator().manual_seed(9)
+    m32 = _head(gen)
+    m64 = _head(gen).double()
+    m64.load_state_dict(m32.state_dict())
+    B, steps = 4, 4
+    z = torch.randn(2 * B if cfg_scale != 1 else B, 6, generator=gen)
+    x_T, sn = torch.randn(B, 4, generator=gen), torch.randn(steps, B, 4, generator=gen)
+    kw = dict(steps=steps, temperature=0.97, cfg_scale=cfg_scale, noise=x_T, step_noise=sn)
+    fast = sample(m32, z, backend="triton", **kw)
+    low = sample(m32, z, backend="eager", **kw)
+    ref = sample(m64, z.double(), backend="eager", **dict(kw, noise=x_T.double(), step_noise=sn.double()))
+    assert_close_to_reference(fast, low, ref, atol=1e-5)
+
+
+def test_sample_bad_input():
+    m = _head(torch.Generator().manual_seed(1))
+    z = torch.randn(6, 6)
+    with pytest.raises(ValueError, match="steps"):
+        sample(m, z, steps=0)
+    with pytest.raises(ValueError, match="temperature"):
+        sample(m, z, temperature=float("nan"))
+    with pytest.raises(ValueError, match="cfg_scale"):
+        sample(m, z, cfg_scale=-1.0)
+    with pytest.raises(ValueError, match="z must be"):
+        sample(m, torch.randn(6, 5))
+    with pytest.raises(ValueError, match="even"):
+        sample(m, torch.randn(5, 6), cfg_scale=2.0)
+    with pytest.raises(ValueError, match="noise must be"):
+        sample(m, z, steps=2, noise=torch.randn(5, 4))
+    with pytest.raises(ValueError, match="backend='cuda'"):
+        sample(m, z, steps=2, backend="cuda")
+
+
+def test_c_extension_exposes_denoise_kernels():
+    ext = backends.cuda_extension()
+    if ext is None:
+        pytest.skip(f"djepa._C is not built here: {backends.cuda_extension_error()}")
+    for name in ("adaln_modulate_fwd", "adaln_modulate_bwd", "gemm", "denoise_update", "adaln_rows_per_block"):
+        assert hasattr(ext, name), f"djepa._C lacks {name}"
+
+
+# ---------------- GPU ----------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M,W", [(300, 256), (1000, 1024)])
+def test_adaln_block_gpu(backend, dtype, M, W):
+    _check_block(M, W, dtype, "cuda", backend, torch.Generator().manual_seed(M), atol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
+def test_denoise_step_and_sampler_gpu(backend, cfg_scale):
+    gen = torch.Generator().manual_seed(1)
+    m = _head(gen, in_ch=16, w=256, depth=3, z=64, std=0.03)
+    mbf = DenoisingMLP(16, 256, 32, 64, 3).cuda().to(torch.bfloat16)
+    mbf.load_state_dict(m.state_dict())
+    m64 = m.double().cuda()
+    B, steps = 96, 10
+    z = torch.randn(2 * B if cfg_scale != 1 else B, 64, generator=gen).cuda()
+    x_T, sn = torch.randn(B, 16, generator=gen).cuda(), torch.randn(steps, B, 16, generator=gen).cuda()
+    kw = dict(steps=steps, temperature=0.95, cfg_scale=cfg_scale, noise=x_T, step_noise=sn)
+    ref = sample(m64, z.double(), backend="eager", **dict(kw, noise=x_T.double(), step_noise=sn.double()))
+    low = sample(mbf, z.bfloat16(), backend="eager", **kw)
+    graphed = sample(mbf, z.bfloat16(), backend=backend, **kw)
+    again = sample(mbf, z.bfloat16(), backend=backend, **kw)  # replays the cached graph
+    plain = sample(mbf, z.bfloat16(), backend=backend, cuda_graph=False, **kw)
+    assert_close_to_reference(graphed, low, ref, atol=1e-3)
+    torch.testing.assert_close(again, graphed, rtol=0, atol=0)
+    torch.testing.assert_close(plain, graphed, rtol=0, atol=0)
+    x = poison_(torch.empty(B, 16, device="cuda")).copy_(x_T)
+    d = create_diffusion(str(steps))
+    with torch.no_grad():
+        ce = mbf.cond_embed(z.bfloat16())
+        step = denoise_step(mbf, x, ce, d, steps - 1, noise=sn[0], cfg_scale=cfg_scale, backend=backend)
+        step_low = denoise_step(mbf, x, ce, d, steps - 1, noise=sn[0], cfg_scale=cfg_scale, backend="eager")
+        step_ref = denoise_step(m64, x.double(), m64.cond_embed(z.double()), d, steps - 1, noise=sn[0].double(),
+                                cfg_scale=cfg_scale, backend="eager")
+    assert_close_to_reference(step, step_low, step_ref, atol=1e-3)
