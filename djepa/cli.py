@@ -104,7 +104,7 @@ def cmd_train(args) -> int:
     data_options = {k: v for k, v in (("image_size", args.image_size), ("channels", args.channels),
                                       ("num_classes", args.num_classes), ("scale", args.latent_scale))
                     if v is not None}
-    if args.resume:
+    if args.resume is not None:
         if args.set:
             given["overrides"] = overrides
         if data_options:
@@ -120,7 +120,7 @@ def cmd_train(args) -> int:
     result = train(settings, args.out, resume=resume, given=given, ckpt_every=args.ckpt_every,
                    log_every=args.log_every, keep=args.keep, progress=_progress(args),
                    backend=args.backend, device=args.device, num_workers=args.num_workers)
-    if result.checkpoint:
+    if result.metrics:  # rank 0 reports
         last = result.losses[-1]["loss"] if result.losses else float("nan")
         print(f"trained to step {result.step}; last loss {last:.4f}")
         print(f"checkpoint: {result.checkpoint}")

@@ -1,0 +1,71 @@
+"""DistributedDataParallel on the CPU (gloo): two processes on a free localhost port."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+SMALL = {"embed_dim": 32, "depth": 1, "num_heads": 2, "diffloss_depth": 1, "diffloss_width": 32,
+         "num_sampling_steps": "4", "class_tokens": 2}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, out, result_dir):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from djepa.train import TrainSettings, train
+
+    s = TrainSettings(steps=3, batch_size=16, lr=1e-3, warmup_steps=1, overrides=SMALL, seed=5)
+    res = train(s, out, ckpt_every=3, log_every=1, progress=False, plot=False, device="cpu")
+    torch.save({"state": res.model.state_dict(), "losses": res.losses, "checkpoint": res.checkpoint},
+               os.path.join(result_dir, f"rank{rank}.pt"))
+
+
+def test_two_cpu_processes_stay_identical(tmp_path):
+    out, results = str(tmp_path / "run"), str(tmp_path)
+    mp.start_processes(_worker, args=(2, _free_port(), out, results), nprocs=2, join=True, start_method="spawn")
+    r0 = torch.load(os.path.join(results, "rank0.pt"))
+    r1 = torch.load(os.path.join(results, "rank1.pt"))
+    assert r0["state"].keys() == r1["state"].keys()
+    for k in r0["state"]:
+        assert torch.equal(r0["state"][k], r1["state"][k]), k  # parameters and EMA
+    # each rank trained on its own half of the global batch, so the local losses differ
+    assert [d["loss"] for d in r0["losses"]] != [d["loss"] for d in r1["losses"]]
+    # rank 0 wrote the checkpoint, and it holds the ranks' common weights
+    assert r0["checkpoint"] and r1["checkpoint"] == r0["checkpoint"]
+    from djepa.train import load_checkpoint
+
+    model, state = load_checkpoint(out)
+    assert state["world_size"] == 2 and len(state["rng"]) == 2
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, r0["state"][k]), k
+    records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["step"] for r in records] == [1, 2, 3]  # rank 0 alone writes the metrics
+    # the logged loss is the mean over the ranks of their local losses
+    for r, a, b in zip(records, r0["losses"], r1["losses"]):
+        assert r["loss"] == pytest.approx((a["loss"] + b["loss"]) / 2, rel=1e-6)
+
+
+def test_torchrun_cli(tmp_path):
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", "-m", "djepa", "train", "--out", str(out), "--steps", "2",
+           "--batch-size", "8", "--ckpt-every", "2", "--no-progress"]
+    for k, v in SMALL.items():
+        cmd += ["--set", f"{k}={v}"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    state = json.load(open(out / "step-0000002" / "state.json"))
+    assert state["world_size"] == 2 and state["step"] == 2
+    assert r.stdout.count("trained to step 2") == 1  # only rank 0 reports
