@@ -245,6 +245,15 @@ def _gpu_slug() -> str:
 
 
 def cmd_bench(args) -> int:
+    from djepa import benchreport
+
+    if args.render:
+        try:
+            md, png = benchreport.render(args.render)
+        except benchreport.ReportError as exc:
+            raise CLIError(str(exc)) from None
+        print(f"wrote {md} and {png}")
+        return 0
     import pytest
 
     root = os.path.abspath(args.dir)
@@ -269,8 +278,13 @@ def cmd_bench(args) -> int:
         pytest_args += ["-k", args.k]
     pytest_args += args.pytest_args
     rc = int(pytest.main(pytest_args))
-    if rc == 0:
+    if rc == 0 and os.path.exists(out):
         print(f"wrote {out}")
+        try:
+            md, png = benchreport.render(out)
+            print(f"wrote {md} and {png}")
+        except benchreport.ReportError as exc:
+            print(f"no report: {exc}")
     return rc
 
 
@@ -343,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("-k", default=None, help="pytest -k expression")
     b.add_argument("--dir", default="benchmarks", help="benchmark folder (default ./benchmarks)")
     b.add_argument("--json", default=None, help="output (default benchmarks/results/<date>-<gpu>.json)")
+    b.add_argument("--render", metavar="JSON", default=None,
+                   help="only render an existing benchmark JSON as a Markdown table and PNG beside it")
     b.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     b.set_defaults(func=cmd_bench)
 

@@ -194,5 +194,11 @@ def test_bench_runs_a_suite_into_json(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     doc = json.load(open(out))
     assert [b["name"] for b in doc["benchmarks"]] == ["test_toy"]
+    assert "| test_toy |" in (tmp_path / "res.md").read_text()
+    assert (tmp_path / "res.png").read_bytes()[:4] == b"\x89PNG"
     r = _cli("bench", "--dir", str(bench), "--op", "nothing")
     assert r.returncode == 2 and "available: toy" in r.stderr
+    (tmp_path / "bad.json").write_text("{}")
+    r = _cli("bench", "--render", str(tmp_path / "bad.json"))
+    assert r.returncode == 2 and "not a pytest-benchmark JSON" in r.stderr and "Traceback" not in r.stderr
+
