@@ -1,7 +1,7 @@
 """How good a trained D-JEPA is, judged with scikit-learn on held-out data.
 
-- Linear probe: logistic regression on the EMA encoder's pooled features (train split ->
-  held-out accuracy), beside the same probe on raw pixels.
+- Linear probe: logistic regression on the EMA encoder's features (train split -> held-out
+  accuracy), mean-pooled and all tokens concatenated, beside the same probe on raw pixels.
 - Sample accuracy: a classifier (an MLP) trained on the real training images judges
   class-conditional samples; the fraction judged as the class they were drawn for.
 - Fréchet distance between real held-out images and samples in that classifier's hidden
@@ -80,13 +80,15 @@ def _all(dataset):
 
 
 @torch.no_grad()
-def encode_features(model, tokenizer, images: torch.Tensor, batch_size: int = 256, use_ema: bool = True):
-    """The model's pooled features `[N, embed_dim]` of model-scale images, as numpy."""
+def encode_features(model, tokenizer, images: torch.Tensor, batch_size: int = 256, use_ema: bool = True,
+                    pool: str = "mean"):
+    """The model's features of model-scale images, as numpy: `[N, embed_dim]` mean-pooled, or
+    `[N, seq_len * embed_dim]` with `pool="tokens"`."""
     device = next(model.parameters()).device
     out = []
     for i in range(0, len(images), batch_size):
         tokens = tokenizer.encode(images[i:i + batch_size].to(device))
-        out.append(model.features(tokens, use_ema=use_ema).float().cpu())
+        out.append(model.features(tokens, use_ema=use_ema, pool=pool).float().cpu())
     return torch.cat(out).numpy()
 
 
@@ -117,12 +119,14 @@ def evaluate(model, tokenizer, train_set, test_set, *, n_per_class: int = 50, nu
     train_x, train_y = _all(train_set)
     test_x, test_y = _all(test_set)
     train_y, test_y = train_y.numpy(), test_y.numpy()
-    feat_train = encode_features(model, tokenizer, train_x, batch_size)
-    feat_test = encode_features(model, tokenizer, test_x, batch_size)
-    res = {
-        "probe_features": linear_probe(feat_train, train_y, feat_test, test_y, seed),
+    res = {}
+    for key, pool in (("probe_features", "mean"), ("probe_token_features", "tokens")):
+        feat_train = encode_features(model, tokenizer, train_x, batch_size, pool=pool)
+        feat_test = encode_features(model, tokenizer, test_x, batch_size, pool=pool)
+        res[key] = linear_probe(feat_train, train_y, feat_test, test_y, seed)
+    res.update({
         "probe_pixels": linear_probe(_flat(train_set, train_x), train_y, _flat(test_set, test_x), test_y, seed),
-    }
+    })
     judge = Judge(_flat(train_set, train_x), train_y, seed=seed)
     res["judge_accuracy_real"] = judge.accuracy(_flat(test_set, test_x), test_y)
     labels = torch.arange(train_set.num_classes).repeat_interleave(n_per_class)
@@ -148,8 +152,9 @@ def evaluate(model, tokenizer, train_set, test_set, *, n_per_class: int = 50, nu
 def format_table(res: dict) -> str:
     """A plain-text table of the headline numbers of `evaluate`."""
     rows = [
-        ("linear probe, EMA encoder features (held-out acc.)", f"{100 * res['probe_features']:.1f}%"),
-        ("linear probe, raw pixels (held-out acc.)", f"{100 * res['probe_pixels']:.1f}%"),
+        ("linear probe, EMA encoder features, mean-pooled", f"{100 * res['probe_features']:.1f}%"),
+        ("linear probe, EMA encoder features, all tokens", f"{100 * res['probe_token_features']:.1f}%"),
+        ("linear probe, raw pixels", f"{100 * res['probe_pixels']:.1f}%"),
         ("judge classifier on real held-out images", f"{100 * res['judge_accuracy_real']:.1f}%"),
         (f"samples judged as their class ({res['n_samples']} samples, cfg {res['cfg']:g})",
          f"{100 * res['sample_accuracy']:.1f}%"),

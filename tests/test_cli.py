@@ -85,7 +85,7 @@ def test_eval_prints_table_and_writes_json(run_dir, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "linear probe" in text and "Fréchet" in text
     res = json.load(open(out))
-    for k in ("probe_features", "probe_pixels", "sample_accuracy", "judge_accuracy_real"):
+    for k in ("probe_features", "probe_token_features", "probe_pixels", "sample_accuracy", "judge_accuracy_real"):
         assert 0.0 <= res[k] <= 1.0, k
     assert res["probe_pixels"] > 0.9 and res["judge_accuracy_real"] > 0.9  # real digits are easy
     assert res["n_samples"] == 20 and res["frechet_samples_vs_heldout"] >= 0

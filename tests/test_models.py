@@ -296,6 +296,12 @@ def test_features():
     assert f_online.requires_grad
     # per-sample: a sample's features do not depend on the rest of the batch
     torch.testing.assert_close(model.features(x[1:2]), f[1:2], rtol=1e-5, atol=1e-6)
+    tokens = model.features(x, pool="tokens")
+    L, D = model.config.seq_len, model.config.embed_dim
+    assert tokens.shape == (4, L * D)
+    torch.testing.assert_close(tokens.view(4, L, D).mean(1), f)
+    with pytest.raises(ValueError, match="pool"):
+        model.features(x, pool="max")
 
 
 # --- bad input ------------------------------------------------------------------------------

@@ -284,16 +284,20 @@ class DJEPA(nn.Module):
         finally:
             net.train(was_training)
 
-    def features(self, tokens: torch.Tensor, use_ema: bool = True) -> torch.Tensor:
-        """Pooled representations [B, embed_dim]: the mean over tokens of the encoder's normed
-        output on the whole (unmasked) sequence, conditioned on the fake (unconditional) class."""
+    def features(self, tokens: torch.Tensor, use_ema: bool = True, pool: str = "mean") -> torch.Tensor:
+        """Representations from the encoder's normed output on the whole (unmasked) sequence,
+        conditioned on the fake (unconditional) class. `pool="mean"`: the mean over tokens,
+        [B, embed_dim]; `pool="tokens"`: every token's features, flattened, [B, seq_len * embed_dim]."""
+        if pool not in ("mean", "tokens"):
+            raise ValueError(f"features: pool must be 'mean' or 'tokens', got {pool!r}")
         self._check_tokens(tokens)
         net = self._inference_net(use_ema)
         B = tokens.shape[0]
         mask = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not use_ema):
             x, _, _ = net.encode(tokens.to(net.z_proj.weight.dtype), mask, net.unconditional_embedding(B))
-        return x[:, self.config.class_tokens:].mean(dim=1)
+        x = x[:, self.config.class_tokens:]
+        return x.mean(dim=1) if pool == "mean" else x.flatten(1)
 
     def extra_repr(self) -> str:
         c = self.config
