@@ -308,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", default=None,
                    help="'digits' (default, embedded), folder:PATH (class subfolders), latents:PATH, or a path")
     t.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, loss.png")
-    t.add_argument("--steps", type=int, help="total optimizer steps (default 2000)")
+    t.add_argument("--steps", type=int, help="total optimizer steps (default 1000)")
     t.add_argument("--batch-size", type=int, help="global batch, split over the processes (default 128)")
     t.add_argument("--lr", type=float, help="peak learning rate (default 2e-3)")
     t.add_argument("--lr-schedule", choices=["cosine", "constant"])

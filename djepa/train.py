@@ -49,7 +49,7 @@ class TrainSettings:
 
     preset: str = "tiny"
     data: str = "digits"
-    steps: int = 2000
+    steps: int = 1000
     batch_size: int = 128  # global: split evenly over the ranks
     lr: float = 2e-3
     lr_schedule: str = "cosine"  # "cosine" (to min_lr_ratio * lr) or "constant", after warm-up
