@@ -1,0 +1,102 @@
+"""The CUDA extension djepa._C: it imports, exposes every kernel the ops need, reports its build,
+and refuses clearly (RuntimeError, not a crash) when no GPU is visible.
+
+Where `_C` was not built these tests skip, unless DJEPA_REQUIRE_C=1 (set by .ci/run, which
+builds it): then a missing extension fails the run.
+"""
+import os
+import re
+
+import pytest
+import torch
+
+import djepa
+from djepa import backends
+
+REQUIRE = os.environ.get("DJEPA_REQUIRE_C") == "1"
+
+
+@pytest.fixture(scope="module")
+def ext():
+    module = backends.cuda_extension()
+    if module is None:
+        if REQUIRE:
+            pytest.fail(f"DJEPA_REQUIRE_C=1 but {backends.cuda_extension_error()}")
+        pytest.skip(f"djepa._C is not built here: {backends.cuda_extension_error()}")
+    return module
+
+
+def test_extension_reports_its_build(ext):
+    assert re.fullmatch(r"\d+\.\d+(\.\d+)?", ext.cuda_version), ext.cuda_version
+    assert ext.cuda_archs and all(re.fullmatch(r"\d+a?", a) for a in ext.cuda_archs.split(";"))
+    major, minor = ext.cuda_version.split(".")[:2]
+    assert djepa.__version__.endswith(f"+cu{major}{minor}"), (
+        f"a CUDA build's version must end in +cu{major}{minor}, got {djepa.__version__}")
+    assert sorted(ext.registered) == sorted(set(ext.registered)) and len(ext.registered) >= 3
+
+
+@pytest.mark.parametrize("op", sorted(backends.OPS))
+def test_extension_exposes_every_kernel_an_op_needs(ext, op):
+    for name in backends.OPS[op][0]:
+        assert callable(getattr(ext, name, None)), f"djepa._C lacks {name} (needed by {op})"
+
+
+def _valid_calls(ext):
+    """One plausible call per kernel entry point (host pointers: never dereferenced, because the
+    entry point must refuse before touching memory when there is no GPU)."""
+    buf = torch.zeros(4096)
+    p = buf.data_ptr()
+    f16 = 1
+    return {
+        "ema_update": lambda: ext.ema_update([p], [p], [16], 0, 0, 0, 0.9, 0.1, 0),
+        "masked_attention_fwd": lambda: ext.masked_attention_fwd(
+            p, p, p, p, p, 0, 0, 1, 1, 8, 8, 64, [512, 512, 64], [512, 512, 64], [512, 512, 64],
+            0.125, f16, 0),
+        "masked_attention_bwd": lambda: ext.masked_attention_bwd(
+            p, p, p, p, p, p, 0, 0, p, p, p, p, 1, 1, 8, 8, 64, [512, 512, 64], [512, 512, 64],
+            [512, 512, 64], 0.125, f16, 0),
+        "adaln_modulate_fwd": lambda: ext.adaln_modulate_fwd(p, p, p, p, p, p, 4, 32, 1e-6, f16, 0),
+        "adaln_modulate_bwd": lambda: ext.adaln_modulate_bwd(p, p, p, p, p, p, p, p, p, p, 4, 32, f16, 0),
+        "gemm": lambda: ext.gemm(p, p, p, 0, 16, 16, 16, 0, 1, 0, 0, 0, 0, f16, 0),
+        "denoise_update": lambda: ext.denoise_update(p, p, 0, p, p, 4, 16, 32, 0, 1.0, 0.5, 0.5,
+                                                     -1.0, 0.0, 0.0, f16, 0),
+    }
+
+
+def test_every_kernel_is_covered_here(ext):
+    needed = {name for names, _ in backends.OPS.values() for name in names}
+    assert needed <= set(_valid_calls(ext)), needed - set(_valid_calls(ext))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU refusal; a GPU is visible")
+@pytest.mark.parametrize("name", ["ema_update", "masked_attention_fwd", "masked_attention_bwd",
+                                  "adaln_modulate_fwd", "adaln_modulate_bwd", "gemm", "denoise_update"])
+def test_calling_a_kernel_without_a_gpu_raises_runtime_error(ext, name):
+    assert ext.device_count() == 0
+    with pytest.raises(RuntimeError, match=rf"djepa\._C\.{name}: no (usable )?CUDA device"):
+        _valid_calls(ext)[name]()
+
+
+def test_bad_arguments_raise_value_error_not_crash(ext):
+    with pytest.raises(ValueError, match="differ in length"):
+        ext.ema_update([1, 2], [1], [4, 4], 0, 0, 0, 0.9, 0.1, 0)
+    with pytest.raises(ValueError, match="dtype"):
+        ext.ema_update([1], [1], [4], 0, 3, 0, 0.9, 0.1, 0)
+
+
+def test_ops_name_the_missing_gpu_for_an_explicit_cuda_backend():
+    from djepa.ops import ema_update_
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    with pytest.raises(ValueError, match="backend='cuda'"):
+        ema_update_([torch.zeros(3)], [torch.ones(3)], 0.5, backend="cuda")
+
+
+def test_describe_reports_every_op_and_why_a_backend_is_unavailable():
+    text = backends.describe()
+    for op in backends.OPS:
+        assert op in text
+    assert "torch" in text and "triton" in text and "djepa._C" in text
+    if not torch.cuda.is_available():
+        assert "unavailable:" in text
