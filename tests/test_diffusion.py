@@ -1,0 +1,252 @@
+"""djepa.diffusion checked against the formulas (written out here, independently of the code):
+the cosine schedule, respacing, the posterior q(x_{t-1} | x_t, x_0) derived from the joint
+Gaussian, learned-range variance, the MSE + VB training loss, and flow matching's Euler loop."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from djepa.diffusion import FlowMatching, create_diffusion, get_named_beta_schedule, space_timesteps
+
+T = 1000
+
+
+def _cosine_abar(t):
+    return np.cos((t + 0.008) / 1.008 * np.pi / 2) ** 2
+
+
+# ------------------------------------------------------------------------------- schedules
+def test_cosine_betas_follow_iddpm():
+    i = np.arange(T, dtype=np.float64)
+    expected = np.minimum(1 - _cosine_abar((i + 1) / T) / _cosine_abar(i / T), 0.999)
+    betas = get_named_beta_schedule("cosine", T)
+    np.testing.assert_allclose(betas, expected, rtol=1e-12, atol=0)
+    assert betas[-1] == 0.999 and np.all(np.diff(betas) > 0)
+    # alpha_bar(t) of the discrete chain = the continuous schedule normalised by alpha_bar(0)
+    np.testing.assert_allclose(np.cumprod(1 - betas)[:-1], _cosine_abar((i[:-1] + 1) / T) / _cosine_abar(0.0),
+                               rtol=1e-9)
+
+
+def test_linear_betas():
+    np.testing.assert_allclose(get_named_beta_schedule("linear", T), np.linspace(1e-4, 0.02, T), rtol=1e-12)
+
+
+@pytest.mark.parametrize("count", [1, 2, 50, 100, 250, 1000])
+def test_space_timesteps_one_section(count):
+    stride = 0 if count == 1 else (T - 1) / (count - 1)
+    expected = {round(k * stride) for k in range(count)}
+    kept = space_timesteps(T, str(count))
+    assert kept == expected and len(kept) == count
+    if count > 1:
+        assert min(kept) == 0 and max(kept) == T - 1
+
+
+def test_space_timesteps_sections():
+    # "10,20": 10 steps from [0, 500), 20 from [500, 1000), each section's ends included
+    kept = space_timesteps(T, "10,20")
+    first = {round(k * 499 / 9) for k in range(10)}
+    second = {500 + round(k * 499 / 19) for k in range(20)}
+    assert kept == first | second
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(min_value=1, max_value=T))
+def test_respacing_keeps_alpha_bar_at_the_kept_steps(n):
+    d = create_diffusion(str(n))
+    abar = np.cumprod(1 - get_named_beta_schedule("cosine", T))
+    assert d.num_timesteps == n and len(d.timestep_map) == n
+    assert d.timestep_map == sorted(space_timesteps(T, str(n)))
+    np.testing.assert_allclose(d.alphas_cumprod, abar[d.timestep_map], rtol=1e-7)  # abar_T ~ 2e-9: rounding
+    assert np.all((d.betas > 0) & (d.betas <= 1))
+
+
+# ------------------------------------------------------------------------ posterior, q, p
+@pytest.mark.parametrize("steps", ["1000", "100", "7"])
+def test_posterior_is_the_gaussian_conditional_of_the_joint(steps):
+    """x_{t-1} = sqrt(abar_prev) x0 + sqrt(1 - abar_prev) e1,  x_t = sqrt(alpha) x_{t-1} + sqrt(beta) e2:
+    E[x_{t-1} | x_t, x0] and Var[x_{t-1} | x_t, x0] by Gaussian conditioning."""
+    d = create_diffusion(steps)
+    abar = d.alphas_cumprod
+    abar_prev = np.append(1.0, abar[:-1])
+    beta = d.betas
+    alpha = 1 - beta
+    cov = np.sqrt(alpha) * (1 - abar_prev)            # Cov(x_{t-1}, x_t | x0)
+    var_t = 1 - abar                                   # Var(x_t | x0)
+    gain = cov / var_t
+    # mean = sqrt(abar_prev) x0 + gain (x_t - sqrt(abar) x0) = coef1 x0 + coef2 x_t
+    np.testing.assert_allclose(d.posterior_mean_coef2, gain, rtol=1e-10)
+    np.testing.assert_allclose(d.posterior_mean_coef1, np.sqrt(abar_prev) - gain * np.sqrt(abar), rtol=1e-8,
+                               atol=1e-12)
+    np.testing.assert_allclose(d.posterior_variance, (1 - abar_prev) - cov ** 2 / var_t, rtol=1e-8, atol=1e-15)
+    # log variance: clipped at t = 0 (where the variance is 0) to the value at t = 1
+    if d.num_timesteps > 1:
+        assert d.posterior_variance[0] == 0
+        np.testing.assert_allclose(d.posterior_log_variance_clipped[1:], np.log(d.posterior_variance[1:]))
+        assert d.posterior_log_variance_clipped[0] == pytest.approx(math.log(d.posterior_variance[1]))
+
+
+def test_q_sample_and_p_mean_variance_from_the_formulas():
+    d = create_diffusion("50")
+    g = torch.Generator().manual_seed(0)
+    M, C = 6, 3
+    x0 = torch.randn(M, C, generator=g, dtype=torch.float64)
+    noise = torch.randn(M, C, generator=g, dtype=torch.float64)
+    t = torch.tensor([0, 1, 7, 20, 48, 49])
+    abar = torch.as_tensor(d.alphas_cumprod)[t][:, None]
+    xt = d.q_sample(x0, t, noise)
+    torch.testing.assert_close(xt, abar.sqrt() * x0 + (1 - abar).sqrt() * noise, rtol=1e-12, atol=1e-12)
+
+    eps = torch.randn(M, C, generator=g, dtype=torch.float64)
+    v = torch.rand(M, C, generator=g, dtype=torch.float64) * 2 - 1
+    out = d.p_mean_variance_from_output(torch.cat([eps, v], 1), xt, t)
+    pred_x0 = (xt - (1 - abar).sqrt() * eps) / abar.sqrt()
+    torch.testing.assert_close(out["pred_xstart"], pred_x0, rtol=1e-9, atol=1e-9)
+    c1 = torch.as_tensor(d.posterior_mean_coef1)[t][:, None]
+    c2 = torch.as_tensor(d.posterior_mean_coef2)[t][:, None]
+    torch.testing.assert_close(out["mean"], c1 * pred_x0 + c2 * xt, rtol=1e-9, atol=1e-9)
+    frac = (v + 1) / 2
+    max_log = torch.log(torch.as_tensor(d.betas))[t][:, None]
+    min_log = torch.as_tensor(d.posterior_log_variance_clipped)[t][:, None]
+    torch.testing.assert_close(out["log_variance"], frac * max_log + (1 - frac) * min_log)
+
+    # the fused step's scalars give the same mean: coef_x * x - coef_eps * eps
+    for row, i in enumerate(t.tolist()):
+        coef_x, coef_eps, lo, hi, noise_scale = d.step_coefficients(i, temperature=0.7)
+        torch.testing.assert_close(coef_x * xt[row] - coef_eps * eps[row], out["mean"][row], rtol=1e-9, atol=1e-9)
+        assert (lo, hi) == pytest.approx((float(min_log[row, 0]), float(max_log[row, 0])))
+        assert noise_scale == (0.0 if i == 0 else 0.7)
+
+
+def test_p_sample_loop_without_noise_is_the_product_of_the_step_coefficients():
+    """eps = 0 and temperature 0: every step is x <- coef_x(i) x, so x_0 = prod_i coef_x(i) x_T."""
+    d = create_diffusion("20")
+    x_T = torch.randn(4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def model(x, t):
+        return torch.cat([torch.zeros_like(x), torch.zeros_like(x)], 1)
+
+    x0 = d.p_sample_loop(model, x_T.shape, noise=x_T, temperature=0.0)
+    factor = np.prod([d.step_coefficients(i)[0] for i in range(d.num_timesteps)])
+    torch.testing.assert_close(x0, factor * x_T, rtol=1e-9, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------ training loss
+def _normal_kl(m1, lv1, m2, lv2):
+    return 0.5 * (lv2 - lv1 + (torch.exp(lv1) + (m1 - m2) ** 2) / torch.exp(lv2) - 1)
+
+
+def test_training_loss_is_mse_plus_vb_in_bits():
+    d = create_diffusion("")  # the 1000-step training schedule
+    g = torch.Generator().manual_seed(2)
+    M, C = 5, 4
+    x0 = torch.rand(M, C, generator=g, dtype=torch.float64) * 2 - 1
+    noise = torch.randn(M, C, generator=g, dtype=torch.float64)
+    t = torch.tensor([0, 1, 10, 500, 999])
+    out = torch.randn(M, 2 * C, generator=g, dtype=torch.float64).clamp(-1, 1)
+    terms = d.training_losses(lambda x, ts: out, x0, t, noise=noise)
+    eps, v = out[:, :C], out[:, C:]
+    torch.testing.assert_close(terms["mse"], ((noise - eps) ** 2).mean(1))
+
+    xt = d.q_sample(x0, t, noise)
+    abar = torch.as_tensor(d.alphas_cumprod)[t][:, None]
+    abar_prev = torch.as_tensor(np.append(1.0, d.alphas_cumprod[:-1]))[t][:, None]
+    beta = torch.as_tensor(d.betas)[t][:, None]
+    true_mean = (beta * abar_prev.sqrt() * x0 + (1 - abar_prev) * (1 - beta).sqrt() * xt) / (1 - abar)
+    true_lv = torch.as_tensor(d.posterior_log_variance_clipped)[t][:, None].expand(M, C)
+    pred_x0 = (xt - (1 - abar).sqrt() * eps) / abar.sqrt()
+    model_mean = (beta * abar_prev.sqrt() * pred_x0 + (1 - abar_prev) * (1 - beta).sqrt() * xt) / (1 - abar)
+    frac = (v + 1) / 2
+    model_lv = frac * beta.log() + (1 - frac) * true_lv
+    kl_bits = _normal_kl(true_mean, true_lv, model_mean, model_lv).mean(1) / math.log(2)
+    torch.testing.assert_close(terms["vb"][1:], kl_bits[1:], rtol=1e-8, atol=1e-10)
+    # t = 0: negative log-likelihood of x0 under the Gaussian discretised to 256 bins (exact CDF here;
+    # the code uses IDDPM's tanh approximation of it, so compare loosely)
+    std = torch.exp(0.5 * model_lv[0])
+    cdf = lambda z: torch.special.ndtr(z)  # noqa: E731
+    hi = torch.where(x0[0] > 0.999, torch.ones_like(std), cdf((x0[0] + 1 / 255 - model_mean[0]) / std))
+    lo = torch.where(x0[0] < -0.999, torch.zeros_like(std), cdf((x0[0] - 1 / 255 - model_mean[0]) / std))
+    nll_bits = -(torch.log(hi - lo)).mean() / math.log(2)
+    assert float(terms["vb"][0]) == pytest.approx(float(nll_bits), rel=2e-2)
+    torch.testing.assert_close(terms["loss"], terms["mse"] + terms["vb"])
+
+
+def test_vb_term_trains_only_the_variance():
+    d = create_diffusion("")
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.rand(4, 3, generator=g, dtype=torch.float64)
+    out = torch.randn(4, 6, generator=g, dtype=torch.float64).clamp(-1, 1).requires_grad_()
+    d.training_losses(lambda x, ts: out, x0, torch.tensor([3, 30, 300, 900]))["vb"].sum().backward()
+    assert out.grad[:, :3].abs().max() == 0 and out.grad[:, 3:].abs().max() > 0
+
+
+# ------------------------------------------------------------------------------ flow matching
+def test_flow_matching_path_and_velocity_target():
+    fm = FlowMatching()
+    g = torch.Generator().manual_seed(4)
+    x1, x0 = torch.randn(8, 3, generator=g), torch.randn(8, 3, generator=g)
+    t = torch.rand(8, generator=g)
+    seen = {}
+
+    def model(xt, tt):
+        seen["xt"], seen["t"] = xt, tt
+        return x1 - x0  # the exact velocity of the linear path
+
+    loss = fm.training_losses(model, x1, noise=x0, t=t)["loss"]
+    torch.testing.assert_close(seen["xt"], t[:, None] * x1 + (1 - t[:, None]) * x0)
+    assert torch.equal(seen["t"], t) and loss.abs().max() == 0
+    wrong = fm.training_losses(lambda xt, tt: torch.zeros_like(xt), x1, noise=x0, t=t)["loss"]
+    torch.testing.assert_close(wrong, ((x1 - x0) ** 2).mean(1))
+
+
+@pytest.mark.parametrize("shift", [None, 3.0])
+def test_flow_euler_on_a_known_linear_field(shift):
+    """v(x, t) = a * x: Euler over the (shifted) grid t_0..t_N gives x_N = prod (1 + a dt_i) x_0."""
+    fm = FlowMatching(time_shift=shift)
+    a = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+    x0 = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    steps = 16
+    grid = np.linspace(0, 1, steps + 1)
+    if shift is not None:
+        grid = grid / (grid + shift - shift * grid)
+    factor = torch.as_tensor(np.prod([1 + a.numpy() * (grid[i + 1] - grid[i]) for i in range(steps)], axis=0))
+    x = fm.sample(lambda x, t: a * x, x0.shape, steps, noise=x0)
+    torch.testing.assert_close(x, factor * x0, rtol=1e-10, atol=1e-12)
+    # and towards the ODE's solution exp(a) x_0 as the steps grow
+    fine = fm.sample(lambda x, t: a * x, x0.shape, 4000, noise=x0)
+    torch.testing.assert_close(fine, torch.exp(a) * x0, rtol=2e-3, atol=1e-6)
+
+
+def test_time_shift_formula():
+    fm = FlowMatching(time_shift=3.0)
+    t = torch.tensor([0.0, 0.25, 0.5, 1.0], dtype=torch.float64)
+    torch.testing.assert_close(fm.shift(t), t / (t + 3 - 3 * t))
+    assert float(fm.shift(torch.tensor(0.5))) == pytest.approx(1 / 4)
+
+
+# ---------------------------------------------------------------------------------- bad input
+def test_bad_input():
+    with pytest.raises(ValueError, match=">= 1"):
+        get_named_beta_schedule("cosine", 0)
+    with pytest.raises(ValueError, match="schedule"):
+        get_named_beta_schedule("sqrt", 10)
+    with pytest.raises(ValueError, match="cannot take"):
+        space_timesteps(10, "20")
+    with pytest.raises(ValueError, match="comma-separated"):
+        space_timesteps(10, "ten")
+    with pytest.raises(ValueError, match=">= 1 step"):
+        space_timesteps(10, [3, 0])
+    with pytest.raises(ValueError, match="time_shift"):
+        FlowMatching(time_shift=-1.0)
+    with pytest.raises(ValueError, match="steps"):
+        FlowMatching().sample(lambda x, t: x, (2, 2), 0)
+    d = create_diffusion("10")
+    for bad in (float("nan"), -1.0):
+        with pytest.raises(ValueError, match="temperature"):
+            d.p_sample_loop(lambda x, t: torch.cat([x, x], 1), (2, 2), temperature=bad)
+    with pytest.raises(ValueError, match="timesteps"):
+        d.training_losses(lambda x, t: torch.cat([x, x], 1), torch.zeros(2, 2), torch.tensor([0, 10]))
+    with pytest.raises(ValueError, match="expected"):
+        d.training_losses(lambda x, t: x, torch.zeros(2, 2), torch.tensor([0, 1]))
