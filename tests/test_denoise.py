@@ -427,3 +427,25 @@ def test_denoise_step_and_sampler_gpu(backend, cfg_scale):
         step_ref = denoise_step(m64, x.double(), m64.cond_embed(z.double()), d, steps - 1, noise=sn[0].double(),
                                 cfg_scale=cfg_scale, backend="eager")
     assert_close_to_reference(step, step_low, step_ref, atol=1e-3)
+
+
+def test_autocast_float32_weights_with_low_precision_activations():
+    """Training under autocast: bf16 activations meet float32 parameters in every block, and
+    the sampler gets bf16 conditions; both work (eager here; the fused paths on the GPU)."""
+    torch.manual_seed(0)
+    mlp = DenoisingMLP(4, 32, 8, 6, 2, backend="eager")
+    for p in mlp.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x, t, c = torch.randn(5, 4), torch.randint(0, 1000, (5,)), torch.randn(5, 6)
+    ref = mlp(x, t, c)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = mlp(x, t, c)
+        out.float().square().mean().backward()
+    assert out.dtype == torch.bfloat16
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in mlp.parameters())
+    assert (out.float() - ref).abs().max() < 0.1 * ref.abs().max()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = torch.nn.functional.linear(torch.randn(3, 6), torch.randn(6, 6))  # bf16 under autocast
+        assert z.dtype == torch.bfloat16
+        s = sample(mlp, z, steps=3, generator=torch.Generator().manual_seed(1), backend="eager")
+    assert s.shape == (3, 4) and torch.isfinite(s).all()

@@ -125,11 +125,17 @@ def sample(mlp, z, steps=100, temperature=1.0, cfg_scale=1.0, generator=None, ba
 
     noise: x_T [B, C] (B = M, or M/2 with CFG); step_noise: [steps, B, C], the noise of each
     step taken; both default to draws from `generator` (see the module docstring).
+    z must have the MLP's dtype; under autocast it is cast to it and the loop runs without autocast.
     backend: "auto" | "cuda" | "triton" | "eager" (fused steps on the first two). On a GPU
     with a fused backend and cuda_graph=True, the loop is captured once per (model weights,
     shapes, settings) and replayed.
     """
     temperature, cfg_scale, cfg = _check(mlp, z, steps, temperature, cfg_scale)
+    if z.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(z.device.type):
+        # The loop runs in the MLP's own dtype: conditions follow its weights, autocast is off.
+        with torch.autocast(z.device.type, enabled=False):
+            return sample(mlp, z.to(_d._param_dtype(mlp)) if z.is_floating_point() else z, steps,
+                          temperature, cfg_scale, generator, backend, noise, step_noise, cuda_graph)
     if z.dtype != _d._param_dtype(mlp):
         raise TypeError(f"z has dtype {z.dtype}, the MLP {_d._param_dtype(mlp)}")
     M = z.shape[0]

@@ -364,10 +364,22 @@ def _fast_reasons(x, W, what):
     return cuda_reason, triton_reason
 
 
+def _autocast_inputs(*tensors):
+    x = tensors[0]
+    if not isinstance(x, torch.Tensor) or x.device.type not in ("cuda", "cpu"):
+        return tensors
+    if not torch.is_autocast_enabled(x.device.type):
+        return tensors
+    dt = torch.get_autocast_dtype(x.device.type)
+    return tuple(t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)
+
+
 def adaln_block(x, mod, ln_w, ln_b, w1, b1, w2, b2, *, eps=1e-6, backend="auto"):
     """See the module docstring. x [M, W]; mod [M, 3W] = (shift | scale | gate); ln_w, ln_b [W]
     or None (LayerNorm without affine); w1, w2 [W, W] nn.Linear weights, b1, b2 [W].
-    M == 0 returns an empty [0, W] tensor."""
+    M == 0 returns an empty [0, W] tensor. Under autocast every floating input is cast to the
+    autocast dtype first (so float32 weights meet bfloat16 activations), as F.linear would."""
+    x, mod, ln_w, ln_b, w1, b1, w2, b2 = _autocast_inputs(x, mod, ln_w, ln_b, w1, b1, w2, b2)
     _check_block(x, mod, ln_w, ln_b, w1, b1, w2, b2, eps)
     M, W = x.shape
     cuda_reason, triton_reason = _fast_reasons(x, W, "adaln_block")
