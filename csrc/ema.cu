@@ -4,10 +4,8 @@
 // table travels in the kernel's parameter space (CUDA >= 12.1 allows 32 KiB on sm_70+), so no
 // host-to-device copy precedes a launch. Each block updates kBlockElems elements of one tensor,
 // found by binary search over the cumulative block starts; offsets are 64-bit.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include "common.h"
+#include "convert.cuh"
 
 namespace djepa {
 namespace {
@@ -24,37 +22,6 @@ struct EmaTable {
   int64_t numel[kMaxTensors];
   int64_t block_start[kMaxTensors + 1];
   int count;
-};
-
-template <typename T>
-__device__ __forceinline__ float to_float(T v) {
-  return static_cast<float>(v);
-}
-template <>
-__device__ __forceinline__ float to_float<__half>(__half v) {
-  return __half2float(v);
-}
-template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) {
-  return __bfloat162float(v);
-}
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v) {
-  return static_cast<T>(v);
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
 };
 
 template <typename TE, typename TX>
@@ -90,13 +57,13 @@ __global__ void __launch_bounds__(kThreads)
       const Pack<TX, kVec> v = *reinterpret_cast<const Pack<TX, kVec>*>(x + i);
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
-        e.v[j] = from_float<TE>(d * to_float(e.v[j]) + w * to_float(v.v[j]));
+        e.v[j] = from_f<TE>(d * to_f(e.v[j]) + w * to_f(v.v[j]));
       }
       *reinterpret_cast<Pack<TE, kVec>*>(ema + i) = e;
     }
   } else {
     for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
-      ema[i] = from_float<TE>(d * to_float(ema[i]) + w * to_float(x[i]));
+      ema[i] = from_f<TE>(d * to_f(ema[i]) + w * to_f(x[i]));
     }
   }
 }
