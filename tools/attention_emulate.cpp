@@ -8,161 +8,20 @@
 //
 //   g++ -std=c++17 -O1 -pthread -DDJEPA_ATTN_EMULATE -I/usr/local/cuda/include -I csrc \
 //       tools/attention_emulate.cpp -o /tmp/attention_emulate && /tmp/attention_emulate
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
-#include <algorithm>
-#include <condition_variable>
-#include <cstdio>
-#include <cstring>
-#include <functional>
-#include <mutex>
-#include <random>
-#include <thread>
-#include <vector>
-
-#undef __launch_bounds__
-#define __launch_bounds__(...)
-
-thread_local uint3 threadIdx;
-thread_local uint3 blockIdx;
-
-inline int min(int a, int b) { return a < b ? a : b; }
-inline int max(int a, int b) { return a > b ? a : b; }
-template <typename T>
-inline T __ldg(const T* p) { return *p; }
-
-class Barrier {
- public:
-  explicit Barrier(int n = 0) : n_(n) {}
-  void reset(int n) { n_ = n; waiting_ = 0; }
-  void wait() {
-    std::unique_lock<std::mutex> lock(m_);
-    const long gen = gen_;
-    if (++waiting_ == n_) {
-      waiting_ = 0;
-      ++gen_;
-      cv_.notify_all();
-    } else {
-      cv_.wait(lock, [&] { return gen_ != gen; });
-    }
-  }
-
- private:
-  std::mutex m_;
-  std::condition_variable cv_;
-  int n_ = 0, waiting_ = 0;
-  long gen_ = 0;
-};
-
-struct Warp {
-  Barrier bar{32};
-  uint32_t a[32][4], b[32][2];
-  const void* ptr[32];
-  float f[32];
-};
-
-Barrier g_block_bar;
-Warp g_warps[8];
-
-inline void __syncthreads() { g_block_bar.wait(); }
-inline Warp& my_warp() { return g_warps[threadIdx.x / 32]; }
-inline int my_lane() { return threadIdx.x % 32; }
-
-inline float __shfl_xor_sync(unsigned, float v, int off) {
-  Warp& w = my_warp();
-  w.f[my_lane()] = v;
-  w.bar.wait();
-  const float r = w.f[my_lane() ^ off];
-  w.bar.wait();
-  return r;
-}
+#include "cuda_emulate.h"
 
 namespace djepa {
 namespace attention {
 
 extern unsigned char smem_raw[];
 
-inline void cp_async16(void* dst, const void* src) { std::memcpy(dst, src, 16); }
+using emu::cp_async16;
+using emu::ldmatrix_x4;
+using emu::ldmatrix_x4_trans;
+using emu::mma16816;
 inline void cp_async_commit() {}
 template <int N>
 inline void cp_async_wait() {}
-
-
-// ldmatrix .x4: lane l gives the address of row (l & 7) of matrix (l >> 3); register i of
-// lane (g = l / 4, c = l % 4) receives M_i[g][2c] (low half) and M_i[g][2c + 1].
-inline void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
-  Warp& w = my_warp();
-  const int lane = my_lane(), g = lane >> 2, c = lane & 3;
-  w.ptr[lane] = p;
-  w.bar.wait();
-  for (int i = 0; i < 4; ++i) {
-    const uint16_t* row = static_cast<const uint16_t*>(w.ptr[8 * i + g]);
-    r[i] = static_cast<uint32_t>(row[2 * c]) | (static_cast<uint32_t>(row[2 * c + 1]) << 16);
-  }
-  w.bar.wait();
-}
-
-// ldmatrix .x4 .trans: lane l gives the address of row (l & 7) of matrix (l >> 3); register i
-// of lane (g = l / 4, c = l % 4) receives M_i[2c][g] (low half) and M_i[2c + 1][g].
-inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
-  Warp& w = my_warp();
-  const int lane = my_lane(), g = lane >> 2, c = lane & 3;
-  w.ptr[lane] = p;
-  w.bar.wait();
-  for (int i = 0; i < 4; ++i) {
-    const uint16_t* r0 = static_cast<const uint16_t*>(w.ptr[8 * i + 2 * c]);
-    const uint16_t* r1 = static_cast<const uint16_t*>(w.ptr[8 * i + 2 * c + 1]);
-    r[i] = static_cast<uint32_t>(r0[g]) | (static_cast<uint32_t>(r1[g]) << 16);
-  }
-  w.bar.wait();
-}
-
-template <typename T>
-float half_bits_to_float(uint16_t bits) {
-  T x;
-  std::memcpy(&x, &bits, 2);
-  if constexpr (std::is_same_v<T, __half>) return __half2float(x);
-  else return __bfloat162float(x);
-}
-
-// D = A (16x16, row) * B (16x8, col) + C with the PTX fragment layouts for m16n8k16.
-template <typename T>
-void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  Warp& w = my_warp();
-  const int lane = my_lane();
-  for (int i = 0; i < 4; ++i) w.a[lane][i] = a[i];
-  w.b[lane][0] = b0;
-  w.b[lane][1] = b1;
-  w.bar.wait();
-  float A[16][16], B[16][8];
-  auto lo = [](uint32_t r) { return half_bits_to_float<T>(static_cast<uint16_t>(r & 0xffffu)); };
-  auto hi = [](uint32_t r) { return half_bits_to_float<T>(static_cast<uint16_t>(r >> 16)); };
-  for (int l = 0; l < 32; ++l) {
-    const int g = l >> 2, k = 2 * (l & 3);
-    A[g][k] = lo(w.a[l][0]);
-    A[g][k + 1] = hi(w.a[l][0]);
-    A[g + 8][k] = lo(w.a[l][1]);
-    A[g + 8][k + 1] = hi(w.a[l][1]);
-    A[g][k + 8] = lo(w.a[l][2]);
-    A[g][k + 9] = hi(w.a[l][2]);
-    A[g + 8][k + 8] = lo(w.a[l][3]);
-    A[g + 8][k + 9] = hi(w.a[l][3]);
-    B[k][g] = lo(w.b[l][0]);
-    B[k + 1][g] = hi(w.b[l][0]);
-    B[k + 8][g] = lo(w.b[l][1]);
-    B[k + 9][g] = hi(w.b[l][1]);
-  }
-  const int g = lane >> 2, col = 2 * (lane & 3);
-  for (int e = 0; e < 4; ++e) {
-    const int row = g + 8 * (e >> 1), cc = col + (e & 1);
-    float acc = 0.f;
-    for (int k = 0; k < 16; ++k) acc += A[row][k] * B[k][cc];
-    c[e] += acc;
-  }
-  w.bar.wait();
-}
 
 }  // namespace attention
 }  // namespace djepa
@@ -178,21 +37,7 @@ alignas(16) unsigned char smem_raw[200 * 1024];
 using namespace djepa::attention;
 
 void run_grid(dim3 grid, int threads, const std::function<void()>& body) {
-  for (unsigned z = 0; z < grid.z; ++z)
-    for (unsigned y = 0; y < grid.y; ++y)
-      for (unsigned x = 0; x < grid.x; ++x) {
-        std::memset(smem_raw, 0xff, sizeof(smem_raw));
-        g_block_bar.reset(threads);
-        std::vector<std::thread> ts;
-        for (int t = 0; t < threads; ++t) {
-          ts.emplace_back([&, t] {
-            threadIdx = make_uint3(t, 0, 0);
-            blockIdx = make_uint3(x, y, z);
-            body();
-          });
-        }
-        for (auto& t : ts) t.join();
-      }
+  ::run_grid(grid, threads, smem_raw, sizeof(smem_raw), body);
 }
 
 template <typename T>
