@@ -30,6 +30,17 @@ __device__ __forceinline__ void store_vec(T* p, const float (&in)[VEC]) {
   *reinterpret_cast<Pack<T, VEC>*>(p) = pk;
 }
 
+// The LayerNorm affine parameters, or `fill` (1 for the weight, 0 for the bias) without them.
+template <typename T, int VEC>
+__device__ __forceinline__ void load_or_fill(const T* p, int col, float fill, float (&out)[VEC]) {
+  if (p) {
+    load_vec<T, VEC>(p + col, out);
+  } else {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) out[i] = fill;
+  }
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -118,18 +129,8 @@ __global__ void __launch_bounds__(kLnWarps * 32)
       }
       load_vec<T, VEC>(shr + col, sh);
       load_vec<T, VEC>(scr + col, sc);
-      if (ln_w) {
-        load_vec<T, VEC>(ln_w + col, w);
-      } else {
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) w[i] = 1.f;
-      }
-      if (ln_b) {
-        load_vec<T, VEC>(ln_b + col, b);
-      } else {
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) b[i] = 0.f;
-      }
+      load_or_fill<T, VEC>(ln_w, col, 1.f, w);
+      load_or_fill<T, VEC>(ln_b, col, 0.f, b);
 #pragma unroll
       for (int i = 0; i < VEC; ++i) o[i] = ((v[i] - mean) * rstd * w[i] + b[i]) * (1.f + sc[i]) + sh[i];
       store_vec<T, VEC>(hr + col, o);
@@ -187,18 +188,8 @@ __global__ void __launch_bounds__(kLnWarps * 32)
         load_vec<T, VEC>(xr + col, v);
         load_vec<T, VEC>(dhr + col, g);
         load_vec<T, VEC>(scr + col, sc);
-        if (ln_w) {
-          load_vec<T, VEC>(ln_w + col, w);
-        } else {
-#pragma unroll
-          for (int i = 0; i < VEC; ++i) w[i] = 1.f;
-        }
-        if (ln_b) {
-          load_vec<T, VEC>(ln_b + col, b);
-        } else {
-#pragma unroll
-          for (int i = 0; i < VEC; ++i) b[i] = 0.f;
-        }
+        load_or_fill<T, VEC>(ln_w, col, 1.f, w);
+        load_or_fill<T, VEC>(ln_b, col, 0.f, b);
 #pragma unroll
         for (int i = 0; i < VEC; ++i) {
           const float xh = (v[i] - mean) * rstd;
@@ -228,12 +219,7 @@ __global__ void __launch_bounds__(kLnWarps * 32)
         load_vec<T, VEC>(xr + col, v);
         load_vec<T, VEC>(dhr + col, g);
         load_vec<T, VEC>(scr + col, sc);
-        if (ln_w) {
-          load_vec<T, VEC>(ln_w + col, w);
-        } else {
-#pragma unroll
-          for (int i = 0; i < VEC; ++i) w[i] = 1.f;
-        }
+        load_or_fill<T, VEC>(ln_w, col, 1.f, w);
 #pragma unroll
         for (int i = 0; i < VEC; ++i) {
           const float xh = (v[i] - mean) * rstd;
