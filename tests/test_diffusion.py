@@ -52,6 +52,24 @@ def test_space_timesteps_sections():
     assert kept == first | second
 
 
+@pytest.mark.parametrize("n", [50, 100, 250, 1000])
+def test_respaced_betas_and_timestep_map(n):
+    """MAR's create_diffusion(str(n)): kept steps t_k = round(k (T-1)/(n-1)); new betas
+    1 - abar[t_k] / abar[t_{k-1}] (abar[t_{-1}] = 1); the model sees the original t_k."""
+    abar = np.cumprod(1 - get_named_beta_schedule("cosine", T))
+    kept = sorted({round(k * (T - 1) / (n - 1)) for k in range(n)})
+    prev = np.append(1.0, abar[kept][:-1])
+    d = create_diffusion(str(n))
+    assert d.timestep_map == kept
+    np.testing.assert_allclose(d.betas, 1 - abar[kept] / prev, rtol=1e-12, atol=1e-15)
+    if n == T:
+        np.testing.assert_allclose(d.betas, get_named_beta_schedule("cosine", T), rtol=1e-9, atol=1e-15)
+    np.testing.assert_array_equal(d.model_timesteps(torch.tensor([0, n // 2, n - 1])).numpy(),
+                                  [kept[0], kept[n // 2], kept[n - 1]])
+    # the default (empty) respacing keeps the whole training schedule
+    assert create_diffusion("").timestep_map == list(range(T))
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.integers(min_value=1, max_value=T))
 def test_respacing_keeps_alpha_bar_at_the_kept_steps(n):
@@ -133,6 +151,66 @@ def test_p_sample_loop_without_noise_is_the_product_of_the_step_coefficients():
     torch.testing.assert_close(x0, factor * x_T, rtol=1e-9, atol=1e-12)
 
 
+def _toy_model(timesteps_seen):
+    """eps = 0.3 x + 1e-3 t, v = tanh(x + 1e-3 t) (in [-1, 1]) with t the timestep the model is given."""
+    def model(x, t):
+        timesteps_seen.append(t.clone())
+        tt = t.to(x.dtype)[:, None] * 1e-3
+        return torch.cat([0.3 * x + tt, torch.tanh(x + tt)], 1)
+    return model
+
+
+def test_p_sample_loop_against_a_hand_written_loop():
+    """Reverse loop from the formulas: the model sees the original timesteps, x_{i-1} =
+    mean + exp(logvar / 2) * temperature * noise_k (no noise at i = 0), step k draws step_noise[k]."""
+    n, M, C, temp = 10, 5, 3, 0.8
+    d = create_diffusion(str(n))
+    g = torch.Generator().manual_seed(6)
+    x_T = torch.randn(M, C, generator=g, dtype=torch.float64)
+    step_noise = torch.randn(n, M, C, generator=g, dtype=torch.float64)
+    seen = []
+    got = d.p_sample_loop(_toy_model(seen), (M, C), noise=x_T, step_noise=step_noise, temperature=temp)
+    assert [int(t[0]) for t in seen] == d.timestep_map[::-1] and all((t == t[0]).all() for t in seen)
+
+    abar = d.alphas_cumprod
+    abar_prev = np.append(1.0, abar[:-1])
+    x = x_T.clone()
+    for k, i in enumerate(range(n - 1, -1, -1)):
+        out = _toy_model([])(x, torch.full((M,), d.timestep_map[i]))
+        eps, v = out[:, :C], out[:, C:]
+        x0 = (x - math.sqrt(1 - abar[i]) * eps) / math.sqrt(abar[i])
+        mean = (d.betas[i] * math.sqrt(abar_prev[i]) * x0
+                + (1 - abar_prev[i]) * math.sqrt(1 - d.betas[i]) * x) / (1 - abar[i])
+        post_var = d.betas[i] * (1 - abar_prev[i]) / (1 - abar[i])
+        min_log = math.log(post_var if i > 0 else d.betas[1] * (1 - abar[0]) / (1 - abar[1]))
+        logvar = (v + 1) / 2 * math.log(d.betas[i]) + (1 - v) / 2 * min_log
+        x = mean + (torch.exp(0.5 * logvar) * temp * step_noise[k] if i > 0 else 0)
+    torch.testing.assert_close(got, x, rtol=1e-9, atol=1e-9)
+    # the last step adds no noise: changing its noise changes nothing, the one before does
+    sn = step_noise.clone()
+    sn[-1] += 1.0
+    torch.testing.assert_close(d.p_sample_loop(_toy_model([]), (M, C), noise=x_T, step_noise=sn, temperature=temp),
+                               got, rtol=0, atol=0)
+    sn[-2] += 1.0
+    assert not torch.allclose(d.p_sample_loop(_toy_model([]), (M, C), noise=x_T, step_noise=sn,
+                                              temperature=temp), got)
+
+
+def test_fixed_large_variance_without_learned_sigma():
+    """learn_sigma=False (IDDPM's fixed-large): log variance log(beta_t), with beta_0 replaced by
+    the posterior variance at t = 1; the model outputs C channels; the VB term is zero."""
+    d = create_diffusion("20", learn_sigma=False)
+    post1 = d.betas[1] * (1 - d.alphas_cumprod[0]) / (1 - d.alphas_cumprod[1])
+    x = torch.randn(3, 2, dtype=torch.float64)
+    t = torch.tensor([0, 1, 19])
+    out = d.p_mean_variance_from_output(torch.zeros_like(x), x, t)
+    expected = torch.log(torch.tensor([post1, d.betas[1], d.betas[19]], dtype=torch.float64))
+    torch.testing.assert_close(out["log_variance"], expected[:, None].expand(3, 2))
+    terms = d.training_losses(lambda xt, ts: torch.zeros_like(xt), x, t, noise=torch.ones_like(x))
+    assert terms["vb"].abs().max() == 0
+    torch.testing.assert_close(terms["loss"], torch.ones(3, dtype=torch.float64))
+
+
 # ------------------------------------------------------------------------------ training loss
 def _normal_kl(m1, lv1, m2, lv2):
     return 0.5 * (lv2 - lv1 + (torch.exp(lv1) + (m1 - m2) ** 2) / torch.exp(lv2) - 1)
@@ -171,6 +249,36 @@ def test_training_loss_is_mse_plus_vb_in_bits():
     nll_bits = -(torch.log(hi - lo)).mean() / math.log(2)
     assert float(terms["vb"][0]) == pytest.approx(float(nll_bits), rel=2e-2)
     torch.testing.assert_close(terms["loss"], terms["mse"] + terms["vb"])
+
+
+def _tanh_cdf(z):
+    return 0.5 * (1 + torch.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z ** 3)))
+
+
+def test_t0_term_is_the_discretized_gaussian_nll_with_iddpm_cdf():
+    """At t = 0 the VB term is -log P(bin of x0) in bits under N(model mean, model variance):
+    bins of width 2/255 around x0, the outer bins open at -1 and 1, CDF by IDDPM's tanh formula."""
+    d = create_diffusion("")
+    g = torch.Generator().manual_seed(7)
+    C = 6
+    x0 = torch.tensor([[-1.0, 1.0, 0.0, 0.3, -0.5, 0.999]], dtype=torch.float64)
+    noise = torch.randn(1, C, generator=g, dtype=torch.float64)
+    out = torch.cat([torch.randn(1, C, generator=g, dtype=torch.float64), torch.rand(1, C, generator=g) * 2 - 1], 1)
+    t = torch.tensor([0])
+    vb = d.training_losses(lambda x, ts: out, x0, t, noise=noise)["vb"]
+    b0 = d.betas[0]
+    xt = math.sqrt(1 - b0) * x0 + math.sqrt(b0) * noise
+    eps, v = out[:, :C], out[:, C:]
+    pred_x0 = (xt - math.sqrt(b0) * eps) / math.sqrt(1 - b0)
+    mean = pred_x0  # at t = 0: coef1 = 1, coef2 = 0 (abar_prev = 1)
+    min_log = math.log(d.betas[1] * b0 / (1 - d.alphas_cumprod[1]))
+    logvar = (v + 1) / 2 * math.log(b0) + (1 - v) / 2 * min_log
+    inv_std = torch.exp(-0.5 * logvar)
+    upper = _tanh_cdf(inv_std * (x0 - mean + 1 / 255))
+    lower = _tanh_cdf(inv_std * (x0 - mean - 1 / 255))
+    p = torch.where(x0 < -0.999, upper, torch.where(x0 > 0.999, 1 - lower, upper - lower))
+    nll_bits = -torch.log(p.clamp(min=1e-12)).mean(1) / math.log(2)
+    torch.testing.assert_close(vb, nll_bits, rtol=1e-9, atol=1e-9)
 
 
 def test_vb_term_trains_only_the_variance():
@@ -242,6 +350,10 @@ def test_bad_input():
         FlowMatching(time_shift=-1.0)
     with pytest.raises(ValueError, match="steps"):
         FlowMatching().sample(lambda x, t: x, (2, 2), 0)
+    with pytest.raises(ValueError, match="noise"):
+        FlowMatching().training_losses(lambda x, t: x, torch.zeros(2, 2), noise=torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="model returned"):
+        FlowMatching().training_losses(lambda x, t: x[:, :1], torch.zeros(2, 2))
     d = create_diffusion("10")
     for bad in (float("nan"), -1.0):
         with pytest.raises(ValueError, match="temperature"):
@@ -250,3 +362,23 @@ def test_bad_input():
         d.training_losses(lambda x, t: torch.cat([x, x], 1), torch.zeros(2, 2), torch.tensor([0, 10]))
     with pytest.raises(ValueError, match="expected"):
         d.training_losses(lambda x, t: x, torch.zeros(2, 2), torch.tensor([0, 1]))
+
+
+def test_sampler_bad_input():
+    """djepa.diffusion.sample refuses bad steps / temperature / cfg_scale before any work."""
+    from djepa.diffusion import sample
+    from djepa.nn import DenoisingMLP
+
+    mlp = DenoisingMLP(2, 8, 4, 3, 1)
+    z = torch.randn(4, 3)
+    for steps in (0, -3, 1001, 2.5, True, "10"):
+        with pytest.raises(ValueError, match="steps"):
+            sample(mlp, z, steps=steps, backend="eager")
+    for name in ("temperature", "cfg_scale"):
+        for bad in (float("nan"), float("inf"), -0.5):
+            with pytest.raises(ValueError, match=name):
+                sample(mlp, z, steps=2, backend="eager", **{name: bad})
+    # the edges that are allowed: one step, temperature 0 (deterministic), cfg 1 with odd rows
+    a = sample(mlp, torch.randn(3, 3), steps=1, temperature=0.0, backend="eager",
+               generator=torch.Generator().manual_seed(0))
+    assert a.shape == (3, 2) and torch.isfinite(a).all()
