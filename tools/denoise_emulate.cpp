@@ -9,10 +9,17 @@
 // float64 reference computed from the same rounded inputs.
 //
 //   g++ -std=c++17 -O1 -pthread -DDJEPA_DENOISE_EMULATE -I/usr/local/cuda/include -I csrc \
-//       tools/denoise_emulate.cpp -o /tmp/denoise_emulate && /tmp/denoise_emulate
+//       tools/denoise_emulate.cpp -o /tmp/denoise_emulate && /tmp/denoise_emulate [seed [ln|update|gemm]]
+//
+// Prints one "ok"/"FAIL" line per check and ALL OK (exit 0) or SOME FAILED (exit 1); tests/
+// test_emulators.py runs it. Not covered here (GPU only): the host code of csrc/denoise.cu
+// (argument checks, variant choice, cudaFuncSetAttribute), the asynchrony of cp.async (the
+// wait_group accounting: copies are synchronous here), hardware accumulation order in mma,
+// __expf/rsqrtf approximations, and performance.
 #include "cuda_emulate.h"
 
 #include <cmath>
+#include <string>
 
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 inline float __expf(float x) { return std::exp(x); }
@@ -171,11 +178,16 @@ template <typename T>
 bool ln_all(std::mt19937& rng) {
   constexpr int V = vec_width<T>();
   bool ok = true;
-  for (int W : {48, 64, 1000, 37}) {
+  // 1024, 1280, 1536: the B/L/H widths (the launcher picks NC = 4, 6, 6 for 16-bit types, i.e.
+  // every register-chunk bound it has: 1, 2, 4, 6, kLnMaxChunks, 0 all run below where they fit).
+  for (int W : {48, 64, 1000, 37, 320, 1024, 1280, 1536}) {
     for (bool affine : {true, false}) {
+      if (W >= 1024 && !affine) continue;  // the model widths: affine only (no-affine runs above)
       const int M = (W == 1000) ? 70 : 67;  // two backward blocks, the second partial
       ok = ln_case<T, V, 1>(M, W, affine, rng) && ok;
+      ok = ln_case<T, V, 2>(M, W, affine, rng) && ok;
       ok = ln_case<T, V, 4>(M, W, affine, rng) && ok;
+      ok = ln_case<T, V, 6>(M, W, affine, rng) && ok;
       ok = ln_case<T, V, kLnMaxChunks>(M, W, affine, rng) && ok;
       ok = ln_case<T, V, 0>(M, W, affine, rng) && ok;
       ok = ln_case<T, 1, kLnMaxChunks>(M, W, affine, rng) && ok;
@@ -270,6 +282,13 @@ bool gemm_all(std::mt19937& rng) {
     for (int layout = 0; layout < 4; ++layout)
       for (int epilogue : {int(kEpNone), int(kEpSilu), int(kEpGate), int(kEpSiluBwd), int(kEpF32)})
         ok = gemm_case<T>(s.M, s.N, s.K, layout & 1, layout >> 1, epilogue, epilogue != kEpSiluBwd, rng) && ok;
+  // K of 5 and more k-tiles: only then does the main loop refill the stage ring (kStages = 4);
+  // with at most 3 k-tiles the prologue loads every tile and the refill path never runs.
+  const Size deep[] = {{40, 24, 200}, {33, 20, 171}};  // cp.async path; scalar path
+  for (const Size& s : deep)
+    for (int layout = 0; layout < 4; ++layout)
+      for (int epilogue : {int(kEpNone), int(kEpGate) | int(kEpF32)})
+        ok = gemm_case<T>(s.M, s.N, s.K, layout & 1, layout >> 1, epilogue, true, rng) && ok;
   return ok;
 }
 
@@ -339,15 +358,23 @@ bool update_all(std::mt19937& rng) {
 
 int main(int argc, char** argv) {
   std::mt19937 rng(argc > 1 ? std::atoi(argv[1]) : 1234);
+  const std::string only = argc > 2 ? argv[2] : "";  // optional: ln | update | gemm
+  auto run = [&](const char* section) { return only.empty() || only == section; };
   bool all = true;
-  all = ln_all<__half>(rng) && all;
-  all = ln_all<__nv_bfloat16>(rng) && all;
-  all = ln_all<float>(rng) && all;
-  all = update_all<__half>(rng) && all;
-  all = update_all<__nv_bfloat16>(rng) && all;
-  all = update_all<float>(rng) && all;
-  all = gemm_all<__half>(rng) && all;
-  all = gemm_all<__nv_bfloat16>(rng) && all;
+  if (run("ln")) {
+    all = ln_all<__half>(rng) && all;
+    all = ln_all<__nv_bfloat16>(rng) && all;
+    all = ln_all<float>(rng) && all;
+  }
+  if (run("update")) {
+    all = update_all<__half>(rng) && all;
+    all = update_all<__nv_bfloat16>(rng) && all;
+    all = update_all<float>(rng) && all;
+  }
+  if (run("gemm")) {
+    all = gemm_all<__half>(rng) && all;
+    all = gemm_all<__nv_bfloat16>(rng) && all;
+  }
   std::printf(all ? "ALL OK\n" : "SOME FAILED\n");
   return all ? 0 : 1;
 }
