@@ -16,7 +16,17 @@ from djepa.ops.attention import _compact, _eager_attention
 from djepa.testing import assert_close_to_reference, poison_
 
 HAS_GPU = torch.cuda.is_available()
-ATOL = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+# fp16: the kernels round P and dS to fp16 before the gradient GEMMs (as flash-attention does),
+# so a gradient summed over many queries may sit a few fp16 ulps of O(1) values past 2x eager.
+ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-3}
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    """Fresh random inputs per test, reproducible from the test's id."""
+    import zlib
+
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
 def _inputs(B, H, Nq, Nk, D, dtype, device, density=0.5, gen=None):
