@@ -355,3 +355,13 @@ def test_module_bad_arguments():
     ema = EMA(_Net())
     with pytest.raises(ValueError, match="no parameter"):
         ema.update(nn.Linear(7, 5))
+
+
+def test_update_moves_the_version_of_the_ema_parameters():
+    """Caches keyed on (data_ptr, _version) — the sampler's CUDA graphs, packed weights — must
+    see an EMA update of the weights they captured."""
+    model = _Net()
+    ema = EMA(model, decay=0.5)
+    before = [p._version for p in ema.module.parameters()]
+    ema.update(model)
+    assert all(p._version > v for p, v in zip(ema.module.parameters(), before))

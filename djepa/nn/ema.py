@@ -83,12 +83,13 @@ class EMA(nn.Module):
     def _bind_views(self):
         """Point every float parameter of `.module` at its slice of the flat buffer."""
         offset = 0
-        self._views = []
+        self._targets = []
         for name in self._param_names:
             p = self.module.get_parameter(name)
-            view = self.flat[offset : offset + p.numel()].view(p.shape)
-            p.data = view
-            self._views.append(view)
+            p.data = self.flat[offset : offset + p.numel()].view(p.shape)
+            # The parameters themselves are updated (not the views), so that their version
+            # counters move and caches keyed on them (packed weights, CUDA graphs) see the update.
+            self._targets.append(p)
             offset += p.numel()
 
     def _apply(self, fn, recurse=True):
@@ -121,7 +122,7 @@ class EMA(nn.Module):
         sources = self._sources(model)
         if decay is None:
             decay = self.decay
-        ema_update_(self._views, sources, decay, backend=self.backend)
+        ema_update_(self._targets, sources, decay, backend=self.backend)
         own_buffers = dict(self.module.named_buffers())
         for name, buf in model.named_buffers():
             target = own_buffers.get(name)
