@@ -449,3 +449,29 @@ def test_autocast_float32_weights_with_low_precision_activations():
         assert z.dtype == torch.bfloat16
         s = sample(mlp, z, steps=3, generator=torch.Generator().manual_seed(1), backend="eager")
     assert s.shape == (3, 4) and torch.isfinite(s).all()
+
+
+def test_packed_weights_are_reused_and_follow_every_update():
+    """denoise_step / sample stack the adaLN weights once per weight state, not per call; an
+    optimizer step or an EMA update (djepa.nn.EMA) must invalidate that."""
+    from djepa.nn import EMA
+    from djepa.ops.denoise import packed
+
+    torch.manual_seed(0)
+    mlp = DenoisingMLP(4, 16, 8, 6, 2)
+    ema = EMA(mlp, decay=0.5)
+
+    def stacked(m):
+        mods = [b.adaLN_modulation[1].weight for b in m.res_blocks] + [m.final_layer.adaLN_modulation[1].weight]
+        return torch.cat([w.detach() for w in mods])
+
+    first = packed(mlp)
+    assert packed(mlp) is first
+    for target in (mlp, ema.module):
+        before = packed(target)
+        with torch.no_grad():
+            for p in mlp.parameters():
+                p.add_(torch.randn_like(p))
+        ema.update(mlp)
+        after = packed(target)
+        assert after is not before and torch.equal(after.w_mod, stacked(target))

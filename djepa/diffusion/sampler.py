@@ -88,7 +88,7 @@ def _fused_loop(run, mlp, pk, z, x_T, step_noise, diffusion, cfg, cfg_scale, tem
 
 class _Graph:
     def __init__(self, run, mlp, z, x_T, step_noise, diffusion, cfg, cfg_scale, temperature):
-        self.pk = _d._Packed(mlp)
+        self.pk = _d.packed(mlp)
         self.z, self.x_T, self.noise = z.clone(), x_T.clone(), step_noise.clone()
         args = (run, mlp, self.pk, self.z, self.x_T, self.noise, diffusion, cfg, cfg_scale, temperature)
         side = torch.cuda.Stream(z.device)
@@ -164,6 +164,6 @@ def sample(mlp, z, steps=100, temperature=1.0, cfg_scale=1.0, generator=None, ba
             _GRAPHS[key] = graph
             x = graph(z, x_T, step_noise)
         else:
-            x = _fused_loop(run, mlp, _d._Packed(mlp), z.contiguous(), x_T, step_noise, diffusion, cfg,
+            x = _fused_loop(run, mlp, _d.packed(mlp), z.contiguous(), x_T, step_noise, diffusion, cfg,
                             cfg_scale, temperature)
     return torch.cat([x, x]) if cfg else x

@@ -479,6 +479,17 @@ class _Packed:
         self.W, self.C, self.out = mlp.model_channels, mlp.in_channels, mlp.out_channels
 
 
+def packed(mlp):
+    """`_Packed(mlp)`, rebuilt only when a parameter of `mlp` was replaced or changed in place
+    (every denoise_step / sample call would otherwise re-stack the adaLN weights)."""
+    key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in mlp.parameters())
+    cached = getattr(mlp, "_djepa_packed", None)
+    if cached is None or cached[0] != key:
+        cached = (key, _Packed(mlp))
+        mlp._djepa_packed = cached
+    return cached[1]
+
+
 def _fused_step(run, pk, x, xin, c_emb, temb_row, noise, coefs, cfg, cfg_scale, out, xin_next):
     """One step in 3 + 3 * depth + 3 launches; writes out (and xin_next, the next MLP input)."""
     rows, W = c_emb.shape
@@ -533,7 +544,7 @@ def denoise_step(mlp, x, c_emb, diffusion, t, *, noise=None, cfg_scale=1.0, temp
         ts = torch.tensor([diffusion.timestep_map[t]], device=x.device)
         temb = mlp.time_embed(ts)[0].contiguous()
         out = torch.empty_like(x)
-        _fused_step(_runner(chosen, x.device), _Packed(mlp), x.contiguous(), xin, c_emb.contiguous(), temb,
+        _fused_step(_runner(chosen, x.device), packed(mlp), x.contiguous(), xin, c_emb.contiguous(), temb,
                     None if noise is None else noise.contiguous(), diffusion.step_coefficients(t, temperature),
                     cfg, cfg_scale, out, None)
         return out
