@@ -30,7 +30,6 @@ Targets on an H100, bf16 (benchmark, not a test): dense >= 0.9x the best SDPA ba
 forward+backward; 25% random visible >= 2.5x SDPA with the mask and >= 2x FlexAttention,
 forward+backward.
 """
-import os
 
 import pytest
 import torch
@@ -42,6 +41,7 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
+from bench_knobs import select  # noqa: E402
 from djepa import backends  # noqa: E402
 from djepa.ops import masked_attention  # noqa: E402
 from djepa.ops.attention import _cuda_reason, _eager_attention, _triton_reason  # noqa: E402
@@ -66,17 +66,6 @@ MODES = ["fwd", "fwdbwd"]
 DTYPE = torch.bfloat16
 
 
-def _select(env, universe):
-    raw = os.environ.get(env)
-    if not raw:
-        return list(universe)
-    chosen = [x.strip() for x in raw.split(",") if x.strip()]
-    unknown = [x for x in chosen if x not in universe]
-    if unknown:
-        raise ValueError(f"{env}: unknown {unknown}; choose from {list(universe)}")
-    return chosen
-
-
 _times = {}  # (shape, fraction, mode) -> {impl: ms}
 _compiled = {}  # torch.compile'd peers, shared across cases
 
@@ -94,14 +83,6 @@ def _summary():
             ratios = "  ".join(f"{p}={row[p] / row[ours]:.2f}" for p in row if not p.startswith("djepa"))
             lines.append(f"{shape:11s} {frac:10s} {mode:6s} {ours:12s} {row[ours]:8.3f} ms  {ratios}")
     print("\n".join(lines))
-
-
-@pytest.fixture(scope="module")
-def matmul_tflops():
-    a = torch.randn(8192, 8192, device="cuda", dtype=DTYPE)
-    b = torch.randn(8192, 8192, device="cuda", dtype=DTYPE)
-    ms = triton.testing.do_bench(lambda: a @ b, warmup=50, rep=200, return_mode="median")
-    return 2 * 8192 ** 3 / (ms * 1e-3) / 1e12
 
 
 def _make_mask(B, N, fraction, pattern, gen):
@@ -178,10 +159,10 @@ def _peer_forward(impl, q, k, v, mask, dense, cache):
     raise ValueError(impl)
 
 
-@pytest.mark.parametrize("impl", _select("DJEPA_BENCH_ATTN_IMPLS", IMPLS))
-@pytest.mark.parametrize("mode", _select("DJEPA_BENCH_ATTN_MODES", MODES))
-@pytest.mark.parametrize("fraction", _select("DJEPA_BENCH_ATTN_FRACTIONS", FRACTIONS))
-@pytest.mark.parametrize("shape", _select("DJEPA_BENCH_ATTN_SHAPES", SHAPES))
+@pytest.mark.parametrize("impl", select("DJEPA_BENCH_ATTN_IMPLS", IMPLS))
+@pytest.mark.parametrize("mode", select("DJEPA_BENCH_ATTN_MODES", MODES))
+@pytest.mark.parametrize("fraction", select("DJEPA_BENCH_ATTN_FRACTIONS", FRACTIONS))
+@pytest.mark.parametrize("shape", select("DJEPA_BENCH_ATTN_SHAPES", SHAPES))
 def test_masked_attention(benchmark, matmul_tflops, shape, fraction, mode, impl):
     B, N, H, D = SHAPES[shape]
     frac, pattern = FRACTIONS[fraction]

@@ -57,6 +57,7 @@ if not torch.cuda.is_available():
 import torch.nn.functional as F  # noqa: E402
 
 from djepa import backends  # noqa: E402
+from bench_knobs import select  # noqa: E402
 from djepa.diffusion import create_diffusion, sample  # noqa: E402
 from djepa.models.presets import get_config  # noqa: E402
 from djepa.nn import DenoisingMLP  # noqa: E402
@@ -81,23 +82,12 @@ HEADS = _heads()
 PATHS = ["eager-fp32", "eager-bf16", "compile", "djepa-triton", "djepa-cuda"]
 
 
-def _select(env, universe):
-    raw = os.environ.get(env)
-    if not raw:
-        return list(universe)
-    chosen = [x.strip() for x in raw.split(",") if x.strip()]
-    bad = [x for x in chosen if x not in universe]
-    if bad:
-        raise ValueError(f"{env}: unknown {bad}; choose from {list(universe)}")
-    return chosen
-
-
-SELECTED_HEADS = _select("DJEPA_BENCH_DENOISE_HEADS", HEADS)
+SELECTED_HEADS = select("DJEPA_BENCH_DENOISE_HEADS", HEADS)
 SIZES = [int(m) for m in os.environ.get("DJEPA_BENCH_DENOISE_M", "512,2048,8192").split(",") if m.strip()]
 TRAIN_M = int(os.environ.get("DJEPA_BENCH_DENOISE_TRAIN_M", "32768"))
 STEPS = int(os.environ.get("DJEPA_BENCH_DENOISE_STEPS", "100"))
-CASES = _select("DJEPA_BENCH_DENOISE_CASES", ["step", "loop", "train"])
-SELECTED_PATHS = _select("DJEPA_BENCH_DENOISE_PATHS", PATHS)
+CASES = select("DJEPA_BENCH_DENOISE_CASES", ["step", "loop", "train"])
+SELECTED_PATHS = select("DJEPA_BENCH_DENOISE_PATHS", PATHS)
 
 # every (head, M) is a fresh specialisation of the same compiled function: keep them all
 torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
@@ -136,23 +126,6 @@ def gemm_flops(M, depth, width, z, case, steps=STEPS, in_ch=16, freq=FREQ):
         forward = fwd + cond + temb(M)
         return 3 * forward - 2 * M * width * (in_ch + z + freq)
     raise ValueError(f"unknown case {case!r}")
-
-
-_matmul = {}
-
-
-@pytest.fixture(scope="session")
-def matmul_tflops():
-    """bf16 torch.matmul rate of this GPU (8192^3, median of do_bench), measured once."""
-    if "tflops" not in _matmul:
-        import triton
-
-        a = torch.randn(8192, 8192, device=DEVICE, dtype=torch.bfloat16)
-        b = torch.randn(8192, 8192, device=DEVICE, dtype=torch.bfloat16)
-        ms = triton.testing.do_bench(lambda: a @ b, warmup=50, rep=200, return_mode="median")
-        _matmul["tflops"] = 2 * 8192 ** 3 / (ms * 1e-3) / 1e12
-        del a, b
-    return _matmul["tflops"]
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -73,16 +73,6 @@ class _Holder(torch.nn.Module):
         self.ps = torch.nn.ParameterList([torch.nn.Parameter(x, requires_grad=False) for x in xs])
 
 
-@pytest.fixture(scope="module")
-def copy_bandwidth():
-    """Device copy bandwidth in GB/s (read + write bytes of a 1 GiB float32 copy_)."""
-    n = 1 << 28
-    src = torch.empty(n, device="cuda")
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=200)
-    return 2 * n * 4 / (ms * 1e-3) / 1e9
-
-
 def _apex_axpby():
     try:
         import amp_C
