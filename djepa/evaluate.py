@@ -124,9 +124,7 @@ def evaluate(model, tokenizer, train_set, test_set, *, n_per_class: int = 50, nu
         feat_train = encode_features(model, tokenizer, train_x, batch_size, pool=pool)
         feat_test = encode_features(model, tokenizer, test_x, batch_size, pool=pool)
         res[key] = linear_probe(feat_train, train_y, feat_test, test_y, seed)
-    res.update({
-        "probe_pixels": linear_probe(_flat(train_set, train_x), train_y, _flat(test_set, test_x), test_y, seed),
-    })
+    res["probe_pixels"] = linear_probe(_flat(train_set, train_x), train_y, _flat(test_set, test_x), test_y, seed)
     judge = Judge(_flat(train_set, train_x), train_y, seed=seed)
     res["judge_accuracy_real"] = judge.accuracy(_flat(test_set, test_x), test_y)
     labels = torch.arange(train_set.num_classes).repeat_interleave(n_per_class)
