@@ -38,6 +38,13 @@ def cuda_extension_error():
     return _load_extension()[1]
 
 
+def parse_archs(text: str) -> list:
+    """The CUDA architectures djepa._C reports ("80,90a": CMake's list, comma-separated) as a list."""
+    import re
+
+    return [a.strip() for a in re.split(r"[;,]", text or "") if a.strip()]
+
+
 def gpu_available() -> bool:
     return torch.cuda.is_available()
 

@@ -28,11 +28,19 @@ def ext():
 
 def test_extension_reports_its_build(ext):
     assert re.fullmatch(r"\d+\.\d+(\.\d+)?", ext.cuda_version), ext.cuda_version
-    assert ext.cuda_archs and all(re.fullmatch(r"\d+a?", a) for a in ext.cuda_archs.split(";"))
+    archs = backends.parse_archs(ext.cuda_archs)
+    assert archs and all(re.fullmatch(r"\d+[af]?(-real|-virtual)?", a) for a in archs), ext.cuda_archs
     major, minor = ext.cuda_version.split(".")[:2]
     assert djepa.__version__.endswith(f"+cu{major}{minor}"), (
         f"a CUDA build's version must end in +cu{major}{minor}, got {djepa.__version__}")
     assert sorted(ext.registered) == sorted(set(ext.registered)) and len(ext.registered) >= 3
+
+
+@pytest.mark.parametrize("text, archs", [("90a", ["90a"]), ("80,90a", ["80", "90a"]),
+                                         ("80;90a", ["80", "90a"]), ("80-real, 90a", ["80-real", "90a"])])
+def test_arch_lists_parse_in_either_separator(text, archs):
+    # CMake's DJEPA_CUDA_ARCHS "80;90a" reaches djepa._C.cuda_archs as "80,90a"
+    assert backends.parse_archs(text) == archs
 
 
 @pytest.mark.parametrize("op", sorted(backends.OPS))
@@ -100,3 +108,56 @@ def test_describe_reports_every_op_and_why_a_backend_is_unavailable():
     assert "torch" in text and "triton" in text and "djepa._C" in text
     if not torch.cuda.is_available():
         assert "unavailable:" in text
+
+
+# --- setup.py: when it builds djepa._C, and installing a prebuilt one ------------------------
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _setup_version(**env):
+    import subprocess
+    import sys
+
+    full = {k: v for k, v in os.environ.items()
+            if k not in ("DJEPA_SKIP_CUDA", "DJEPA_BUILD_CUDA", "DJEPA_PREBUILT_C")}
+    full.update(env)
+    out = subprocess.run([sys.executable, "setup.py", "--version"], cwd=ROOT, env=full,
+                         capture_output=True, text=True, timeout=300)
+    return out.returncode, out.stdout.strip().splitlines()[-1:] or [""], out.stderr
+
+
+def _has_nvcc():
+    import shutil
+
+    return bool(shutil.which("nvcc") or os.path.exists(os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"),
+                                                                    "bin", "nvcc")))
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="checks the CPU-torch default; this torch has CUDA")
+def test_setup_does_not_compile_for_a_cpu_torch_by_default():
+    rc, (version,), err = _setup_version()
+    assert rc == 0, err
+    assert version == "0.1.0", version
+    assert "CPU build" in err or "no nvcc" in err, err
+
+
+def test_setup_skip_and_force():
+    rc, (version,), err = _setup_version(DJEPA_SKIP_CUDA="1", DJEPA_BUILD_CUDA="1")
+    assert rc == 0 and version == "0.1.0" and "DJEPA_SKIP_CUDA=1" in err, err
+    if _has_nvcc():
+        rc, (version,), err = _setup_version(DJEPA_BUILD_CUDA="1")
+        assert rc == 0 and re.fullmatch(r"0\.1\.0\+cu\d+", version), (version, err)
+    rc, _, err = _setup_version(DJEPA_BUILD_CUDA="yes")
+    assert rc != 0 and "DJEPA_BUILD_CUDA must be 0 or 1" in err
+
+
+def test_setup_installs_a_prebuilt_extension_with_its_version(ext, tmp_path):
+    rc, (version,), err = _setup_version(DJEPA_PREBUILT_C=ext.__file__)
+    major, minor = ext.cuda_version.split(".")[:2]
+    assert rc == 0 and version == f"0.1.0+cu{major}{minor}", (version, err)
+    junk = tmp_path / "_C.cpython-311-x86_64-linux-gnu.so"
+    junk.write_bytes(os.urandom(256))
+    rc, _, err = _setup_version(DJEPA_PREBUILT_C=str(junk))
+    assert rc != 0 and "does not load as djepa._C" in err, err
+    rc, _, err = _setup_version(DJEPA_PREBUILT_C=str(tmp_path / "missing.so"))
+    assert rc != 0 and "no such file" in err, err

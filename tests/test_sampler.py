@@ -71,18 +71,68 @@ def test_deterministic_for_a_seed():
     assert not torch.allclose(a, c)
 
 
-def test_cfg_doubled_batch_equals_conditional_path_when_uncond_is_cond():
-    """With the fake class equal to the class embedding, the guided eps u + s(c - u) is the
-    conditional eps: cfg 3 (doubled batch, both schedules) must reproduce cfg 1."""
+def _record_head(model, monkeypatch):
+    """Replace the sampling net's diffusion-head sampler with a bounded stand-in that records
+    what the sampler gives it: (z, cfg_scale) per iteration. Its tokens depend on the
+    conditional half of z only, so a correct CFG wiring reproduces the unguided run."""
+    calls = []
+    C = model.config.token_channels
+
+    def head(z, temperature=1.0, cfg_scale=1.0, generator=None):
+        calls.append((z.detach().double().clone(), float(cfg_scale)))
+        n = z.shape[0] // 2 if float(cfg_scale) != 1.0 else z.shape[0]
+        return torch.tanh(0.5 * z[:n, :C].float())
+
+    monkeypatch.setattr(model.ema.module.diffloss, "sample", head)
+    return calls
+
+
+def test_cfg_doubles_the_batch_with_the_fake_class_and_follows_the_schedule(monkeypatch):
+    """With the fake class equal to the class embedding, the unconditional half the sampler
+    builds must equal the conditional half, the conditional half must be the unguided run's z,
+    and the scale must follow MAR's schedule: linear 1 + (cfg - 1) (L - mask_len) / L, or
+    constant. Checked on bounded values (predictor features), not on float32 luck."""
     model = tiny(num_classes=10)
+    L = model.config.seq_len
     labels = torch.tensor([4, 4])
     with torch.no_grad():
         for net in (model.net, model.ema.module):
             net.fake_latent.copy_(net.class_emb.weight[4:5])
-    plain = model.sample(labels, num_iter=4, generator=gen(3))
-    for schedule in ("linear", "constant"):
-        guided = model.sample(labels, num_iter=4, cfg_scale=3.0, cfg_schedule=schedule, generator=gen(3))
-        torch.testing.assert_close(guided, plain, rtol=1e-5, atol=1e-5)
+    calls = _record_head(model, monkeypatch)
+    num_iter, cfg = 4, 3.0
+    plain = model.sample(labels, num_iter=num_iter, generator=gen(3))
+    plain_calls = list(calls)
+    assert [s for _, s in plain_calls] == [1.0] * num_iter
+    schedule = masking.mask_len_schedule(L, num_iter)
+    for kind in ("linear", "constant"):
+        calls.clear()
+        guided = model.sample(labels, num_iter=num_iter, cfg_scale=cfg, cfg_schedule=kind, generator=gen(3))
+        assert len(calls) == num_iter
+        for step, ((z, scale), (z_plain, _)) in enumerate(zip(calls, plain_calls)):
+            n = z_plain.shape[0]
+            assert z.shape[0] == 2 * n
+            torch.testing.assert_close(z[n:], z[:n], rtol=1e-4, atol=1e-4)   # uncond == cond here
+            torch.testing.assert_close(z[:n], z_plain, rtol=1e-4, atol=1e-4)  # cond half = unguided z
+            mask_len = schedule[step][0]
+            expect = 1.0 + (cfg - 1.0) * (L - mask_len) / L if kind == "linear" else cfg
+            assert scale == pytest.approx(expect, rel=1e-12), (kind, step, scale, expect)
+        torch.testing.assert_close(guided, plain, rtol=1e-4, atol=1e-4)
+
+
+def test_cfg_head_reproduces_the_conditional_sample_when_uncond_is_cond():
+    """The diffusion head's guided loop with z = [c; c] equals its unguided loop on c (float64,
+    where the property holds to rounding: eps_u + s (eps_c - eps_u) = eps_c)."""
+    model = tiny()
+    head = model.net.diffloss.double()
+    z = torch.randn(5, model.config.pred_embed_dim, generator=gen(4), dtype=torch.float64)
+    plain = head.sample(z, generator=gen(11))
+    guided = head.sample(torch.cat([z, z]), cfg_scale=3.0, generator=gen(11))
+    assert plain.dtype == torch.float64 and guided.shape == plain.shape
+    scale = plain.abs().max().item()
+    assert (guided - plain).abs().max().item() <= 1e-9 * max(1.0, scale)
+    # and guidance does change the sample when the unconditional half differs
+    other = head.sample(torch.cat([z, z.flip(0)]), cfg_scale=3.0, generator=gen(11))
+    assert (other - plain).abs().max().item() > 1e-3 * max(1.0, scale)
 
 
 def test_cfg_changes_samples_when_uncond_differs():
