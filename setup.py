@@ -1,11 +1,19 @@
-"""Build djepa; compile the CUDA extension djepa._C with CMake when nvcc is available.
+"""Build djepa; compile the CUDA extension djepa._C with CMake when it can be used.
 
-Environment:
-  DJEPA_SKIP_CUDA=1        install the pure-Python package (Triton + eager) only
+Whether `_C` is built (first rule that applies):
+  DJEPA_SKIP_CUDA=1         never: the pure-Python package (Triton + eager)
+  DJEPA_PREBUILT_C=PATH     no compiling: install that already built _C*.so (same Python), and
+                            keep its +cuXYZ version (e.g. one built on a CPU machine for a GPU one)
+  DJEPA_BUILD_CUDA=1        always, when nvcc is found (CI and wheel builds set it)
+  default                   when nvcc is found and the installed torch is a CUDA build (a CPU
+                            torch cannot hand the kernels GPU tensors, so compiling is wasted)
+Build settings:
   DJEPA_CUDA_ARCHS="80;90a" CMake CUDA architecture list (default 80;90a)
-  MAX_JOBS=N               parallel compile jobs
-  CUDA_HOME                where to look for nvcc first
+  MAX_JOBS=N                parallel compile jobs
+  CUDA_HOME                 where to look for nvcc first
+Compile progress is printed per file (visible with `pip install -v`, and on the terminal).
 """
+import importlib.machinery
 import os
 import re
 import shutil
@@ -20,9 +28,27 @@ ROOT = Path(__file__).resolve().parent
 BASE_VERSION = "0.1.0"
 
 
+def say(msg, tty=True):
+    """To stderr (pip shows it with -v) and to the terminal, if any (pip hides the build output)."""
+    line = f"djepa: {msg}"
+    print(line, file=sys.stderr, flush=True)
+    if not tty:
+        return
+    try:
+        with open("/dev/tty", "w") as tty:
+            tty.write(line + "\n")
+    except OSError:
+        pass
+
+
+def env_flag(name):
+    value = os.environ.get(name, "").strip()
+    if value not in ("", "0", "1"):
+        raise SystemExit(f"djepa: {name} must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
 def find_nvcc():
-    if os.environ.get("DJEPA_SKIP_CUDA", "0") == "1":
-        return None
     candidates = []
     for var in ("CUDA_HOME", "CUDA_PATH"):
         if os.environ.get(var):
@@ -60,9 +86,50 @@ def cmake_executable():
     return exe
 
 
+def installed_torch_cuda():
+    """torch.version.cuda of the torch in the environment being installed into ("" if none, or
+    None if torch is not installed). pip's isolated build hides it, so ask a clean interpreter."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONNOUSERSITE", "PYTHONHOME")}
+    probe = "import torch; print(torch.version.cuda or '')"
+    try:
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=300)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def prebuilt_extension():
+    """(path, cuda_version) of DJEPA_PREBUILT_C, checked; None when unset."""
+    raw = os.environ.get("DJEPA_PREBUILT_C", "").strip()
+    if not raw:
+        return None
+    path = Path(raw).expanduser().resolve()
+    if not path.is_file():
+        raise SystemExit(f"djepa: DJEPA_PREBUILT_C={raw}: no such file")
+    probe = ("import importlib.machinery, importlib.util, sys\n"
+             "loader = importlib.machinery.ExtensionFileLoader('djepa._C', sys.argv[1])\n"
+             "spec = importlib.util.spec_from_loader('djepa._C', loader)\n"
+             "m = importlib.util.module_from_spec(spec); loader.exec_module(m)\n"
+             "print(m.cuda_version)")
+    out = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True)
+    if out.returncode != 0 or not re.fullmatch(r"\d+\.\d+(\.\d+)?", out.stdout.strip()):
+        raise SystemExit(f"djepa: DJEPA_PREBUILT_C={raw} does not load as djepa._C in this Python "
+                         f"({importlib.machinery.EXTENSION_SUFFIXES[0]}): "
+                         f"{(out.stderr.strip().splitlines() or ['no cuda_version'])[-1]}")
+    return path, out.stdout.strip()
+
+
 class CMakeExtension(Extension):
     def __init__(self, name):
         super().__init__(name, sources=[])
+
+
+class PrebuiltCopy(build_ext):
+    def build_extension(self, ext):
+        target = Path(self.get_ext_fullpath(ext.name)).resolve()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        say(f"installing the prebuilt {PREBUILT[0]} (CUDA {PREBUILT[1]}) as {target.name}, no compiling")
+        shutil.copyfile(PREBUILT[0], target)
 
 
 class CMakeBuild(build_ext):
@@ -87,23 +154,74 @@ class CMakeBuild(build_ext):
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
         ]
+        ninja = shutil.which("ninja")
+        if ninja is None:
+            try:
+                import ninja as _ninja  # the PyPI wheel, when present
+
+                ninja = str(Path(_ninja.BIN_DIR) / "ninja")
+            except ImportError:
+                ninja = None
+        cached = (build_dir / "CMakeCache.txt").is_file()
+        if ninja and not cached:
+            configure += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
         jobs = os.environ.get("MAX_JOBS") or str(max(1, os.cpu_count() or 1))
-        subprocess.run(configure, cwd=build_dir, check=True)
-        subprocess.run([cmake, "--build", ".", "--config", cfg, "-j", jobs], cwd=build_dir, check=True)
+        n_src = len(list((ROOT / "csrc").glob("*.cu"))) + len(list((ROOT / "csrc").glob("*.cpp")))
+        say(f"compiling djepa._C: {n_src} sources for CUDA archs {archs} with {jobs} jobs "
+            f"(minutes per arch; DJEPA_SKIP_CUDA=1 skips it)")
+        subprocess.run(configure, cwd=build_dir, check=True, stdout=subprocess.DEVNULL)
+        build = subprocess.Popen([cmake, "--build", ".", "--config", cfg, "-j", jobs], cwd=build_dir,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        tail = []
+        for line in build.stdout:
+            tail = (tail + [line.rstrip()])[-40:]
+            m = re.search(r"Building (?:CUDA|CXX) object .*?/([\w.]+)\.o", line)
+            if m:
+                step = re.match(r"\s*\[\s*([\d/%]+)\s*\]", line)
+                say(f"  [{step.group(1) if step else '..'}] compiling {m.group(1)}")
+            elif "Linking" in line:
+                say("  linking djepa._C")
+        if build.wait() != 0:
+            raise RuntimeError("building djepa._C failed:\n" + "\n".join(tail))
 
 
-NVCC = find_nvcc()
+def cuda_decision():
+    """(build kind, nvcc, why) with kind in {"skip", "prebuilt", "build"}."""
+    if env_flag("DJEPA_SKIP_CUDA"):
+        return "skip", None, "DJEPA_SKIP_CUDA=1"
+    if os.environ.get("DJEPA_PREBUILT_C", "").strip():
+        return "prebuilt", None, "DJEPA_PREBUILT_C"
+    nvcc = find_nvcc()
+    if nvcc is None:
+        return "skip", None, "no nvcc found (CUDA_HOME, PATH, /usr/local/cuda)"
+    if env_flag("DJEPA_BUILD_CUDA"):
+        return "build", nvcc, "DJEPA_BUILD_CUDA=1"
+    torch_cuda = installed_torch_cuda()
+    if torch_cuda is None:
+        return "skip", None, "torch is not installed yet (install it first, or set DJEPA_BUILD_CUDA=1)"
+    if torch_cuda == "":
+        return "skip", None, "the installed torch is a CPU build (DJEPA_BUILD_CUDA=1 builds _C anyway)"
+    return "build", nvcc, f"torch is built with CUDA {torch_cuda}"
+
+
+KIND, NVCC, WHY = cuda_decision()
+PREBUILT = prebuilt_extension() if KIND == "prebuilt" else None
 version = BASE_VERSION
 ext_modules = []
 cmdclass = {}
-if NVCC is not None:
+if KIND == "build":
     major, minor = nvcc_version(NVCC)
     version = f"{BASE_VERSION}+cu{major}{minor}"
     ext_modules = [CMakeExtension("djepa._C")]
     cmdclass = {"build_ext": CMakeBuild}
-    print(f"djepa: building djepa._C with {NVCC} (CUDA {major}.{minor})", file=sys.stderr)
+    say(f"building djepa._C with {NVCC} (CUDA {major}.{minor}): {WHY}", tty=False)
+elif KIND == "prebuilt":
+    major, minor = PREBUILT[1].split(".")[:2]
+    version = f"{BASE_VERSION}+cu{major}{minor}"
+    ext_modules = [CMakeExtension("djepa._C")]
+    cmdclass = {"build_ext": PrebuiltCopy}
 else:
-    print("djepa: no nvcc found (or DJEPA_SKIP_CUDA=1): installing the pure-Python package", file=sys.stderr)
+    say(f"not building djepa._C: {WHY}; installing the pure-Python package (Triton + eager)", tty=False)
 
 setup(
     version=version,
