@@ -12,7 +12,6 @@ Each returns a `PatchReport`: what was replaced (module path, old class, new cla
 left alone, and why.
 """
 import inspect
-import types
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -354,7 +353,10 @@ def patch_ema(namespace, name: str = "update_ema", backend: Optional[str] = None
     where = getattr(namespace, "__name__", type(namespace).__name__)
     if getattr(fn, "_djepa_fused", False):
         return PatchReport(skipped=[(f"{where}.{name}", "already the fused update")])
-    params = list(inspect.signature(fn).parameters) if not isinstance(fn, types.BuiltinFunctionType) else []
+    try:
+        params = list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):  # a builtin or C function without a signature
+        params = []
 
     def update_ema(target_params, source_params, rate=0.99):
         fused_update_ema(target_params, source_params, rate, backend=backend)
