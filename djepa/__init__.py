@@ -2,7 +2,7 @@
 
 Submodules load on first use, so `import djepa` stays cheap:
 `djepa.ops` (kernels behind one API), `djepa.nn` (drop-in modules), `djepa.diffusion`,
-`djepa.models`, `djepa.data`, `djepa.backends`.
+`djepa.models`, `djepa.data`, `djepa.backends`, `djepa.patch` (kernels into MAR / D-JEPA code).
 """
 import importlib
 
@@ -13,7 +13,7 @@ try:
 except Exception:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
-_SUBMODULES = ("backends", "ops", "nn", "diffusion", "models", "data", "kernels", "cli")
+_SUBMODULES = ("backends", "ops", "nn", "diffusion", "models", "data", "kernels", "cli", "patch")
 
 
 def __getattr__(name):

@@ -295,11 +295,103 @@ def cmd_info(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- convert
+def cmd_convert(args) -> int:
+    """An official D-JEPA / MAR checkpoint -> a djepa checkpoint folder (step 0) that `sample`,
+    `eval` and `train --resume` take. Uses djepa.train.save_checkpoint."""
+    import math
+    import time
+
+    import djepa
+    from djepa.models import get_config
+    from djepa.models.official import from_official, load_official, preset_for
+    from djepa.train import (TrainSettings, _param_groups, ensure_writable_dir, list_checkpoints,
+                             save_checkpoint)
+
+    overrides = parse_overrides(args.set)
+    if "backend" in overrides:
+        raise CLIError("use --backend, not --set backend=...")
+    if args.num_heads is not None:
+        overrides["num_heads"] = args.num_heads
+    try:
+        ck = load_official(args.ckpt, trust_pickle=args.trust_pickle)
+        model = from_official(args.source, ck, strict=not args.no_strict, **overrides)
+    except (TypeError, ValueError) as exc:
+        raise CLIError(str(exc)) from None
+    cfg = model.config
+    preset = args.preset or preset_for(cfg)
+    try:
+        base = get_config(preset).to_dict()
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    official = ck.args or {}
+    patch = args.patch_size or int(official.get("patch_size", 0) or 0)
+    if not patch:  # official latents have 16 channels (KL-16 VAE); tokens hold patch**2 of them
+        p = math.isqrt(cfg.token_channels // 16) if cfg.token_channels % 16 == 0 else 0
+        patch = p if p and 16 * p * p == cfg.token_channels else 1
+    side = math.isqrt(cfg.seq_len)
+    if side * side != cfg.seq_len or cfg.token_channels % (patch * patch):
+        raise CLIError(f"cannot lay {cfg.seq_len} tokens of {cfg.token_channels} channels out as a square latent "
+                       f"grid with patch size {patch}; pass --patch-size")
+    scale = args.latent_scale or float(official.get("scaling_factor", 0.2325))
+    if float(official.get("shift", 0.0) or 0.0):
+        print(f"note: the official run shifted latents by {official['shift']}; djepa's latents data take "
+              "none: subtract it from your cached latents")
+    spec = args.data or "latents:PATH-NOT-RECORDED"  # --data records it; eval/--resume read it
+    settings_kw = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("lr", args.lr))
+                   if v is not None}
+    try:
+        settings = TrainSettings(preset=preset, data=spec, patch_size=patch,
+                                 overrides={k: v for k, v in cfg.to_dict().items() if k != "backend" and base[k] != v},
+                                 data_options={"scale": scale, "num_classes": cfg.num_classes}, **settings_kw)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    out = os.path.abspath(args.out)
+    ensure_writable_dir(out)
+    if list_checkpoints(out):
+        raise CLIError(f"{out!r} already holds checkpoints; choose another --out (nothing was overwritten)")
+    optimizer = torch.optim.AdamW(_param_groups(model, settings.weight_decay), lr=settings.lr,
+                                  betas=settings.betas, weight_decay=settings.weight_decay)
+    data = {"name": "latents", "channels": cfg.token_channels // (patch * patch), "image_size": [side * patch] * 2,
+            "num_classes": cfg.num_classes, "scale": scale, "spec": spec, "patch_size": patch}
+    doc = {"preset": preset, "config": cfg.to_dict(), "settings": settings.to_dict(), "data": data, "rng": [],
+           "world_size": 1, "djepa_version": djepa.__version__, "torch_version": torch.__version__,
+           "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+           "converted_from": {"source": args.source, "path": os.path.abspath(args.ckpt),
+                              "ema": ck.model_ema is not None, "strict": not args.no_strict}}
+    folder = save_checkpoint(out, 0, model, optimizer, doc)
+    print(f"converted the official {args.source} model ({model.num_parameters():,} parameters, "
+          f"EMA {'from model_ema' if ck.model_ema is not None else 'copied from the weights'}) as preset {preset}")
+    print(f"checkpoint: {folder}")
+    return 0
+
+
+def _add_convert(sub):
+    c = sub.add_parser("convert", help="an official D-JEPA or MAR checkpoint -> a djepa checkpoint folder",
+                       description="Convert an official D-JEPA (D-JEPA/djepa-imagenet) or MAR (LTH14/mar) "
+                                   "checkpoint into a djepa checkpoint folder for sample / eval / train --resume.")
+    c.add_argument("--from", dest="source", required=True, choices=["djepa", "mar"], help="which code wrote CKPT")
+    c.add_argument("ckpt", metavar="CKPT", help="checkpoint-*.pth (model, model_ema, args), or a state dict file")
+    c.add_argument("--out", required=True, help="run folder to write step-0000000 into")
+    c.add_argument("--num-heads", type=int, help="attention heads, when neither the args nor the width tell")
+    c.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a model config field (repeatable)")
+    c.add_argument("--preset", default=None, help="the preset to record (default: the one of this size)")
+    c.add_argument("--data", default=None, help="training data to record for eval/--resume, e.g. latents:PATH")
+    c.add_argument("--latent-scale", type=float, default=None, help="latent scale (default the args' or 0.2325)")
+    c.add_argument("--patch-size", type=int, default=None, help="latent pixels per token side (default from args)")
+    c.add_argument("--steps", type=int, default=None, help="total steps to record for --resume")
+    c.add_argument("--batch-size", type=int, default=None, help="global batch to record for --resume")
+    c.add_argument("--lr", type=float, default=None, help="learning rate to record for --resume")
+    c.add_argument("--no-strict", action="store_true", help="load the keys that fit, ignore the rest")
+    c.add_argument("--trust-pickle", action="store_true", help="unpickle arbitrary objects (trusted files only)")
+    c.set_defaults(func=cmd_convert)
+
+
 # ----------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="djepa", description="Train, sample, evaluate and benchmark D-JEPA.")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{train,sample,eval,bench,info}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{train,sample,eval,convert,bench,info}")
 
     t = sub.add_parser("train", help="train (or --resume) a model; torchrun runs it on many processes",
                        description="Train D-JEPA. Unset options take the defaults (or, with --resume, "
@@ -364,6 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="versions, the CUDA extension, the GPU and each op's backends")
     i.set_defaults(func=cmd_info)
+    _add_convert(sub)
     return p
 
 

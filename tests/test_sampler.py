@@ -125,13 +125,16 @@ def test_cfg_head_reproduces_the_conditional_sample_when_uncond_is_cond():
     model = tiny()
     head = model.net.diffloss.double()
     z = torch.randn(5, model.config.pred_embed_dim, generator=gen(4), dtype=torch.float64)
-    plain = head.sample(z, generator=gen(11))
-    guided = head.sample(torch.cat([z, z]), cfg_scale=3.0, generator=gen(11))
+    steps, C = head.num_sampling_steps, head.token_channels
+    noise = dict(noise=torch.randn(5, C, generator=gen(11), dtype=torch.float64),
+                 step_noise=torch.randn(steps, 5, C, generator=gen(12), dtype=torch.float64))
+    plain = head.sample(z, **noise)
+    guided = head.sample(torch.cat([z, z]), cfg_scale=3.0, **noise)
     assert plain.dtype == torch.float64 and guided.shape == plain.shape
     scale = plain.abs().max().item()
     assert (guided - plain).abs().max().item() <= 1e-9 * max(1.0, scale)
     # and guidance does change the sample when the unconditional half differs
-    other = head.sample(torch.cat([z, z.flip(0)]), cfg_scale=3.0, generator=gen(11))
+    other = head.sample(torch.cat([z, z.flip(0)]), cfg_scale=3.0, **noise)
     assert (other - plain).abs().max().item() > 1e-3 * max(1.0, scale)
 
 

@@ -11,6 +11,9 @@ _EXPORTS = {
     "Patchifier": "tokenizers",
     "VAETokenizer": "tokenizers",
     "sample_tokens": "sampler",
+    "from_official": "official",
+    "load_official": "official",
+    "official_config": "official",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -7,6 +7,13 @@ from typing import Optional, Union
 from djepa.backends import BACKENDS
 
 LOSSES = ("diffusion", "flow")
+ARCHS = ("djepa", "mar")
+QK_NORMS = ("rms", "layer", "none")
+EMA_SCHEDULES = ("constant", "official")
+# Fields added with the official-compatible layout, and the values a config written before
+# them (holding every other field, as to_dict wrote it) meant.
+_NEW_FIELDS = ("arch", "diffusion_pos_embed", "temperature", "ema_schedule", "ema_ramp_steps")
+_LEGACY_DEFAULTS = {"diffusion_pos_embed": True, "temperature": 1.0}
 
 
 @dataclass
@@ -15,12 +22,25 @@ class DJEPAConfig:
 
     The context encoder and the feature predictor share width/depth/heads (as in every official
     D-JEPA preset); `decoder_*` fields override the predictor's when set.
+
+    arch: "djepa" (official D-JEPA: a learned buffer of class tokens, positional embeddings over
+      the image tokens only) or "mar" (MAR: the class tokens are the class embedding, the
+      positional embeddings cover them too; no JEPA head, so jepa_weight must be 0).
+    qk_norm: "rms" (official D-JEPA, RMSNorm with a weight), "layer" (LayerNorm with bias, what
+      djepa used before) or "none" (MAR); True/False mean "rms"/"none".
+    diffusion_pos_embed: a learned positional embedding added to the denoiser's conditions
+      (MAR has one, official D-JEPA does not).
+    temperature: the default sampling temperature (official D-JEPA 0.95, MAR 1.0).
+    ema_schedule: "constant" (ema_decay every step) or "official" (D-JEPA's
+      `ema_sched.adjust_ema_decay`: min(ema_decay + (1 - ema_decay) * step / ema_ramp_steps,
+      0.9999), ema_ramp_steps the run's length; None: no ramp).
     """
 
     # tokens
     seq_len: int = 256
     token_channels: int = 16
     num_classes: int = 1000
+    arch: str = "djepa"
     # encoder (= predictor unless decoder_* are set)
     embed_dim: int = 768
     depth: int = 12
@@ -30,7 +50,7 @@ class DJEPAConfig:
     decoder_num_heads: Optional[int] = None
     mlp_ratio: float = 4.0
     qkv_bias: bool = True
-    qk_norm: bool = True
+    qk_norm: str = "rms"
     attn_dropout: float = 0.1
     proj_dropout: float = 0.1
     # class tokens: a learned buffer of `class_tokens` tokens plus the class embedding
@@ -43,6 +63,8 @@ class DJEPAConfig:
     diffusion_batch_mul: int = 4
     num_sampling_steps: str = "100"
     flow_time_shift: Optional[float] = None
+    diffusion_pos_embed: bool = False
+    temperature: float = 0.95
     # JEPA head and loss weights
     jepa_hidden_ratio: float = 4.0
     jepa_beta: float = 2.0
@@ -53,6 +75,8 @@ class DJEPAConfig:
     mask_ratio_per_sample: bool = False
     # EMA target (the whole model)
     ema_decay: float = 0.9999
+    ema_schedule: str = "constant"
+    ema_ramp_steps: Optional[int] = None
     # execution
     backend: Optional[str] = None
     grad_checkpointing: bool = False
@@ -75,7 +99,22 @@ class DJEPAConfig:
         if self.pred_embed_dim % self.pred_num_heads:
             raise ValueError(
                 f"DJEPAConfig: decoder width {self.pred_embed_dim} is not divisible by its {self.pred_num_heads} heads")
-        for name in ("qkv_bias", "qk_norm", "mask_ratio_per_sample", "grad_checkpointing"):
+        if isinstance(self.qk_norm, bool):
+            self.qk_norm = "rms" if self.qk_norm else "none"
+        if self.qk_norm not in QK_NORMS:
+            raise ValueError(f"DJEPAConfig.qk_norm must be one of {QK_NORMS} (or a bool), got {self.qk_norm!r}")
+        if self.arch not in ARCHS:
+            raise ValueError(f"DJEPAConfig.arch must be one of {ARCHS}, got {self.arch!r}")
+        if self.arch == "mar" and self.jepa_weight != 0:
+            raise ValueError("DJEPAConfig: arch='mar' has no JEPA head; set jepa_weight=0")
+        if self.ema_schedule not in EMA_SCHEDULES:
+            raise ValueError(f"DJEPAConfig.ema_schedule must be one of {EMA_SCHEDULES}, got {self.ema_schedule!r}")
+        steps = self.ema_ramp_steps
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+            raise ValueError(f"DJEPAConfig.ema_ramp_steps must be None or an int >= 1, got {steps!r}")
+        if not _is_real(self.temperature) or self.temperature < 0:
+            raise ValueError(f"DJEPAConfig.temperature must be a finite number >= 0, got {self.temperature!r}")
+        for name in ("qkv_bias", "diffusion_pos_embed", "mask_ratio_per_sample", "grad_checkpointing"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"DJEPAConfig.{name} must be a bool, got {getattr(self, name)!r}")
         for name in ("attn_dropout", "proj_dropout", "label_drop_prob"):
@@ -126,8 +165,16 @@ class DJEPAConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "DJEPAConfig":
+        """The config of a dict (`to_dict`'s). A dict written before the official-compatible
+        layout (every field but the new ones) keeps its meaning: qk_norm True was LayerNorm,
+        the diffusion positional embedding was there and the default temperature was 1."""
         if not isinstance(d, dict):
             raise TypeError(f"DJEPAConfig.from_dict needs a dict, got {type(d).__name__}")
+        old = {f.name for f in dataclasses.fields(cls)} - set(_NEW_FIELDS)
+        if set(d) == old:
+            d = {**_LEGACY_DEFAULTS, **d}
+            if isinstance(d.get("qk_norm"), bool):
+                d["qk_norm"] = "layer" if d["qk_norm"] else "none"
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

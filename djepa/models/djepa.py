@@ -8,11 +8,22 @@ from torch.utils.checkpoint import checkpoint
 
 from djepa.models import masking
 from djepa.models.config import DJEPAConfig
-from djepa.models.losses import DenoisingHead, JEPAHead, jepa_loss, masked_mean
+from djepa.models.losses import DenoisingHead, JEPALoss, masked_mean
 
 __all__ = ["DJEPA", "DJEPANet"]
 
 _norm = partial(nn.LayerNorm, eps=1e-6)
+# State-dict names that changed; old djepa checkpoints still load (their config keeps its meaning,
+# see DJEPAConfig.from_dict).
+_LEGACY_PREFIXES = {"jepa_head.": "jepaloss.net."}
+
+
+def _rename_legacy_keys(module, state_dict, prefix, *args):
+    for old, new in _LEGACY_PREFIXES.items():
+        for key in [k for k in state_dict if k.startswith(prefix + old)]:
+            value = state_dict.pop(key)
+            if module.jepaloss is not None:  # a head the model no longer has (jepa_weight 0) is dropped
+                state_dict[prefix + new + key[len(prefix + old):]] = value
 
 
 class DJEPANet(nn.Module):
@@ -23,34 +34,46 @@ class DJEPANet(nn.Module):
 
     def __init__(self, config: DJEPAConfig):
         super().__init__()
-        from djepa.nn import Block
+        from djepa.nn import Block, RMSNorm
 
         c = self.config = config
-        D, Dp, L = c.embed_dim, c.pred_embed_dim, c.seq_len
+        D, Dp, L, T = c.embed_dim, c.pred_embed_dim, c.seq_len, c.class_tokens
+        mar = c.arch == "mar"
+        # MAR's positional embeddings also cover the class tokens; D-JEPA's learned buffer holds them.
+        P = T + L if mar else L
         self.class_emb = nn.Embedding(c.num_classes, D)
         self.fake_latent = nn.Parameter(torch.zeros(1, D))
-        self.buffer = nn.Parameter(torch.zeros(1, c.class_tokens, D))
+        self.buffer = None if mar else nn.Parameter(torch.zeros(1, T, D))
         # context encoder
         self.z_proj = nn.Linear(c.token_channels, D)
         self.z_proj_ln = _norm(D)
-        self.encoder_pos_embed_learned = nn.Parameter(torch.zeros(1, L, D))
-        block = partial(Block, mlp_ratio=c.mlp_ratio, qkv_bias=c.qkv_bias, qk_norm=c.qk_norm,
-                        proj_drop=c.proj_dropout, attn_drop=c.attn_dropout, norm_layer=_norm, backend=c.backend)
+        self.encoder_pos_embed_learned = nn.Parameter(torch.zeros(1, P, D))
+        qk_layer = partial(RMSNorm, eps=1e-6) if c.qk_norm == "rms" else _norm
+        block = partial(Block, mlp_ratio=c.mlp_ratio, qkv_bias=c.qkv_bias, qk_norm=c.qk_norm != "none",
+                        proj_drop=c.proj_dropout, attn_drop=c.attn_dropout, norm_layer=_norm,
+                        attn_norm_layer=qk_layer, backend=c.backend)
         self.encoder_blocks = nn.ModuleList([block(D, c.num_heads) for _ in range(c.depth)])
         self.encoder_norm = _norm(D)
         # feature predictor
         self.decoder_embed = nn.Linear(D, Dp)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, Dp))
-        self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, L, Dp))
+        self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, P, Dp))
         self.decoder_blocks = nn.ModuleList([block(Dp, c.pred_num_heads) for _ in range(c.pred_depth)])
         self.decoder_norm = _norm(Dp)
-        self.diffusion_pos_embed_learned = nn.Parameter(torch.zeros(1, L, Dp))
+        self.diffusion_pos_embed_learned = nn.Parameter(torch.zeros(1, L, Dp)) if c.diffusion_pos_embed else None
         self._init_trunk()
         # heads (their own initialisation, as in the official code)
-        self.jepa_head = JEPAHead(Dp, D, c.jepa_hidden_ratio)
         self.diffloss = DenoisingHead(c.token_channels, Dp, c.diffloss_width, c.diffloss_depth, loss=c.loss,
                                       num_sampling_steps=c.num_sampling_steps, flow_time_shift=c.flow_time_shift,
                                       grad_checkpointing=c.grad_checkpointing, backend=c.backend)
+        # official D-JEPA builds the JEPA head only when its loss is on
+        self.jepaloss = JEPALoss(Dp, D, c.jepa_hidden_ratio, c.jepa_beta) if c.jepa_weight > 0 else None
+        self.register_load_state_dict_pre_hook(_rename_legacy_keys)
+
+    @property
+    def jepa_head(self):
+        """The JEPA head (`jepaloss.net`), None without a JEPA loss."""
+        return None if self.jepaloss is None else self.jepaloss.net
 
     def _init_trunk(self):
         for m in self.modules():
@@ -62,9 +85,10 @@ class DJEPANet(nn.Module):
                 nn.init.ones_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        for p in (self.class_emb.weight, self.fake_latent, self.mask_token,
-                  self.encoder_pos_embed_learned, self.decoder_pos_embed_learned, self.diffusion_pos_embed_learned):
-            nn.init.normal_(p, std=0.02)
+        for p in (self.class_emb.weight, self.fake_latent, self.mask_token, self.encoder_pos_embed_learned,
+                  self.decoder_pos_embed_learned, self.diffusion_pos_embed_learned):
+            if p is not None:
+                nn.init.normal_(p, std=0.02)
 
     # --- pieces ----------------------------------------------------------------------------
     def class_embedding(self, labels: torch.Tensor, drop: bool = False, generator=None) -> torch.Tensor:
@@ -97,9 +121,15 @@ class DJEPANet(nn.Module):
         excluded as keys through the attention's key_mask.
         """
         T = self.config.class_tokens
-        x = self.z_proj(tokens) + self.encoder_pos_embed_learned
+        pos = self.encoder_pos_embed_learned
+        if self.buffer is None:  # MAR: the class embedding at every class token, plus their positions
+            x = self.z_proj(tokens) + pos[:, T:]
+            buffer = class_embedding.unsqueeze(1) + pos[:, :T]
+        else:
+            x = self.z_proj(tokens) + pos
+            buffer = self.buffer + class_embedding.unsqueeze(1)
         visible, index, valid = masking.gather_visible(x, mask)
-        buffer = (self.buffer + class_embedding.unsqueeze(1)).to(visible.dtype)
+        buffer = buffer.to(visible.dtype)
         x = torch.cat([buffer, visible], dim=1)
         x = self.z_proj_ln(x)
         key_mask = None
@@ -115,10 +145,21 @@ class DJEPANet(nn.Module):
         T, L = self.config.class_tokens, self.config.seq_len
         x = self.decoder_embed(encoded)
         seq = masking.scatter_visible(x[:, T:], index, valid, L, self.mask_token.reshape(-1))
-        seq = seq + self.decoder_pos_embed_learned
-        x = torch.cat([x[:, :T], seq], dim=1)
+        pos = self.decoder_pos_embed_learned
+        if self.buffer is None:  # MAR: positions for the class tokens too
+            head, seq = x[:, :T] + pos[:, :T], seq + pos[:, T:]
+        else:
+            head, seq = x[:, :T], seq + pos
+        x = torch.cat([head, seq], dim=1)
         x = self._run(self.decoder_blocks, x, None)
         return self.decoder_norm(x)[:, T:]
+
+    def diffusion_condition(self, z: torch.Tensor) -> torch.Tensor:
+        """The denoiser's conditions for predictor features z [B, L, Dp] (MAR adds its
+        diffusion positional embedding; official D-JEPA uses z as is)."""
+        if self.diffusion_pos_embed_learned is None:
+            return z
+        return z + self.diffusion_pos_embed_learned
 
     def target_features(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The encoder's normed features of every token (no mask, no label drop): [B, L, D]."""
@@ -147,7 +188,12 @@ class DJEPA(nn.Module):
         from djepa.nn import EMA
 
         ema_backend = None if config.backend is None else ("eager" if config.backend == "eager" else "auto")
-        self.ema = EMA(self.net, decay=config.ema_decay, backend=ema_backend)
+        schedule = None
+        if config.ema_schedule == "official":
+            from djepa.models.official import official_ema_schedule
+
+            schedule = official_ema_schedule(config.ema_decay, config.ema_ramp_steps)
+        self.ema = EMA(self.net, decay=config.ema_decay, schedule=schedule, backend=ema_backend)
 
     # --- bookkeeping -----------------------------------------------------------------------
     def trainable_parameters(self):
@@ -196,24 +242,29 @@ class DJEPA(nn.Module):
         return self.net.z_proj.weight.device
 
     # --- training --------------------------------------------------------------------------
-    def make_mask(self, batch: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """A training mask [B, seq_len] bool (True = masked) drawn as configured."""
+    def make_mask(self, batch: int, generator=None) -> torch.Tensor:
+        """A training mask [B, seq_len] bool (True = masked) drawn as configured; `generator`: a
+        torch.Generator, or a numpy random source for the official draws (see `masking`)."""
         c = self.config
         return masking.training_mask(batch, c.seq_len, c.mask_ratio_min, c.mask_ratio_per_sample,
                                      generator=generator, device=self._device())
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor, generator: Optional[torch.Generator] = None,
-                mask: Optional[torch.Tensor] = None) -> dict:
+                mask: Optional[torch.Tensor] = None, order_generator=None) -> dict:
         """Training losses on a batch of tokens [B, seq_len, token_channels] with labels [B].
 
         Returns {"loss": diffusion_weight * diffusion + jepa_weight * jepa (differentiable),
         "diffusion": ..., "jepa": ... (detached)}. `mask` ([B, seq_len] bool, True = masked)
         replaces the drawn mask; `generator` makes masks, label drops and noise reproducible.
+        `order_generator` (`numpy.random`, a RandomState or Generator) draws the mask instead,
+        as the official code does. Draw order (official): orders, mask ratio, label drop,
+        diffusion t, diffusion noise.
         """
-        out = self.compute_losses(tokens, labels, generator=generator, mask=mask)
+        out = self.compute_losses(tokens, labels, generator=generator, mask=mask, order_generator=order_generator)
         return {"loss": out["loss"], "diffusion": out["diffusion"].detach(), "jepa": out["jepa"].detach()}
 
-    def compute_losses(self, tokens, labels, generator=None, mask=None, diffusion_t=None, diffusion_noise=None):
+    def compute_losses(self, tokens, labels, generator=None, mask=None, diffusion_t=None, diffusion_noise=None,
+                       order_generator=None):
         """`forward` with everything exposed: also the mask, the per-token losses
         ("diffusion_per_token" [mul, B, L], "jepa_per_token" [B, L]) and z. `diffusion_t` /
         `diffusion_noise` ([mul * B * L] / [mul * B * L, C], row r*B*L + b*L + l is repeat r
@@ -223,7 +274,7 @@ class DJEPA(nn.Module):
         B, L, C = tokens.shape
         labels = self._check_labels(labels, B)
         if mask is None:
-            mask = self.make_mask(B, generator)
+            mask = self.make_mask(B, generator if order_generator is None else order_generator)
         else:
             if not isinstance(mask, torch.Tensor) or mask.shape != (B, L):
                 raise ValueError(f"mask must be a [B, seq_len] = [{B}, {L}] tensor")
@@ -235,19 +286,19 @@ class DJEPA(nn.Module):
 
         # denoising loss on the masked tokens, each repeated diffusion_batch_mul times
         mul = c.diffusion_batch_mul
-        zd = (z + net.diffusion_pos_embed_learned).reshape(B * L, -1).repeat(mul, 1)
+        zd = net.diffusion_condition(z).reshape(B * L, -1).repeat(mul, 1)
         target = tokens.detach().reshape(B * L, C).repeat(mul, 1)
         per_row = net.diffloss.per_token_loss(target, zd, generator=generator, t=diffusion_t, noise=diffusion_noise)
         per_row = per_row.reshape(mul, B, L)
         diffusion = masked_mean(per_row, mask.unsqueeze(0).expand(mul, B, L))
 
         # JEPA loss against the EMA encoder's normed features of all tokens
-        if c.jepa_weight > 0:
+        if net.jepaloss is not None:
             with torch.no_grad():
                 ema_net = self.ema.module
                 ema_dtype = ema_net.z_proj.weight.dtype
                 target_x = ema_net.target_features(tokens.detach().to(ema_dtype), labels)
-            jepa, jepa_per_token = jepa_loss(net.jepa_head(z), target_x, mask, c.jepa_beta)
+            jepa, jepa_per_token = net.jepaloss(z, target_x, mask)
         else:
             jepa = diffusion.new_zeros(())
             jepa_per_token = torch.zeros(B, L, device=tokens.device)
@@ -260,15 +311,18 @@ class DJEPA(nn.Module):
         return self.ema.module if use_ema else self.net
 
     def sample(self, labels: torch.Tensor, num_iter: int = 64, cfg_scale: float = 1.0, cfg_schedule: str = "linear",
-               temperature: float = 1.0, generator: Optional[torch.Generator] = None, progress: bool = False,
-               use_ema: bool = True, callback=None) -> torch.Tensor:
+               temperature: Optional[float] = None, generator: Optional[torch.Generator] = None,
+               progress: bool = False, use_ema: bool = True, callback=None, order_generator=None) -> torch.Tensor:
         """MAR's masked-autoregressive sampler: tokens [B, seq_len, token_channels] for labels [B].
 
         `num_iter` iterations (1 <= num_iter <= seq_len) unmask tokens in a random order on a
         cosine schedule; each iteration runs encoder + predictor and draws the tokens it unmasks
         with the denoising head's full loop. `cfg_scale` != 1 guides with the fake class
         (doubled batch), `cfg_schedule` "linear" (ramps from 1 as tokens are revealed) or
-        "constant". `callback(step, tokens, predicted_mask)` is called after every iteration.
+        "constant". `temperature` (default: the config's, official D-JEPA 0.95) scales the
+        denoiser's noise. `callback(step, tokens, predicted_mask)` is called after every iteration.
+        The orders come from `generator`, or from `order_generator` (numpy, as the official code
+        draws them); the noise from `generator` (None: torch's default generator).
         """
         from djepa.models.sampler import sample_tokens
 
@@ -280,7 +334,7 @@ class DJEPA(nn.Module):
             with torch.no_grad():
                 return sample_tokens(net, labels.to(self._device()), num_iter=num_iter, cfg_scale=cfg_scale,
                                      cfg_schedule=cfg_schedule, temperature=temperature, generator=generator,
-                                     progress=progress, callback=callback)
+                                     progress=progress, callback=callback, order_generator=order_generator)
         finally:
             net.train(was_training)
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["JEPAHead", "jepa_loss", "masked_mean", "DenoisingHead"]
+__all__ = ["JEPAHead", "JEPALoss", "jepa_loss", "masked_mean", "DenoisingHead"]
 
 
 def masked_mean(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -27,6 +27,19 @@ class JEPAHead(nn.Module):
 
     def forward(self, x):
         return self.fc2(self.norm(self.act(self.fc1(x))))
+
+
+class JEPALoss(nn.Module):
+    """The JEPA loss with its head, laid out as official D-JEPA's `jepaloss` (`net.fc1`,
+    `net.norm`, `net.fc2`): forward(z, target, mask) -> (loss, per-token loss [B, L])."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden_ratio: float = 4.0, beta: float = 2.0):
+        super().__init__()
+        self.net = JEPAHead(in_dim, out_dim, hidden_ratio)
+        self.beta = beta
+
+    def forward(self, z, target, mask):
+        return jepa_loss(self.net(z), target, mask, self.beta)
 
 
 def jepa_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, beta: float = 2.0):
@@ -77,35 +90,48 @@ class DenoisingHead(nn.Module):
     def per_token_loss(self, target, z, generator=None, t=None, noise=None):
         """Loss of every row: target [M, C], z [M, z_channels] -> [M].
 
-        `t` / `noise` fix the timesteps and noise (else drawn from `generator`)."""
+        `t` / `noise` fix the timesteps and noise (else drawn from `generator`: t first, then the
+        noise, as MAR's DiffLoss draws them; the noise in float32 whatever the model's dtype)."""
         rows = target.shape[0]
         gen_device = generator.device if generator is not None else target.device
+        if t is None:
+            if self.kind == "diffusion":
+                t = torch.randint(0, self.train_diffusion.num_timesteps, (rows,), generator=generator,
+                                  device=gen_device)
+            else:
+                t = torch.rand(rows, generator=generator, device=gen_device, dtype=torch.float32)
         if noise is None:
-            # drawn in float32 whatever the model's dtype, so every precision sees the same noise
             noise = torch.randn(target.shape, generator=generator, device=gen_device, dtype=torch.float32)
         noise = noise.to(device=target.device, dtype=target.dtype)
         if self.kind == "diffusion":
-            if t is None:
-                t = torch.randint(0, self.train_diffusion.num_timesteps, (rows,), generator=generator,
-                                  device=gen_device)
             t = t.to(target.device)
             return self.train_diffusion.training_losses(self.net, target, t, dict(c=z), noise=noise)["loss"]
-        if t is None:
-            t = torch.rand(rows, generator=generator, device=gen_device, dtype=torch.float32)
         t = t.to(device=target.device, dtype=target.dtype)
         return self.flow.training_losses(self._flow_model, target, dict(c=z), noise=noise, t=t)["loss"]
 
     @torch.no_grad()
-    def sample(self, z, temperature=1.0, cfg_scale=1.0, generator=None):
+    def sample(self, z, temperature=1.0, cfg_scale=1.0, generator=None, noise=None, step_noise=None):
         """Tokens [M, C] for conditions z [M, z] (cfg_scale == 1), or for z = [cond; uncond]
-        ([2M, z], cfg_scale != 1) the M guided tokens of the conditional half."""
+        ([2M, z], cfg_scale != 1) the M guided tokens of the conditional half.
+
+        Diffusion noise, unless given (x_T `noise` [M, C], `step_noise` [steps, M, C]), is drawn
+        from `generator` as MAR's p_sample_loop draws it: x_T, then one draw per step of the whole
+        carried batch ([2M, C] with CFG, of which the conditional half is used)."""
         cfg = float(cfg_scale) != 1.0
         rows = z.shape[0] // 2 if cfg else z.shape[0]
         if self.kind == "diffusion":
             from djepa.diffusion import sample
 
-            out = sample(self.net, z, steps=self.num_sampling_steps, temperature=temperature,
-                         cfg_scale=cfg_scale, generator=generator,
+            gen_device = generator.device if generator is not None else z.device
+            C, steps = self.token_channels, self.num_sampling_steps
+            if noise is None:
+                noise = torch.randn(rows, C, generator=generator, device=gen_device, dtype=torch.float32)
+            if step_noise is None:
+                step_noise = torch.stack([
+                    torch.randn(z.shape[0], C, generator=generator, device=gen_device, dtype=torch.float32)[:rows]
+                    for _ in range(steps)])
+            out = sample(self.net, z, steps=steps, temperature=temperature, cfg_scale=cfg_scale,
+                         noise=noise.to(z.device), step_noise=step_noise.to(z.device),
                          backend="auto" if self.backend is None else self.backend)
         else:
             gen_device = generator.device if generator is not None else z.device

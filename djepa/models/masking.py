@@ -1,18 +1,36 @@
-"""MAR/D-JEPA masking: random orders, truncated-normal mask ratios, visible-token gathering."""
-import math
-from typing import Optional
+"""MAR/D-JEPA masking: random orders, truncated-normal mask ratios, visible-token gathering.
 
+Every draw takes a torch.Generator, or a numpy random source (`numpy.random` itself,
+a RandomState or a Generator) for the orders and mask ratios: then they are drawn exactly as the
+official MAR / D-JEPA code draws them (`shuffle` of range(seq_len) per sample; the mask ratio
+by inverting the truncated normal's CDF at `uniform(size=n)`, as scipy's truncnorm.rvs does).
+"""
+import math
+
+import numpy as np
 import torch
 
 
-def sample_orders(batch: int, seq_len: int, generator: Optional[torch.Generator] = None, device=None) -> torch.Tensor:
+def is_numpy_rng(generator) -> bool:
+    """True for `numpy.random`, a numpy RandomState or a numpy Generator."""
+    return generator is np.random or isinstance(generator, (np.random.RandomState, np.random.Generator))
+
+
+def sample_orders(batch: int, seq_len: int, generator=None, device=None) -> torch.Tensor:
     """One random permutation of range(seq_len) per sample: [batch, seq_len] long."""
+    if is_numpy_rng(generator):
+        orders = np.empty((batch, seq_len), dtype=np.int64)
+        for b in range(batch):
+            order = np.arange(seq_len, dtype=np.int64)
+            generator.shuffle(order)
+            orders[b] = order
+        return torch.from_numpy(orders).to(device)
     gen_device = generator.device if generator is not None else device
     keys = torch.rand(batch, seq_len, generator=generator, device=gen_device)
     return keys.argsort(dim=1).to(device)
 
 
-def sample_mask_ratio(n: int, ratio_min: float = 0.7, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def sample_mask_ratio(n: int, ratio_min: float = 0.7, generator=None) -> torch.Tensor:
     """`n` draws (float64, CPU) of the left half of N(1, 0.25^2) truncated to [ratio_min, 1].
 
     The same law as MAR's `truncnorm((ratio_min - 1) / 0.25, 0, loc=1, scale=0.25)`, drawn by
@@ -22,8 +40,11 @@ def sample_mask_ratio(n: int, ratio_min: float = 0.7, generator: Optional[torch.
         raise ValueError(f"mask ratio_min must lie in (0, 1], got {ratio_min}")
     lo = 0.5 * math.erfc(-((ratio_min - 1.0) / 0.25) / math.sqrt(2.0))  # Phi(a)
     hi = 0.5  # Phi(0)
-    device = generator.device if generator is not None else "cpu"
-    u = torch.rand(n, generator=generator, device=device, dtype=torch.float64).cpu()
+    if is_numpy_rng(generator):
+        u = torch.from_numpy(np.asarray(generator.uniform(size=n), dtype=np.float64))
+    else:
+        device = generator.device if generator is not None else "cpu"
+        u = torch.rand(n, generator=generator, device=device, dtype=torch.float64).cpu()
     p = lo + (hi - lo) * u
     ratio = 1.0 + 0.25 * torch.special.ndtri(p)
     return ratio.clamp_(ratio_min, 1.0)
@@ -38,16 +59,18 @@ def random_mask(orders: torch.Tensor, num_masked: torch.Tensor) -> torch.Tensor:
 
 
 def training_mask(batch: int, seq_len: int, ratio_min: float, per_sample: bool,
-                  generator: Optional[torch.Generator] = None, device=None) -> torch.Tensor:
+                  generator=None, device=None) -> torch.Tensor:
     """The D-JEPA training mask: one truncated-normal ratio per batch (MAR), or one per sample.
 
     The number of masked tokens is ceil(seq_len * ratio) as in the official code, so it lies in
     [ceil(seq_len * ratio_min), seq_len] (all tokens may be masked: the encoder then sees only
-    the class tokens).
+    the class tokens). With a numpy `generator` the draws are the official ones: orders, then
+    the ratio (rounded up with no slack, as np.ceil there).
     """
     orders = sample_orders(batch, seq_len, generator, device)
     ratios = sample_mask_ratio(batch if per_sample else 1, ratio_min, generator)
-    num_masked = torch.ceil(seq_len * ratios - 1e-9).long().clamp_(0, seq_len)
+    slack = 0.0 if is_numpy_rng(generator) else 1e-9
+    num_masked = torch.ceil(seq_len * ratios - slack).long().clamp_(0, seq_len)
     if not per_sample:
         num_masked = num_masked.expand(batch)
     return random_mask(orders, num_masked)

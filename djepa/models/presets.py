@@ -8,6 +8,9 @@ from djepa.models.config import DJEPAConfig
 # with abar_T ~ 2e-9) and samples diverge until trained far longer. Its EMA decay (0.995, a
 # half-life of ~140 steps) lets the EMA model, which samples, forget the initialisation within
 # the 1000 default steps; 0.999 kept 37% of the random init there.
+# "mar-B/L/H" are MAR's architectures (LTH14/mar mar_base/large/huge with the diffusion MLPs of
+# its README), so MAR checkpoints convert into djepa; they train without the JEPA loss.
+_MAR = dict(arch="mar", qk_norm="none", diffusion_pos_embed=True, jepa_weight=0.0, temperature=1.0)
 PRESETS = {
     "tiny": DJEPAConfig(
         seq_len=16, token_channels=4, num_classes=10,
@@ -21,6 +24,9 @@ PRESETS = {
     "B": DJEPAConfig(embed_dim=768, depth=12, num_heads=12, diffloss_depth=6, diffloss_width=1024),
     "L": DJEPAConfig(embed_dim=1024, depth=24, num_heads=16, diffloss_depth=8, diffloss_width=1280),
     "H": DJEPAConfig(embed_dim=1280, depth=32, num_heads=16, diffloss_depth=12, diffloss_width=1536),
+    "mar-B": DJEPAConfig(embed_dim=768, depth=12, num_heads=12, diffloss_depth=6, diffloss_width=1024, **_MAR),
+    "mar-L": DJEPAConfig(embed_dim=1024, depth=16, num_heads=16, diffloss_depth=8, diffloss_width=1280, **_MAR),
+    "mar-H": DJEPAConfig(embed_dim=1280, depth=20, num_heads=16, diffloss_depth=12, diffloss_width=1536, **_MAR),
 }
 
 

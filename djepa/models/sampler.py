@@ -23,8 +23,9 @@ def _check_args(seq_len, num_iter, cfg_scale, cfg_schedule, temperature):
 
 @torch.no_grad()
 def sample_tokens(net, labels: torch.Tensor, num_iter: int = 64, cfg_scale: float = 1.0,
-                  cfg_schedule: str = "linear", temperature: float = 1.0,
-                  generator: Optional[torch.Generator] = None, progress: bool = False, callback=None):
+                  cfg_schedule: str = "linear", temperature: Optional[float] = None,
+                  generator: Optional[torch.Generator] = None, progress: bool = False, callback=None,
+                  order_generator=None):
     """Generate tokens [B, seq_len, token_channels] for `labels` with the network `net`.
 
     Per iteration: encoder + predictor on the current tokens; the next mask keeps the first
@@ -32,8 +33,12 @@ def sample_tokens(net, labels: torch.Tensor, num_iter: int = 64, cfg_scale: floa
     see `masking.mask_len_schedule`); the tokens in `mask XOR mask_next` are drawn by the
     denoising head. With cfg_scale != 1 the batch is doubled with the fake class and the head
     mixes eps with the scale of the iteration ("linear": 1 + (cfg - 1) * (L - mask_len) / L).
+    temperature None: the config's. Orders come from `order_generator` (a numpy random source,
+    drawn as the official code does) when given, else from `generator`.
     """
     c = net.config
+    if temperature is None:
+        temperature = c.temperature
     L, C, T = c.seq_len, c.token_channels, c.class_tokens
     _check_args(L, num_iter, cfg_scale, cfg_schedule, temperature)
     B = labels.shape[0]
@@ -41,7 +46,7 @@ def sample_tokens(net, labels: torch.Tensor, num_iter: int = 64, cfg_scale: floa
     dtype = net.z_proj.weight.dtype
     cfg = float(cfg_scale) != 1.0
 
-    orders = masking.sample_orders(B, L, generator, device)
+    orders = masking.sample_orders(B, L, generator if order_generator is None else order_generator, device)
     rank = torch.empty_like(orders)
     rank.scatter_(1, orders, torch.arange(L, device=device).expand(B, L))
     mask = torch.ones(B, L, dtype=torch.bool, device=device)
@@ -63,7 +68,7 @@ def sample_tokens(net, labels: torch.Tensor, num_iter: int = 64, cfg_scale: floa
         if cfg:
             x_in, m_in = torch.cat([x_in, x_in]), torch.cat([mask, mask])
         encoded, index, valid = net.encode(x_in, m_in, cond)
-        z = net.predict(encoded, index, valid) + net.diffusion_pos_embed_learned
+        z = net.diffusion_condition(net.predict(encoded, index, valid))
 
         mask_next = rank < mask_len
         to_pred = mask if step >= num_iter - 1 else mask & ~mask_next

@@ -6,6 +6,7 @@ _EXPORTS = {
     "MaskedAttention": "attention",
     "Mlp": "attention",
     "Block": "attention",
+    "RMSNorm": "attention",
     "DenoisingMLP": "denoise",
 }
 __all__ = sorted(_EXPORTS)

@@ -3,7 +3,8 @@
 Parameter names and shapes match timm's ``Attention``, ``Mlp`` and ``Block`` (``qkv``,
 ``q_norm``, ``k_norm``, ``proj``; ``fc1``, ``fc2``; ``norm1``, ``attn``, ``norm2``, ``mlp``,
 ``ls1``/``ls2`` when layer scale is on), so timm / MAR / D-JEPA state dicts load with
-``strict=True``.
+``strict=True``. D-JEPA's official blocks normalise q and k with ``RMSNorm`` (weight only):
+pass ``attn_norm_layer=RMSNorm`` to ``Block``.
 """
 from functools import partial
 
@@ -12,7 +13,29 @@ from torch import nn
 
 from djepa.ops.attention import _eager_attention, _validate, masked_attention
 
-__all__ = ["MaskedAttention", "Mlp", "Block", "LayerScale"]
+__all__ = ["MaskedAttention", "Mlp", "Block", "LayerScale", "RMSNorm"]
+
+
+class RMSNorm(nn.Module):
+    """RMS normalisation over the last dim, ``x / sqrt(mean(x^2) + eps) * weight`` (no bias),
+    computed in float32 and returned in the input's dtype (D-JEPA's q/k norm)."""
+
+    def __init__(self, dim, eps=1e-6, elementwise_affine=True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if elementwise_affine else None
+
+    def forward(self, x):
+        xf = x.float()
+        y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        if self.weight is None:
+            return y
+        if self.weight.dtype in (torch.float16, torch.bfloat16):
+            y = y.to(self.weight.dtype)
+        return y * self.weight
+
+    def extra_repr(self):
+        return f"{self.weight.shape[0] if self.weight is not None else ''}, eps={self.eps}"
 
 
 class MaskedAttention(nn.Module):
@@ -25,6 +48,9 @@ class MaskedAttention(nn.Module):
     Attention dropout has no kernel: in training mode with ``attn_drop > 0`` the eager path
     runs (with dropout on the attention probabilities). In eval mode, or with ``attn_drop == 0``,
     the fused kernels run according to ``backend``.
+
+    ``norm_layer`` builds ``q_norm``/``k_norm`` when ``qk_norm`` is on; their outputs are cast
+    back to the dtype of v (a norm may promote, e.g. under autocast), as D-JEPA does.
     """
 
     def __init__(self, dim, num_heads=8, qkv_bias=False, qk_norm=False, attn_drop=0.0, proj_drop=0.0,
@@ -50,7 +76,7 @@ class MaskedAttention(nn.Module):
         # [3, B, H, N, hd] views of the fused projection: last dim contiguous, no copy.
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)
         p = self.attn_drop.p
         if self.training and p > 0.0:
             _validate(q, k, v, key_mask, None)
@@ -97,18 +123,19 @@ class Block(nn.Module):
     """Pre-norm ViT block: ``x + attn(norm1(x), key_mask)``, then ``x + mlp(norm2(x))``.
 
     ``norm_layer`` defaults to LayerNorm with eps 1e-6 (MAR / D-JEPA); timm's own default is
-    ``nn.LayerNorm`` (eps 1e-5): pass it to match timm. ``init_values`` turns on LayerScale
-    (``ls1``/``ls2``) as in timm.
+    ``nn.LayerNorm`` (eps 1e-5): pass it to match timm. ``attn_norm_layer`` builds the q/k
+    norms (default: ``norm_layer``, as timm; D-JEPA: ``RMSNorm``). ``init_values`` turns on
+    LayerScale (``ls1``/``ls2``) as in timm.
     """
 
     def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=False, qk_norm=False, proj_drop=0.0,
                  attn_drop=0.0, init_values=None, act_layer=nn.GELU,
-                 norm_layer=partial(nn.LayerNorm, eps=1e-6), backend=None):
+                 norm_layer=partial(nn.LayerNorm, eps=1e-6), backend=None, attn_norm_layer=None):
         super().__init__()
         self.norm1 = norm_layer(dim)
         self.attn = MaskedAttention(dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm,
-                                    attn_drop=attn_drop, proj_drop=proj_drop, norm_layer=norm_layer,
-                                    backend=backend)
+                                    attn_drop=attn_drop, proj_drop=proj_drop,
+                                    norm_layer=attn_norm_layer or norm_layer, backend=backend)
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
