@@ -101,6 +101,10 @@ _FORBIDDEN_IN_CAPTURE = {
 }
 
 
+def _same_device(a, b):
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
 class _CaptureGuardDispatch(TorchDispatchMode):
     def __init__(self, device):
         super().__init__()
@@ -113,7 +117,7 @@ class _CaptureGuardDispatch(TorchDispatchMode):
             raise RuntimeError(f"{func} inside the CUDA-graph capture: {_FORBIDDEN_IN_CAPTURE[name]}")
         for a in torch.utils._pytree.tree_leaves((args, kwargs)):
             dev = a.device if isinstance(a, torch.Tensor) else a if isinstance(a, torch.device) else None
-            if dev is not None and dev != self.device:
+            if dev is not None and not _same_device(dev, self.device):
                 raise RuntimeError(f"{func} inside the CUDA-graph capture on {self.device} touches {dev} "
                                    "(a copy between devices, or a host value baked into the graph)")
         return func(*args, **kwargs)
@@ -128,7 +132,8 @@ class _CaptureGuardFunction(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", "")
-        if name in self._HOST_READS and args and isinstance(args[0], torch.Tensor) and args[0].device == self.device:
+        if name in self._HOST_READS and args and isinstance(args[0], torch.Tensor) and \
+                _same_device(args[0].device, self.device):
             raise RuntimeError(f"Tensor.{name}() inside the CUDA-graph capture: a device value read on the host")
         return func(*args, **(kwargs or {}))
 
