@@ -413,10 +413,10 @@ print('torch', torch.__version__, 'triton', triton.__version__)"
   else
     check prebuilt-c ok "not given: the install stage would build _C on the GPU machine (estimate 150s)"
   fi
-  if "$PY" -m pip --version >/dev/null 2>&1 && "$PY" -c "import setuptools" 2>/dev/null; then
-    check install ok "pip and setuptools present (the install itself is not run here)"
+  if "$PY" -m pip --version >/dev/null 2>&1; then  # the GPU machine's image has pip and setuptools
+    check install ok "pip present; the install itself is not run here: $(printf '%q ' "$PY" "${PIP_INSTALL[@]}")"
   else
-    check install FAIL "pip or setuptools missing"
+    check install FAIL "$PY has no pip"
   fi
   # pytest collection of every test stage and benchmark suite, with the run's options, GPU faked:
   # one collection of tests/ (the stages' marker expressions applied to it by djepa_collect), one
