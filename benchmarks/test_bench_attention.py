@@ -12,6 +12,10 @@ For each shape, visible fraction/pattern and mode (forward, forward+backward) it
   flash-attn-varlen             flash_attn_varlen_func on the visible keys, unpad included in the
                                 timed region (it syncs with the host); skipped if not installed
 
+A peer that fails (forward or backward, compiling or running) is skipped with the reason, and
+skipped at once for the rest of the session at that mode and head dim (a forward failure covers
+forward+backward): see bench_peers.py. djepa's paths are never skipped that way.
+
 q, k, v are views of one fused qkv projection ``[B, N, 3, H, D]`` (as in a ViT block). Times are
 medians of ``triton.testing.do_bench`` (CUDA events, after warm-up); pytest-benchmark's own stats
 time the same call with a device sync. ``extra_info`` holds ms, TFLOP/s counted on visible
@@ -41,6 +45,7 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
+import bench_peers  # noqa: E402
 from bench_knobs import select  # noqa: E402
 from djepa import backends  # noqa: E402
 from djepa.ops import masked_attention  # noqa: E402
@@ -168,11 +173,19 @@ def test_masked_attention(benchmark, matmul_tflops, shape, fraction, mode, impl)
     frac, pattern = FRACTIONS[fraction]
     dense = frac >= 1.0
     benchmark.group = f"attention-{shape}-{fraction}-{mode}"
+    if impl.startswith("djepa"):
+        def guard(f, *args, **kwargs):
+            return f(*args, **kwargs)
+    else:
+        bench_peers.check((impl, mode, f"D{D}"), (impl, "fwd", f"D{D}"))
+
+        def guard(f, *args, **kwargs):
+            return bench_peers.run((impl, mode, f"D{D}"), f, *args, **kwargs)
     gen = torch.Generator(device="cuda").manual_seed(0)
     qkv = torch.randn(B, N, 3, H, D, device="cuda", dtype=DTYPE, generator=gen).permute(2, 0, 3, 1, 4)
     q, k, v = (t.requires_grad_(mode == "fwdbwd") for t in qkv.detach().unbind(0))
     mask = _make_mask(B, N, frac, pattern, gen)
-    forward = _peer_forward(impl, q, k, v, mask, dense, _compiled)
+    forward = guard(_peer_forward, impl, q, k, v, mask, dense, _compiled)
 
     if mode == "fwd":
         def fn():
@@ -185,18 +198,17 @@ def test_masked_attention(benchmark, matmul_tflops, shape, fraction, mode, impl)
             out = forward()
             torch.autograd.grad(out, (q, k, v), do)
 
-    try:
-        fn()  # compile / autotune outside the timed region
-        ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-    except torch.cuda.OutOfMemoryError:
-        torch.cuda.empty_cache()
-        pytest.skip(f"{impl} does not fit in GPU memory at {shape}")
-
     def timed():
         fn()
         torch.cuda.synchronize()
 
-    benchmark.pedantic(timed, rounds=10, iterations=1, warmup_rounds=2)
+    try:
+        guard(fn)  # compile / autotune outside the timed region
+        ms = guard(triton.testing.do_bench, fn, warmup=25, rep=100, return_mode="median")
+        guard(benchmark.pedantic, timed, rounds=10, iterations=1, warmup_rounds=2)
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        pytest.skip(f"{impl} does not fit in GPU memory at {shape}")
 
     visible_pairs = N * (N if (dense or impl == "sdpa-flash-dense") else int(mask.sum()) / B) * B
     flops = 4 * H * D * visible_pairs * (3.5 if mode == "fwdbwd" else 1.0)

@@ -16,7 +16,9 @@ earlier ones:
   eager-fp32      MAR's SimpleMLPAdaLN math in plain PyTorch ops, float32
   eager-bf16      the same under torch.autocast(bfloat16)
   compile         torch.compile(mode="max-autotune") (CUDA graphs) of the eager-bf16 step /
-                  training forward (the loop calls the compiled step 100 times)
+                  training forward (the loop calls the compiled step 100 times); a compile or
+                  run failure skips it with the reason, for the rest of the session for that
+                  case (bench_peers.py)
   djepa-triton    backend="triton": djepa.ops.denoise_step / djepa.diffusion.sample (fused steps,
                   the loop captured as one CUDA graph) / DenoisingMLP with fused adaln_block
   djepa-cuda      backend="cuda", the same through djepa._C
@@ -39,7 +41,9 @@ without classifier-free guidance (M rows, cfg 1). A table of the ratios prints a
 Knobs: DJEPA_BENCH_DENOISE_HEADS (default "B,L,H"), DJEPA_BENCH_DENOISE_M (step/loop rows,
 default "512,2048,8192"), DJEPA_BENCH_DENOISE_TRAIN_M (default 32768),
 DJEPA_BENCH_DENOISE_CASES (default "step,loop,train"), DJEPA_BENCH_DENOISE_PATHS (default all),
-DJEPA_BENCH_DENOISE_STEPS (loop length, default 100). A quick look:
+DJEPA_BENCH_DENOISE_STEPS (loop length, default 100), DJEPA_BENCH_DENOISE_COMPILE_MODE (the
+compile peer's torch.compile mode, default max-autotune; reduce-overhead compiles in a fraction
+of the time, still with CUDA graphs). A quick look:
 DJEPA_BENCH_DENOISE_HEADS=B DJEPA_BENCH_DENOISE_M=2048 DJEPA_BENCH_DENOISE_TRAIN_M=8192.
 
 Targets on an H100 (benchmark, not a test): the 100-step loop of the B head at M = 2048 >= 3x
@@ -56,6 +60,7 @@ if not torch.cuda.is_available():
 
 import torch.nn.functional as F  # noqa: E402
 
+import bench_peers  # noqa: E402
 from djepa import backends  # noqa: E402
 from bench_knobs import select  # noqa: E402
 from djepa.diffusion import create_diffusion, sample  # noqa: E402
@@ -88,6 +93,11 @@ TRAIN_M = int(os.environ.get("DJEPA_BENCH_DENOISE_TRAIN_M", "32768"))
 STEPS = int(os.environ.get("DJEPA_BENCH_DENOISE_STEPS", "100"))
 CASES = select("DJEPA_BENCH_DENOISE_CASES", ["step", "loop", "train"])
 SELECTED_PATHS = select("DJEPA_BENCH_DENOISE_PATHS", PATHS)
+COMPILE_MODE = select("DJEPA_BENCH_DENOISE_COMPILE_MODE",
+                      ["max-autotune", "reduce-overhead", "max-autotune-no-cudagraphs", "default"])
+if len(COMPILE_MODE) != 1 and os.environ.get("DJEPA_BENCH_DENOISE_COMPILE_MODE"):
+    raise ValueError("DJEPA_BENCH_DENOISE_COMPILE_MODE: give one mode")
+COMPILE_MODE = COMPILE_MODE[0]
 
 # every (head, M) is a fresh specialisation of the same compiled function: keep them all
 torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
@@ -231,7 +241,7 @@ def _runner(case, path, head, M):
             def loss_fn(mlp, x, t, c, target):
                 return F.mse_loss(mlp(x, t, c).float(), target)
         elif path == "compile":
-            loss_fn = torch.compile(_train_loss, mode="max-autotune", dynamic=False)
+            loss_fn = torch.compile(_train_loss, mode=COMPILE_MODE, dynamic=False)
         else:
             loss_fn = _train_loss
 
@@ -261,7 +271,7 @@ def _runner(case, path, head, M):
     coefs = torch.tensor([diffusion.step_coefficients(i) for i in range(STEPS)], device=DEVICE)
     tmap = torch.as_tensor(diffusion.timestep_map, device=DEVICE)
     compiled = path == "compile"
-    step = torch.compile(_eager_step, mode="max-autotune", dynamic=False) if compiled else _eager_step
+    step = torch.compile(_eager_step, mode=COMPILE_MODE, dynamic=False) if compiled else _eager_step
 
     if case == "step":
         with torch.no_grad(), amp():
@@ -304,17 +314,24 @@ def test_denoise(benchmark, matmul_tflops, head, case, M, path):
     if reason:
         pytest.skip(f"{path}: {reason}")
     benchmark.group = f"denoise {head} {case} M={M}"
+    if path == "compile":  # the peer; djepa's and the eager paths must fail loudly
+        bench_peers.check((path, case))
+
+        def guard(f, *args, **kwargs):
+            return bench_peers.run((path, case), f, *args, **kwargs)
+    else:
+        def guard(f, *args, **kwargs):
+            return f(*args, **kwargs)
     try:
         run = _runner(case, path, head, M)
-        run()  # compile / autotune / capture outside the timed region
-        torch.cuda.synchronize()
-        ms = triton.testing.do_bench(run, warmup=25, rep=200, return_mode="median")
 
         def synced():
             run()
             torch.cuda.synchronize()
 
-        benchmark.pedantic(synced, rounds=5, iterations=1, warmup_rounds=1)
+        guard(synced)  # compile / autotune / capture outside the timed region
+        ms = guard(triton.testing.do_bench, run, warmup=25, rep=200, return_mode="median")
+        guard(benchmark.pedantic, synced, rounds=5, iterations=1, warmup_rounds=1)
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
         pytest.skip(f"{head} {case} M={M} on {path} does not fit in GPU memory")
@@ -322,6 +339,8 @@ def test_denoise(benchmark, matmul_tflops, head, case, M, path):
     tflops = gemm_flops(M, depth, width, z, case, in_ch=C) / (ms * 1e-3) / 1e12
     info = dict(ms=ms, tflops=tflops, matmul_tflops=matmul_tflops, fraction_of_matmul=tflops / matmul_tflops,
                 path=path, device=torch.cuda.get_device_name())
+    if path == "compile":
+        info["compile_mode"] = COMPILE_MODE
     row = _ms.setdefault((head, case, M), {})
     for peer in ("eager-bf16", "compile"):
         if peer in row and path != peer:

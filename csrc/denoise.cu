@@ -227,7 +227,7 @@ void gemm(std::uintptr_t a, std::uintptr_t b, std::uintptr_t c, std::uintptr_t b
 
 void denoise_update(std::uintptr_t x, std::uintptr_t model_out, std::uintptr_t noise,
                     std::uintptr_t out, std::uintptr_t xin_out, int64_t B, int64_t C,
-                    int64_t out_ld, int cfg, double cfg_scale, double coef_x, double coef_eps,
+                    int64_t out_ld, int cfg, std::uintptr_t cfg_scale, double coef_x, double coef_eps,
                     double min_log, double max_log, double noise_scale, int dtype,
                     std::uintptr_t stream) {
   const char* what = "denoise_update";
@@ -244,6 +244,7 @@ void denoise_update(std::uintptr_t x, std::uintptr_t model_out, std::uintptr_t n
   require_ptr(what, "model_out", model_out);
   require_ptr(what, "out", out);
   if (noise_scale != 0.0 && noise == 0) bad("noise is required when noise_scale != 0");
+  if (cfg && cfg_scale == 0) bad("cfg_scale (a device pointer to one float32) is required when cfg != 0");
   UpdateParams p{};
   p.x = as_ptr<const float>(x);
   p.model_out = reinterpret_cast<const void*>(model_out);
@@ -254,7 +255,7 @@ void denoise_update(std::uintptr_t x, std::uintptr_t model_out, std::uintptr_t n
   p.ld = out_ld;
   p.C = int(C);
   p.cfg = cfg;
-  p.cfg_scale = float(cfg_scale);
+  p.cfg_scale = as_ptr<const float>(cfg_scale);
   p.coef_x = float(coef_x);
   p.coef_eps = float(coef_eps);
   p.min_log = float(min_log);
@@ -299,7 +300,7 @@ void register_denoise(py::module_& m) {
         arg("stream"), arg("aux2_ld") = 0);
   m.def("denoise_update", &denoise_update,
         "Elementwise tail of one reverse-diffusion step (CFG, posterior mean, learned variance, "
-        "noise)",
+        "noise); cfg_scale points to one float32 on the device",
         arg("x"), arg("model_out"), arg("noise"), arg("out"), arg("xin_out"), arg("B"), arg("C"),
         arg("out_ld"), arg("cfg"), arg("cfg_scale"), arg("coef_x"), arg("coef_eps"),
         arg("min_log"), arg("max_log"), arg("noise_scale"), arg("dtype"), arg("stream"));

@@ -575,7 +575,8 @@ struct UpdateParams {
   int64_t B, ld;
   int C;
   bool cfg;
-  float cfg_scale, coef_x, coef_eps, min_log, max_log, noise_scale;
+  const float* cfg_scale;  // on the device: a CUDA graph of the sampler reads it at each replay
+  float coef_x, coef_eps, min_log, max_log, noise_scale;
 };
 
 template <typename T>
@@ -583,6 +584,7 @@ __global__ void denoise_update_kernel(const UpdateParams p) {
   const T* mo = static_cast<const T*>(p.model_out);
   T* xin = static_cast<T*>(p.xin_out);
   const int64_t total = p.B * p.C;
+  const float cfg_scale = p.cfg ? *p.cfg_scale : 1.f;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t r = i / p.C;
@@ -590,7 +592,7 @@ __global__ void denoise_update_kernel(const UpdateParams p) {
     float e = to_f(mo[r * p.ld + j]);
     if (p.cfg) {
       const float u = to_f(mo[(r + p.B) * p.ld + j]);
-      e = u + p.cfg_scale * (e - u);
+      e = u + cfg_scale * (e - u);
     }
     const float frac = (to_f(mo[r * p.ld + p.C + j]) + 1.f) * 0.5f;
     const float logvar = frac * p.max_log + (1.f - frac) * p.min_log;

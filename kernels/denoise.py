@@ -112,7 +112,7 @@ def add_silu_kernel(c_ptr, t_ptr, out_ptr, M, W, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def denoise_update_kernel(x_ptr, mo_ptr, noise_ptr, out_ptr, xin_ptr, B, C, out_ld, cfg_scale,
+def denoise_update_kernel(x_ptr, mo_ptr, noise_ptr, out_ptr, xin_ptr, B, C, out_ld, cfg_scale_ptr,
                           coef_x, coef_eps, min_log, max_log, noise_scale,
                           CFG: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_XIN: tl.constexpr,
                           BLOCK: tl.constexpr):
@@ -122,6 +122,8 @@ def denoise_update_kernel(x_ptr, mo_ptr, noise_ptr, out_ptr, xin_ptr, B, C, out_
     c = offs % C
     e = tl.load(mo_ptr + r * out_ld + c, mask=mask, other=0.0).to(tl.float32)
     if CFG:
+        # the scale is read on the device, so a CUDA graph of the loop serves every CFG scale
+        cfg_scale = tl.load(cfg_scale_ptr).to(tl.float32)
         u = tl.load(mo_ptr + (r + B) * out_ld + c, mask=mask, other=0.0).to(tl.float32)
         e = u + cfg_scale * (e - u)
     v = tl.load(mo_ptr + r * out_ld + C + c, mask=mask, other=0.0).to(tl.float32)

@@ -248,13 +248,13 @@ def test_torch_compile_traces_without_graph_breaks(triton_device):
 # --------------------------------------------------------------------------------------------
 # Backend selection and bad input
 # --------------------------------------------------------------------------------------------
-def test_backend_selection_explains_refusals():
+def test_backend_selection_explains_refusals(triton_device):
     q, k, v, mask = _inputs(1, 1, 4, 4, 32, torch.float64, "cpu")
     if backends.cuda_unavailable_reason("masked_attention", q.device):
         with pytest.raises(ValueError, match="backend='cuda' cannot serve"):
             masked_attention(q, k, v, mask, backend="cuda")
-    with pytest.raises(ValueError, match="float64"):
-        masked_attention(q, k, v, mask, backend="triton")
+    with pytest.raises(ValueError, match="float64"):  # on the device Triton runs on: the dtype refusal
+        masked_attention(*(t.to(triton_device) for t in (q, k, v, mask)), backend="triton")
     with pytest.raises(ValueError, match="not one of"):
         masked_attention(q, k, v, mask, backend="fast")
     torch.testing.assert_close(masked_attention(q, k, v, mask), masked_attention(q, k, v, mask, backend="eager"))

@@ -66,7 +66,7 @@ def _valid_calls(ext):
         "adaln_modulate_fwd": lambda: ext.adaln_modulate_fwd(p, p, p, p, p, p, 4, 32, 1e-6, f16, 0),
         "adaln_modulate_bwd": lambda: ext.adaln_modulate_bwd(p, p, p, p, p, p, p, p, p, p, 4, 32, f16, 0),
         "gemm": lambda: ext.gemm(p, p, p, 0, 16, 16, 16, 0, 1, 0, 0, 0, 0, f16, 0),
-        "denoise_update": lambda: ext.denoise_update(p, p, 0, p, p, 4, 16, 32, 0, 1.0, 0.5, 0.5,
+        "denoise_update": lambda: ext.denoise_update(p, p, 0, p, p, 4, 16, 32, 1, p, 0.5, 0.5,
                                                      -1.0, 0.0, 0.0, f16, 0),
     }
 

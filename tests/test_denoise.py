@@ -228,7 +228,8 @@ def test_module_triton_backend_trains_like_eager(triton_device):
     ref64 = DenoisingMLP(4, 32, 8, 6, 2, backend="eager").double()
     ref64.load_state_dict(ref.state_dict())
     x, t, c = torch.randn(20, 4, generator=gen), torch.randint(0, 1000, (20,), generator=gen), torch.randn(20, 6, generator=gen)
-    outs = [m(x.to(m.input_proj.weight), t, c.to(m.input_proj.weight)) for m in (fast, ref, ref64)]
+    outs = [m(x.to(m.input_proj.weight), t.to(m.input_proj.weight.device), c.to(m.input_proj.weight))
+            for m in (fast, ref, ref64)]
     assert_close_to_reference(*outs)
     for o in outs:
         (o.double() ** 2).sum().backward()
@@ -249,15 +250,19 @@ def test_denoise_step_triton_vs_reference(triton_device, cfg):
     m32 = _head(gen)
     m64 = _head(gen).double()
     m64.load_state_dict(m32.state_dict())
+    mf = _head(gen).to(triton_device)
+    mf.load_state_dict(m32.state_dict())
     d = create_diffusion("10")
     B = 10
     x = torch.randn(B, 4, generator=gen)
     z = torch.randn(2 * B if cfg else B, 6, generator=gen)
     n = torch.randn(B, 4, generator=gen)
+    dev = lambda t: t.to(triton_device)  # noqa: E731
     with torch.no_grad():
         for t in (9, 4, 0):
             ce = m32.cond_embed(z)
-            fast = denoise_step(m32, x, ce, d, t, noise=n, cfg_scale=3.0, temperature=0.95, backend="triton")
+            fast = denoise_step(mf, dev(x), mf.cond_embed(dev(z)), d, t, noise=dev(n), cfg_scale=3.0,
+                                temperature=0.95, backend="triton")
             low = denoise_step(m32, x, ce, d, t, noise=n, cfg_scale=3.0, temperature=0.95, backend="eager")
             ref = denoise_step_reference(m64, x.double(), m64.cond_embed(z.double()), d, t, n.double(), 3.0, 0.95)
             assert_close_to_reference(fast, low, ref, atol=1e-5, what=f"step t={t}")
@@ -355,7 +360,10 @@ def test_sample_triton_vs_eager(triton_device, cfg_scale):
     z = torch.randn(2 * B if cfg_scale != 1 else B, 6, generator=gen)
     x_T, sn = torch.randn(B, 4, generator=gen), torch.randn(steps, B, 4, generator=gen)
     kw = dict(steps=steps, temperature=0.97, cfg_scale=cfg_scale, noise=x_T, step_noise=sn)
-    fast = sample(m32, z, backend="triton", **kw)
+    mf = _head(gen).to(triton_device)
+    mf.load_state_dict(m32.state_dict())
+    fast = sample(mf, z.to(triton_device), backend="triton",
+                  **dict(kw, noise=x_T.to(triton_device), step_noise=sn.to(triton_device)))
     low = sample(m32, z, backend="eager", **kw)
     ref = sample(m64, z.double(), backend="eager", **dict(kw, noise=x_T.double(), step_noise=sn.double()))
     assert_close_to_reference(fast, low, ref, atol=1e-5)
@@ -475,3 +483,179 @@ def test_packed_weights_are_reused_and_follow_every_update():
         ema.update(mlp)
         after = packed(target)
         assert after is not before and torch.equal(after.w_mod, stacked(target))
+
+
+# ---------------- the CUDA-graph sampler, checked on the CPU -------------------------------------
+class _RerunCapture:
+    """A CPU stand-in of the sampler's CUDA-graph capture with a graph's semantics: what the
+    captured function holds as Python values is frozen at capture, the tensors it reads are read
+    at each replay (which reruns it), and capture and replay run under the sampler's capture
+    guard, which refuses what a real capture cannot hold (host-to-device copies, syncs)."""
+
+    made = []
+
+    def __init__(self, device):
+        self.device = device
+        _RerunCapture.made.append(self)
+
+    def warmup(self, fn):
+        fn()
+
+    def capture(self, fn):
+        from djepa.diffusion import sampler
+
+        with sampler.capture_guard(self.device):
+            self.out = fn()
+        self.fn = fn
+        return self.out
+
+    def replay(self):
+        from djepa.diffusion import sampler
+
+        with sampler.capture_guard(self.device):
+            self.out.copy_(self.fn())
+
+
+@pytest.fixture
+def one_thread():
+    """Small CPU work runs far faster on one thread when the machine is shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def rerun_graphs(monkeypatch, triton_device, one_thread):
+    """sample() captures and replays its loop on triton_device (the CPU here) through _RerunCapture."""
+    from djepa.diffusion import sampler
+
+    monkeypatch.setattr(sampler, "_GRAPH_DEVICE_TYPES", (triton_device.type,))
+    monkeypatch.setattr(sampler, "_CAPTURE", _RerunCapture)
+    monkeypatch.setattr(sampler, "_GRAPHS", type(sampler._GRAPHS)())
+    _RerunCapture.made.clear()
+    return sampler
+
+
+def test_capture_guard_refuses_what_a_cuda_graph_cannot_hold():
+    from djepa.diffusion.sampler import capture_guard
+
+    t = torch.ones(3)
+    for bad in (lambda: torch.as_tensor([1, 2, 3]), lambda: torch.tensor(2.0), lambda: t.sum().item(),
+                lambda: bool(t.sum() > 0), lambda: t.tolist(), lambda: t.nonzero(), lambda: torch.cuda.synchronize(),
+                lambda: t + torch.ones((), device="meta")):
+        with pytest.raises(RuntimeError, match="inside the CUDA-graph capture"):
+            with capture_guard("cpu"):
+                bad()
+    with capture_guard("cpu"):  # what the loop does: kernels, allocations, Python scalars
+        (t * 2.0 + torch.full((), 0.5)).clone().fill_(1.0)
+        torch.empty(2, 3).copy_(torch.zeros(2, 3))
+    assert torch.cuda.synchronize is not None and t.tolist() == [1.0, 1.0, 1.0]  # restored after
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 2.5])
+def test_sampler_loop_captures_and_replays_under_the_guard(triton_device, rerun_graphs, cfg_scale):
+    """The graphed loop builds every tensor it needs before the capture, and a replay with new
+    conditions, noise and CFG scale equals the ungraphed loop on those inputs (the scale must
+    be read from a device tensor at replay, not baked into the graph)."""
+    gen = torch.Generator().manual_seed(9)
+    m = _head(gen).to(triton_device)
+    B, steps = 3, 3
+
+    def inputs():
+        z = torch.randn(2 * B if cfg_scale != 1 else B, 6, generator=gen).to(triton_device)
+        return z, torch.randn(B, 4, generator=gen).to(triton_device), torch.randn(steps, B, 4, generator=gen).to(triton_device)
+
+    outs = []
+    for scale in ((cfg_scale, cfg_scale + 1.5) if cfg_scale != 1 else (1.0, 1.0)):
+        z, x_T, sn = inputs()
+        kw = dict(steps=steps, temperature=0.97, cfg_scale=scale, noise=x_T, step_noise=sn, backend="triton")
+        graphed = sample(m, z, **kw)
+        plain = sample(m, z, cuda_graph=False, **kw)
+        torch.testing.assert_close(graphed, plain, rtol=0, atol=0)
+        outs.append(graphed)
+    assert len(_RerunCapture.made) == 1  # the second call replayed the first call's graph
+    assert not torch.equal(outs[0], outs[1])
+
+
+class _TorchRunner:
+    """The fused step's kernel calls (djepa.ops.denoise's runner contract) in plain torch ops."""
+    name = "torch"
+
+    def ln_mod_fwd(self, x, mod, mod_ld, ln_w, ln_b, h, stats, eps):
+        W = x.shape[1]
+        y = torch.nn.functional.layer_norm(x.float(), (W,), None if ln_w is None else ln_w.float(),
+                                           None if ln_b is None else ln_b.float(), eps)
+        h.copy_(y * (1 + mod[:, W:2 * W].float()) + mod[:, :W].float())
+
+    def gemm(self, a, b, c, M, N, K, a_trans=False, b_trans=False, bias=None, epilogue=0,
+             aux1=None, aux2=None, aux2_ld=0, aux_out=None):
+        assert b_trans and not a_trans and epilogue in (0, 1, 2)
+        y = a.float() @ b.float().T + (0 if bias is None else bias.float())
+        if epilogue == 1:
+            y = torch.nn.functional.silu(y)
+        elif epilogue == 2:
+            y = aux1.float() + aux2[:, :N].float() * y
+        c.copy_(y)
+
+    def add_silu(self, c, t_row, out):
+        out.copy_(torch.nn.functional.silu(c.float() + t_row.float()))
+
+    def denoise_update(self, x, model_out, noise, out, xin, B, C, cfg, cfg_scale, coefs):
+        coef_x, coef_eps, min_log, max_log, noise_scale = coefs
+        mo = model_out.float()
+        e = mo[:B, :C]
+        if cfg:
+            e = mo[B:2 * B, :C] + cfg_scale * (e - mo[B:2 * B, :C])
+        frac = (mo[:B, C:2 * C] + 1) / 2
+        res = coef_x * x - coef_eps * e
+        if noise is not None and noise_scale != 0:
+            res = res + torch.exp(0.5 * (frac * max_log + (1 - frac) * min_log)) * noise_scale * noise
+        out.copy_(res)
+        if xin is not None:
+            xin[:B].copy_(res)
+            if cfg:
+                xin[B:2 * B].copy_(res)
+
+
+@pytest.mark.parametrize("num_iter", [16, 5])
+def test_model_sample_reuses_one_graph_per_token_count(monkeypatch, one_thread, num_iter):
+    """model.sample with the linear CFG schedule gives every iteration its own scale; the scale
+    must reach the graph as a device tensor, so the iterations of one token count share one
+    graph (num_iter = seq_len: one token per sample per iteration, one graph), and the graphed
+    sample equals the ungraphed one."""
+    from djepa.diffusion import sampler
+    from djepa.models import build, masking
+
+    torch.manual_seed(0)
+    model = build("tiny", loss="diffusion", num_sampling_steps="3").eval()
+    g = torch.Generator().manual_seed(99)
+    with torch.no_grad():
+        for p in model.net.diffloss.net.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+        model.ema.copy_from(model.net)
+    head = model.ema.module.diffloss
+    head.backend = "triton"  # a fused backend, whose kernel calls _TorchRunner makes here
+    select = sampler._dispatch.select_backend  # the head's loop goes to the runner, on any machine
+    monkeypatch.setattr(sampler._dispatch, "select_backend",
+                        lambda op, *a, **k: "triton" if op == "denoise_step" else select(op, *a, **k))
+    monkeypatch.setattr(sampler._d, "_runner", lambda backend, device: _TorchRunner())
+    labels = torch.tensor([1, 5])
+    kw = dict(num_iter=num_iter, cfg_scale=3.0, cfg_schedule="linear", temperature=0.9)
+    plain = model.sample(labels, generator=torch.Generator().manual_seed(4), **kw)
+
+    monkeypatch.setattr(sampler, "_GRAPH_DEVICE_TYPES", ("cpu",))
+    monkeypatch.setattr(sampler, "_CAPTURE", _RerunCapture)
+    monkeypatch.setattr(sampler, "_GRAPHS", type(sampler._GRAPHS)())
+    _RerunCapture.made.clear()
+    keys = []
+    key_fn = sampler._graph_key
+    monkeypatch.setattr(sampler, "_graph_key", lambda *a, **k: keys.append(key_fn(*a, **k)) or keys[-1])
+    graphed = model.sample(labels, generator=torch.Generator().manual_seed(4), **kw)
+    counts = {n for _, n in masking.mask_len_schedule(model.config.seq_len, num_iter)}
+    assert len(keys) == num_iter and len(set(keys)) == len(counts)
+    assert len(_RerunCapture.made) == len(counts) <= sampler._MAX_GRAPHS
+    torch.testing.assert_close(graphed, plain, rtol=1e-6, atol=1e-6)
+    again = model.sample(labels, generator=torch.Generator().manual_seed(4), **kw)
+    assert len(_RerunCapture.made) == len(counts)  # a second call replays, captures nothing
+    torch.testing.assert_close(again, graphed, rtol=0, atol=0)

@@ -59,9 +59,14 @@ def test_two_cpu_processes_stay_identical(tmp_path):
 def test_torchrun_cli(tmp_path):
     out = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    if not torch.cuda.is_available():  # run it as on the one-GPU machine: the ranks see one GPU (faked)
+        fake = os.path.join(os.path.dirname(__file__), "..", "tools", "fake_gpu")
+        env.update(DJEPA_FAKE_GPU="1", DJEPA_FAKE_GPU_COUNT="1",
+                   PYTHONPATH=os.pathsep.join(filter(None, [fake, env.get("PYTHONPATH")])))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={_free_port()}", "-m", "djepa", "train", "--out", str(out), "--steps", "2",
-           "--batch-size", "8", "--ckpt-every", "2", "--no-progress"]
+           "--batch-size", "8", "--ckpt-every", "2", "--no-progress",
+           "--device", "cpu"]  # gloo on the CPU: a one-GPU machine has no cuda:1 for rank 1
     for k, v in SMALL.items():
         cmd += ["--set", f"{k}={v}"]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)

@@ -212,11 +212,12 @@ def test_bad_decay_types():
             ema_update_([e], [x], decay)
 
 
-def test_non_contiguous_for_an_explicit_kernel_backend_is_refused_eager_takes_it():
-    e = torch.zeros(6, 4).t()
-    x = torch.ones(6, 4).t()
+def test_non_contiguous_for_an_explicit_kernel_backend_is_refused_eager_takes_it(triton_device):
+    e = torch.zeros(6, 4, device=triton_device).t()
+    x = torch.ones(6, 4, device=triton_device).t()
     with pytest.raises(ValueError, match="not contiguous"):
-        ema_update_([torch.zeros(3), e], [torch.ones(3), x], 0.5, backend="triton")
+        ema_update_([torch.zeros(3, device=triton_device), e], [torch.ones(3, device=triton_device), x], 0.5,
+                    backend="triton")
     ema_update_([e], [x], 0.5, backend="auto")  # auto falls back to eager, which handles strides
     assert e.eq(0.5).all()
 
@@ -242,8 +243,9 @@ class _Net(nn.Module):
 def _train_steps(model, steps, seed=0):
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    device = next(model.parameters()).device
     for _ in range(steps):
-        model(torch.randn(8, 7, generator=g)).square().mean().backward()
+        model(torch.randn(8, 7, generator=g).to(device)).square().mean().backward()
         opt.step()
         opt.zero_grad()
         model.counter += 1

@@ -249,13 +249,14 @@ def test_eager_vs_triton_backend_same_loss(triton_device):
     eager = tiny(backend="eager", **kw).eval()
     fast = tiny(backend="triton", **kw).eval()
     fast.load_state_dict(eager.state_dict())
+    fast.to(triton_device)
     ref = copy.deepcopy(eager).double()
     x, y = batch(2)
-    x = x.to(triton_device)
 
     def run(model, dtype):
         model.zero_grad(set_to_none=True)
-        out = model(x.to(dtype), y, generator=gen(12))
+        device = model.net.z_proj.weight.device
+        out = model(x.to(device, dtype), y.to(device), generator=gen(12))
         out["loss"].backward()
         return out, model.net.z_proj.weight.grad, model.net.encoder_blocks[0].attn.qkv.weight.grad
 

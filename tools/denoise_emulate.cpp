@@ -312,7 +312,8 @@ bool update_case(int B, int C, int64_t ld, bool cfg, bool noisy, bool xin_copy, 
   p.ld = ld;
   p.C = C;
   p.cfg = cfg;
-  p.cfg_scale = 2.5f;
+  const float scale = 2.5f;  // read through a pointer, as from the device
+  p.cfg_scale = cfg ? &scale : nullptr;
   p.coef_x = 1.01f;
   p.coef_eps = 0.05f;
   p.min_log = -7.f;

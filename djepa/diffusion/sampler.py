@@ -10,10 +10,13 @@ Noise order (for reproducibility): x_T = randn(B, C) first, then one randn(B, C)
 taken, all from `generator` (the last step's is drawn but unused); this is the order
 GaussianDiffusion.p_sample_loop draws in, so without CFG the eager sampler reproduces it.
 """
+import contextlib
 import functools
 from collections import OrderedDict
 
 import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from djepa.diffusion.gaussian import _check_sampling_scalar, create_diffusion
 from djepa.ops import _dispatch
@@ -53,9 +56,10 @@ def _draw_noise(shape, steps, generator, device, noise, step_noise):
     return noise, step_noise
 
 
-def _time_table(mlp, diffusion, device):
-    ts = torch.as_tensor(diffusion.timestep_map, device=device, dtype=torch.long)
-    return mlp.time_embed(ts).contiguous()
+def _timesteps(diffusion, device):
+    """The respaced steps' original timesteps on `device`: a host-to-device copy, so made before
+    any capture and handed to the loop."""
+    return torch.as_tensor(diffusion.timestep_map, device=device, dtype=torch.long)
 
 
 def _eager_loop(mlp, z, x, step_noise, diffusion, cfg_scale, temperature):
@@ -66,10 +70,11 @@ def _eager_loop(mlp, z, x, step_noise, diffusion, cfg_scale, temperature):
     return x
 
 
-def _fused_loop(run, mlp, pk, z, x_T, step_noise, diffusion, cfg, cfg_scale, temperature, only=None):
-    """The loop of fused steps; `only` (step indices) restricts it for warm-up."""
+def _fused_loop(run, mlp, pk, z, x_T, step_noise, timesteps, diffusion, cfg, cfg_scale, temperature, only=None):
+    """The loop of fused steps; `only` (step indices) restricts it for warm-up. Every tensor it
+    reads is an argument (made before a capture): it creates none from host data."""
     c_emb = mlp.cond_embed(z).contiguous()
-    temb = _time_table(mlp, diffusion, z.device)
+    temb = mlp.time_embed(timesteps).contiguous()
     B = x_T.shape[0]
     x = x_T.clone()
     xin = x.to(c_emb.dtype, copy=True)
@@ -86,35 +91,136 @@ def _fused_loop(run, mlp, pk, z, x_T, step_noise, diffusion, cfg, cfg_scale, tem
     return x
 
 
+_FORBIDDEN_IN_CAPTURE = {
+    "lift_fresh": "a tensor made from Python data (a host-to-device copy)",
+    "_local_scalar_dense": "a device value read on the host (.item(), bool(), int(): a sync)",
+    "nonzero": "an output whose shape depends on device data (a sync)",
+    "masked_select": "an output whose shape depends on device data (a sync)",
+    "_unique2": "an output whose shape depends on device data (a sync)",
+    "unique_consecutive": "an output whose shape depends on device data (a sync)",
+}
+
+
+def _same_device(a, b):
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
+class _CaptureGuardDispatch(TorchDispatchMode):
+    def __init__(self, device):
+        super().__init__()
+        self.device = device
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        if name in _FORBIDDEN_IN_CAPTURE:
+            raise RuntimeError(f"{func} inside the CUDA-graph capture: {_FORBIDDEN_IN_CAPTURE[name]}")
+        for a in torch.utils._pytree.tree_leaves((args, kwargs)):
+            dev = a.device if isinstance(a, torch.Tensor) else a if isinstance(a, torch.device) else None
+            if dev is not None and not _same_device(dev, self.device):
+                raise RuntimeError(f"{func} inside the CUDA-graph capture on {self.device} touches {dev} "
+                                   "(a copy between devices, or a host value baked into the graph)")
+        return func(*args, **kwargs)
+
+
+class _CaptureGuardFunction(TorchFunctionMode):
+    _HOST_READS = {"tolist", "numpy", "cpu", "item"}
+
+    def __init__(self, device):
+        super().__init__()
+        self.device = device
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in self._HOST_READS and args and isinstance(args[0], torch.Tensor) and \
+                _same_device(args[0].device, self.device):
+            raise RuntimeError(f"Tensor.{name}() inside the CUDA-graph capture: a device value read on the host")
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def capture_guard(device):
+    """Refuse, while a CUDA graph of work on `device` is captured, what a graph cannot hold:
+    tensors made from Python data, host reads of device values and syncs, shapes that depend on
+    device data, and tensors of another device (each raises a RuntimeError naming the op). On a
+    GPU the capture itself would fail or bake stale values; under this guard the same loop run
+    on the CPU fails the same way, so tests can check the captured code without a GPU."""
+    device = torch.device(device)
+
+    def no_sync(*args, **kwargs):
+        raise RuntimeError("torch.cuda.synchronize() inside the CUDA-graph capture")
+
+    sync = torch.cuda.synchronize
+    torch.cuda.synchronize = no_sync
+    try:
+        with _CaptureGuardFunction(device), _CaptureGuardDispatch(device):
+            yield
+    finally:
+        torch.cuda.synchronize = sync
+
+
+class _CudaGraphCapture:
+    """The loop as a torch.cuda.CUDAGraph: warm-up on a side stream, capture under the guard."""
+
+    def __init__(self, device):
+        self.device = device
+        self.graph = None
+
+    def warmup(self, fn):
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):  # compile / autotune every kernel outside the capture
+            fn()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+
+    def capture(self, fn):
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), capture_guard(self.device):
+            return fn()
+
+    def replay(self):
+        self.graph.replay()
+
+
+# Where sample() captures its loop, and how (tests put a CPU stand-in of the capture here).
+_GRAPH_DEVICE_TYPES = ("cuda",)
+_CAPTURE = _CudaGraphCapture
+
+
 class _Graph:
-    def __init__(self, run, mlp, z, x_T, step_noise, diffusion, cfg, cfg_scale, temperature):
+    """The loop of one (weights, shapes, steps, temperature, backend), captured once. Its
+    inputs, the CFG scale included, are static device tensors that each call refills, so the
+    graph serves every call of its key (MAR's linear CFG schedule: a new scale per iteration)."""
+
+    def __init__(self, run, mlp, z, x_T, step_noise, diffusion, cfg, temperature):
         self.pk = _d.packed(mlp)
         self.z, self.x_T, self.noise = z.clone(), x_T.clone(), step_noise.clone()
-        args = (run, mlp, self.pk, self.z, self.x_T, self.noise, diffusion, cfg, cfg_scale, temperature)
-        side = torch.cuda.Stream(z.device)
-        side.wait_stream(torch.cuda.current_stream(z.device))
-        with torch.cuda.stream(side):  # compile / autotune every kernel outside the capture
-            _fused_loop(*args, only={0, diffusion.num_timesteps - 1})
-        torch.cuda.current_stream(z.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = _fused_loop(*args)
+        self.cfg_scale = _d._cfg_scale_tensor(1.0, z.device)
+        self.timesteps = _timesteps(diffusion, z.device)
+        loop = functools.partial(_fused_loop, run, mlp, self.pk, self.z, self.x_T, self.noise, self.timesteps,
+                                 diffusion, cfg, self.cfg_scale, temperature)
+        self.capture = _CAPTURE(z.device)
+        self.capture.warmup(functools.partial(loop, only={0, diffusion.num_timesteps - 1}))
+        self.out = self.capture.capture(loop)
 
-    def __call__(self, z, x_T, step_noise):
+    def __call__(self, z, x_T, step_noise, cfg_scale):
         self.z.copy_(z)
         self.x_T.copy_(x_T)
         self.noise.copy_(step_noise)
-        self.graph.replay()
+        self.cfg_scale.fill_(cfg_scale)
+        self.capture.replay()
         return self.out.clone()
 
 
 _GRAPHS = OrderedDict()
-_MAX_GRAPHS = 4
+# MAR's 64 iterations over 256 tokens predict 1..7 tokens per sample: 7 shapes, one graph each
+_MAX_GRAPHS = 8
 
 
-def _graph_key(mlp, z, B, steps, cfg, cfg_scale, temperature, backend):
+def _graph_key(mlp, z, B, steps, cfg, temperature, backend):
+    """What a captured loop depends on; the CFG scale is not in it (a device tensor, refilled)."""
     params = tuple((p.data_ptr(), p._version) for p in mlp.parameters())
-    return (id(mlp), params, tuple(z.shape), z.dtype, str(z.device), B, steps, cfg, cfg_scale, temperature, backend)
+    return (id(mlp), params, tuple(z.shape), z.dtype, str(z.device), B, steps, cfg, temperature, backend)
 
 
 @torch.no_grad()
@@ -128,7 +234,8 @@ def sample(mlp, z, steps=100, temperature=1.0, cfg_scale=1.0, generator=None, ba
     z must have the MLP's dtype; under autocast it is cast to it and the loop runs without autocast.
     backend: "auto" | "cuda" | "triton" | "eager" (fused steps on the first two). On a GPU
     with a fused backend and cuda_graph=True, the loop is captured once per (model weights,
-    shapes, settings) and replayed.
+    shapes, steps, temperature, backend) and replayed; the CFG scale is read on the device at
+    each replay, so every scale shares the graph.
     """
     temperature, cfg_scale, cfg = _check(mlp, z, steps, temperature, cfg_scale)
     if z.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(z.device.type):
@@ -154,16 +261,16 @@ def sample(mlp, z, steps=100, temperature=1.0, cfg_scale=1.0, generator=None, ba
     else:
         run = _d._runner(chosen, z.device)
         x_T, step_noise = x_T.float().contiguous(), step_noise.float().contiguous()
-        if z.device.type == "cuda" and cuda_graph:
-            key = _graph_key(mlp, z, B, steps, cfg, cfg_scale, temperature, chosen)
+        if z.device.type in _GRAPH_DEVICE_TYPES and cuda_graph:
+            key = _graph_key(mlp, z, B, steps, cfg, temperature, chosen)
             graph = _GRAPHS.pop(key, None)
             if graph is None:
-                graph = _Graph(run, mlp, z.contiguous(), x_T, step_noise, diffusion, cfg, cfg_scale, temperature)
                 while len(_GRAPHS) >= _MAX_GRAPHS:
                     _GRAPHS.popitem(last=False)
+                graph = _Graph(run, mlp, z.contiguous(), x_T, step_noise, diffusion, cfg, temperature)
             _GRAPHS[key] = graph
-            x = graph(z, x_T, step_noise)
+            x = graph(z, x_T, step_noise, cfg_scale)
         else:
-            x = _fused_loop(run, mlp, _d.packed(mlp), z.contiguous(), x_T, step_noise, diffusion, cfg,
-                            cfg_scale, temperature)
+            x = _fused_loop(run, mlp, _d.packed(mlp), z.contiguous(), x_T, step_noise, _timesteps(diffusion, z.device),
+                            diffusion, cfg, _d._cfg_scale_tensor(cfg_scale, z.device), temperature)
     return torch.cat([x, x]) if cfg else x

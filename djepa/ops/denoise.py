@@ -62,7 +62,10 @@ _C.denoise_update(x, model_out, noise, out, xin_out, B, C, out_ld, cfg, cfg_scal
                   coef_eps, min_log, max_log, noise_scale, dtype, stream)
     The elementwise tail of one reverse step, for r < B, j < C (f32 math):
         e   = model_out[r, j]                          (row stride out_ld, dtype `dtype`)
-        if cfg: u = model_out[r + B, j]; e = u + cfg_scale * (e - u)
+        if cfg: u = model_out[r + B, j]; e = u + s * (e - u), s = *cfg_scale
+    CHANGE relative to the brief: cfg_scale is a pointer to one float32 on the device (0 allowed
+    when cfg == 0), not a float: the sampler's CUDA graph reads it at each replay, so MAR's
+    linear CFG schedule (a new scale every iteration) replays one graph.
         v   = model_out[r, C + j]                      (learned-range variance value)
         logvar = (v + 1)/2 * max_log + (1 - (v + 1)/2) * min_log
         mean   = coef_x * x[r, j] - coef_eps * e
@@ -188,7 +191,7 @@ class _Triton:
         BLOCK = 512
         self.k.denoise_update_kernel[(triton_cdiv(B * C, BLOCK),)](
             x, model_out, noise if noise is not None else x, out, xin if xin is not None else out,
-            B, C, model_out.stride(0), float(cfg_scale), coef_x, coef_eps, min_log, max_log, noise_scale,
+            B, C, model_out.stride(0), cfg_scale, coef_x, coef_eps, min_log, max_log, noise_scale,
             CFG=bool(cfg), HAS_NOISE=noise is not None and noise_scale != 0.0, HAS_XIN=xin is not None,
             BLOCK=BLOCK)
 
@@ -248,7 +251,7 @@ class _Cuda:
     def denoise_update(self, x, model_out, noise, out, xin, B, C, cfg, cfg_scale, coefs):
         coef_x, coef_eps, min_log, max_log, noise_scale = coefs
         self.C.denoise_update(_ptr(x), _ptr(model_out), _ptr(noise) if noise_scale != 0.0 else 0, _ptr(out),
-                              _ptr(xin), B, C, model_out.stride(0), int(bool(cfg)), float(cfg_scale),
+                              _ptr(xin), B, C, model_out.stride(0), int(bool(cfg)), _ptr(cfg_scale),
                               coef_x, coef_eps, min_log, max_log, noise_scale,
                               _dispatch.dtype_code(model_out.dtype), self._s())
 
@@ -490,8 +493,15 @@ def packed(mlp):
     return cached[1]
 
 
+def _cfg_scale_tensor(cfg_scale, device):
+    """The CFG scale as the float32 0-dim device tensor the update kernels read (a fill kernel,
+    no host-to-device copy)."""
+    return torch.full((), float(cfg_scale), dtype=torch.float32, device=device)
+
+
 def _fused_step(run, pk, x, xin, c_emb, temb_row, noise, coefs, cfg, cfg_scale, out, xin_next):
-    """One step in 3 + 3 * depth + 3 launches; writes out (and xin_next, the next MLP input)."""
+    """One step in 3 + 3 * depth + 3 launches; writes out (and xin_next, the next MLP input).
+    cfg_scale: a float32 0-dim tensor on x's device (see _cfg_scale_tensor)."""
     rows, W = c_emb.shape
     B = x.shape[0]
     NM = pk.w_mod.shape[0]
@@ -541,10 +551,10 @@ def denoise_step(mlp, x, c_emb, diffusion, t, *, noise=None, cfg_scale=1.0, temp
         xin = x.to(dt)
         if cfg:
             xin = torch.cat([xin, xin])
-        ts = torch.tensor([diffusion.timestep_map[t]], device=x.device)
+        ts = torch.full((1,), int(diffusion.timestep_map[t]), device=x.device, dtype=torch.long)
         temb = mlp.time_embed(ts)[0].contiguous()
         out = torch.empty_like(x)
         _fused_step(_runner(chosen, x.device), packed(mlp), x.contiguous(), xin, c_emb.contiguous(), temb,
                     None if noise is None else noise.contiguous(), diffusion.step_coefficients(t, temperature),
-                    cfg, cfg_scale, out, None)
+                    cfg, _cfg_scale_tensor(cfg_scale, x.device), out, None)
         return out
