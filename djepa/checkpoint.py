@@ -8,6 +8,9 @@ A checkpoint is a folder `<out>/step-NNNNNNN/` holding
                        the size and SHA-256 of both weight files
 It is written into a temporary folder and renamed into place, then `<out>/latest` (also
 replaced atomically) names it, so a kill at any moment leaves the previous checkpoint intact.
+Files and folders get the modes the umask gives (as `open` and `mkdir` would), so a team can
+share a run folder. Retention keeps the `keep` newest checkpoints that verify; a checkpoint
+that does not verify is never deleted and never counted.
 """
 import base64
 import contextlib
@@ -16,7 +19,9 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
+import time
 from typing import Optional
 
 import torch
@@ -40,11 +45,24 @@ def _fsync_dir(path):
             os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: str) -> None:
+    """Give `path` the mode `open`/`mkdir` would have (tempfile makes 0600 files, 0700 folders)."""
+    base = 0o777 if os.path.isdir(path) else 0o666
+    os.chmod(path, base & ~_umask())
+
+
 def atomic_write_text(path: str, text: str) -> None:
     """Write `text` to `path` through a temporary file in the same folder and os.replace."""
     d = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
     try:
+        follow_umask(tmp)
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -98,6 +116,17 @@ def _optimizer_split(opt_state: dict):
     return tensors, rest
 
 
+def restore_optimizer(optimizer, folder: str, state: dict) -> None:
+    """Load the optimizer state of the checkpoint `folder` (its state.json is `state`)."""
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(os.path.join(folder, TRAINER_FILE))
+        optimizer.load_state_dict(_optimizer_join(tensors, state["optimizer"]))
+    except Exception as exc:  # a mismatching optimizer state raises ValueError/KeyError
+        raise CheckpointError(f"cannot restore the optimizer from {folder!r}: {exc}") from None
+
+
 def _optimizer_join(tensors: dict, rest: dict) -> dict:
     state = {int(pid): dict(st) for pid, st in rest["state"].items()}
     for key, v in tensors.items():
@@ -106,14 +135,14 @@ def _optimizer_join(tensors: dict, rest: dict) -> dict:
     return {"state": state, "param_groups": rest["param_groups"]}
 
 
-def _rng_state(generator: torch.Generator, device: torch.device) -> dict:
+def rng_state(generator: torch.Generator, device: torch.device) -> dict:
     st = {"torch": _b64(torch.get_rng_state()), "generator": _b64(generator.get_state())}
     if device.type == "cuda":
         st["cuda"] = _b64(torch.cuda.get_rng_state(device))
     return st
 
 
-def _set_rng_state(st: dict, generator: torch.Generator, device: torch.device) -> None:
+def set_rng_state(st: dict, generator: torch.Generator, device: torch.device) -> None:
     torch.set_rng_state(_unb64(st["torch"]))
     generator.set_state(_unb64(st["generator"]))
     if device.type == "cuda" and "cuda" in st:
@@ -121,10 +150,11 @@ def _set_rng_state(st: dict, generator: torch.Generator, device: torch.device) -
 
 
 def save_checkpoint(out: str, step: int, model, optimizer, state: dict, keep: int = 2) -> str:
-    """Write `<out>/step-NNNNNNN` atomically, point `<out>/latest` at it, prune to `keep`.
+    """Write `<out>/step-NNNNNNN` atomically, point `<out>/latest` at it, apply retention.
 
     `state` holds the JSON part (preset, config, settings, data, rng); files and format are
-    added here. Refuses to replace an existing checkpoint folder."""
+    added here. Refuses to replace an existing checkpoint folder. `keep` > 0: keep that many
+    checkpoints that verify (this one included), delete older intact ones; 0 keeps all."""
     from safetensors.torch import save_file
 
     name = f"step-{step:07d}"
@@ -133,6 +163,7 @@ def save_checkpoint(out: str, step: int, model, optimizer, state: dict, keep: in
         raise CheckpointError(f"checkpoint {final!r} already exists; not overwriting it")
     tmp = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=out)
     try:
+        follow_umask(tmp)
         save_file(_state_tensors(model.state_dict()), os.path.join(tmp, MODEL_FILE))
         opt_tensors, opt_rest = _optimizer_split(optimizer.state_dict())
         save_file(opt_tensors, os.path.join(tmp, TRAINER_FILE))
@@ -142,6 +173,7 @@ def save_checkpoint(out: str, step: int, model, optimizer, state: dict, keep: in
         with open(os.path.join(tmp, STATE_FILE), "w") as f:
             json.dump(doc, f, indent=1)
         for f in (MODEL_FILE, TRAINER_FILE, STATE_FILE):
+            follow_umask(os.path.join(tmp, f))  # safetensors writes 0600
             with open(os.path.join(tmp, f), "rb+") as fh:
                 os.fsync(fh.fileno())
         _fsync_dir(tmp)
@@ -150,12 +182,86 @@ def save_checkpoint(out: str, step: int, model, optimizer, state: dict, keep: in
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _fsync_dir(out)
+    _remember_intact(final)  # digests computed from the bytes just written
     atomic_write_text(os.path.join(out, LATEST_FILE), name + "\n")
-    steps = sorted((int(m.group(1)), e) for e in os.listdir(out) if (m := _STEP_DIR.match(e)))
-    for s, e in steps[:-keep] if keep > 0 else []:
-        if s != step:
-            shutil.rmtree(os.path.join(out, e), ignore_errors=True)
+    if keep > 0:
+        prune_checkpoints(out, keep)
     return final
+
+
+# ----------------------------------------------------------------------------- verification
+# Folders verified in this process, keyed by their files' (size, mtime): retention then re-reads
+# nothing it wrote or checked itself.
+_VERIFIED = {}
+
+
+def _fingerprint(folder: str):
+    try:
+        return tuple((f, st.st_size, st.st_mtime_ns) for f in (STATE_FILE, MODEL_FILE, TRAINER_FILE)
+                     for st in [os.stat(os.path.join(folder, f))])
+    except OSError:
+        return None
+
+
+def _remember_intact(folder: str) -> None:
+    fp = _fingerprint(folder)
+    if fp is not None:
+        _VERIFIED[os.path.abspath(folder)] = fp
+
+
+def verify_checkpoint(folder: str):
+    """None when the checkpoint folder verifies (format, sizes, SHA-256), else why not."""
+    folder = os.path.abspath(folder)
+    fp = _fingerprint(folder)
+    if fp is not None and _VERIFIED.get(folder) == fp:
+        return None
+    try:
+        _read_state(folder)
+    except CheckpointError as exc:
+        return str(exc)
+    return None
+
+
+def prune_checkpoints(out: str, keep: int) -> list:
+    """Keep the `keep` newest checkpoints of `out` that verify; delete the intact ones older
+    than those. Checkpoints that do not verify stay and are not counted. Returns the deleted."""
+    intact, deleted = 0, []
+    for folder in reversed(list_checkpoints(out)):
+        why = verify_checkpoint(folder)
+        if why is not None:
+            print(f"djepa: keeping {folder} although it does not verify ({why}); not counted for --keep",
+                  file=sys.stderr)
+            continue
+        intact += 1
+        if intact > keep:
+            shutil.rmtree(folder, ignore_errors=True)
+            _VERIFIED.pop(os.path.abspath(folder), None)
+            deleted.append(folder)
+    return deleted
+
+
+def supersede(out: str, step: int, also=()) -> Optional[str]:
+    """Move the checkpoints of `out` past `step` (and a copy of the files `also`) into
+    `<out>/superseded/<time>-after-step-N/`, and point `latest` at step `step`: resuming an older
+    checkpoint forks the run there, keeping the later ones aside. The folder, or None."""
+    later = [c for c in list_checkpoints(out) if int(_STEP_DIR.match(os.path.basename(c)).group(1)) > step]
+    if not later:
+        return None
+    base = os.path.join(out, "superseded", f"{time.strftime('%Y%m%d-%H%M%S')}-after-step-{step:07d}")
+    aside, n = base, 1
+    while os.path.exists(aside):
+        aside, n = f"{base}.{n}", n + 1
+    os.makedirs(aside)
+    for f in also:
+        if os.path.isfile(os.path.join(out, f)):
+            shutil.copy2(os.path.join(out, f), os.path.join(aside, f))
+    for c in later:
+        os.replace(c, os.path.join(aside, os.path.basename(c)))
+    _fsync_dir(out)
+    name = f"step-{step:07d}"
+    if os.path.isdir(os.path.join(out, name)):
+        atomic_write_text(os.path.join(out, LATEST_FILE), name + "\n")
+    return aside
 
 
 def list_checkpoints(folder: str) -> list:
@@ -180,8 +286,11 @@ def resolve_checkpoint(path: str) -> str:
         return path
     latest = os.path.join(path, LATEST_FILE)
     if os.path.isfile(latest):
-        with open(latest) as f:
-            name = f.read().strip()
+        try:
+            with open(latest, "rb") as f:
+                name = f.read(256).decode("ascii").strip()
+        except (OSError, UnicodeDecodeError):
+            name = ""  # a damaged pointer: fall back to the newest folder
         if _STEP_DIR.match(name) and os.path.isfile(os.path.join(path, name, STATE_FILE)):
             return os.path.join(path, name)
     found = [c for c in list_checkpoints(path) if os.path.isfile(os.path.join(c, STATE_FILE))]
@@ -190,27 +299,33 @@ def resolve_checkpoint(path: str) -> str:
     raise CheckpointError(f"{path!r} holds no djepa checkpoint (no {STATE_FILE}, no step-* folder)")
 
 
-def read_checkpoint_state(path: str) -> tuple:
-    """`(folder, state dict)` after checking the format tag and both weight files' size and
-    SHA-256; CheckpointError for anything missing, truncated or foreign."""
-    folder = resolve_checkpoint(path)
+def _read_state(folder: str) -> dict:
+    """The verified state.json of the checkpoint folder `folder` (CheckpointError otherwise)."""
     sp = os.path.join(folder, STATE_FILE)
     try:
-        with open(sp) as f:
-            state = json.load(f)
-    except json.JSONDecodeError:
-        raise CheckpointError(f"{sp!r} is truncated or not JSON") from None
+        with open(sp, "rb") as f:
+            raw = f.read()
     except OSError as exc:
         raise CheckpointError(f"cannot read {sp!r}: {exc.strerror or exc}") from None
+    try:
+        state = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(f"{sp!r} is truncated or not JSON (damaged)") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{folder!r} is not a djepa checkpoint ({STATE_FILE} has no format tag {FORMAT!r})")
     if state.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{folder!r} has checkpoint format version {state.get('format_version')!r}; "
                               f"this djepa reads version {FORMAT_VERSION}")
-    for key in ("step", "preset", "config", "settings", "data", "files"):
+    kinds = {"step": int, "preset": str, "config": dict, "settings": dict, "data": dict, "files": dict}
+    for key, kind in kinds.items():
         if key not in state:
             raise CheckpointError(f"{sp!r} lacks {key!r}: truncated or foreign checkpoint")
+        if not isinstance(state[key], kind) or isinstance(state[key], bool):
+            raise CheckpointError(f"{sp!r}: {key!r} is a {type(state[key]).__name__}, not a {kind.__name__}")
     for fname, want in state["files"].items():
+        if (fname not in (MODEL_FILE, TRAINER_FILE) or not isinstance(want, dict)
+                or not isinstance(want.get("bytes"), int) or not isinstance(want.get("sha256"), str)):
+            raise CheckpointError(f"{sp!r} has a damaged file list (entry {fname!r})")
         fp = os.path.join(folder, fname)
         if not os.path.isfile(fp):
             raise CheckpointError(f"checkpoint {folder!r} is missing {fname}")
@@ -219,6 +334,35 @@ def read_checkpoint_state(path: str) -> tuple:
             raise CheckpointError(f"{fp!r} is truncated or altered ({have} bytes, expected {want['bytes']})")
         if _file_digest(fp)["sha256"] != want["sha256"]:
             raise CheckpointError(f"{fp!r} is corrupt (SHA-256 differs from the one recorded at save)")
+    return state
+
+
+def _names_a_run(path: str) -> bool:
+    return os.path.isdir(path) and not os.path.isfile(os.path.join(path, STATE_FILE))
+
+
+def read_checkpoint_state(path: str) -> tuple:
+    """`(folder, state dict)` after checking the format tag and both weight files' size and
+    SHA-256; CheckpointError for anything missing, truncated or foreign. For a run folder
+    whose newest checkpoint does not verify, the error names the newest one that does."""
+    folder = resolve_checkpoint(path)
+    try:
+        state = _read_state(folder)
+    except CheckpointError as exc:
+        path = os.fspath(path)
+        if not _names_a_run(path):
+            raise
+        intact = next((c for c in reversed(list_checkpoints(path))
+                       if os.path.abspath(c) != os.path.abspath(folder) and verify_checkpoint(c) is None), None)
+        run = os.path.abspath(path)
+        if intact is None:
+            raise CheckpointError(f"the newest checkpoint {folder} is corrupt or incomplete ({exc}), and no "
+                                  f"other checkpoint in {run} verifies") from None
+        raise CheckpointError(f"the newest checkpoint {folder} is corrupt or incomplete ({exc}); the newest "
+                              f"intact checkpoint is {intact}: continue from it with djepa train --out {run} "
+                              f"--resume {intact} (later checkpoints are moved aside), or pass it to "
+                              f"--ckpt") from None
+    _remember_intact(folder)
     return folder, state
 
 
