@@ -39,7 +39,18 @@ def test_wheel_with_the_extension_is_manylinux(tmp_path):
 
 
 def test_wheel_without_the_extension_is_pure_python(tmp_path):
+    before = _untracked_state()
     wheel = _build(tmp_path, DJEPA_SKIP_CUDA="1")
     assert os.path.basename(wheel).endswith("-py3-none-any.whl"), wheel
     names = zipfile.ZipFile(wheel).namelist()
     assert "djepa/kernels/ema.py" in names and not [n for n in names if n.endswith(".so")]
+    # built from a copy: the checkout's build/ and egg-info (an editable install's version) untouched
+    assert _untracked_state() == before
+
+
+def _untracked_state():
+    out = {}
+    for name in ("build", "djepa.egg-info"):
+        p = os.path.join(ROOT, name)
+        out[name] = sorted((f, os.stat(os.path.join(d, f)).st_mtime_ns) for d, _, fs in os.walk(p) for f in fs)
+    return out

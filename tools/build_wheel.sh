@@ -23,9 +23,22 @@ export DJEPA_BUILD_CUDA=${DJEPA_BUILD_CUDA:-1}
 raw=$(mktemp -d)
 trap 'rm -rf "$raw"' EXIT
 mkdir -p "$out"
+out=$(cd "$out" && pwd)
+
+# Build from a clean copy of the sources (git's files, or the tree without build outputs), so
+# the checkout's build/, *.egg-info (whose version an editable install reads) and any _C*.so in
+# it are neither used nor changed.
+src=$raw/src
+mkdir "$src"
+if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+  git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf - | tar -C "$src" -xf -
+else
+  tar --exclude=./.venv --exclude=./build --exclude=./dist --exclude='*.egg-info' --exclude='./djepa/_C*.so' \
+      --exclude=__pycache__ -cf - . | tar -C "$src" -xf -
+fi
 
 echo "== pip wheel (DJEPA_BUILD_CUDA=$DJEPA_BUILD_CUDA DJEPA_CUDA_ARCHS=${DJEPA_CUDA_ARCHS:-80;90a})"
-"$PY" -m pip wheel . --no-deps -w "$raw" "$@"
+(cd "$src" && "$PY" -m pip wheel . --no-deps -w "$raw" "$@")
 whl=$(ls "$raw"/djepa-*.whl)
 case "$whl" in
   *-none-any.whl)
