@@ -106,6 +106,10 @@ def test_resume_via_cli_and_its_guards(run_dir, tmp_path, capsys):
     assert main(["train", "--out", str(run), "--resume", "--steps", "4", "--no-progress"]) == 0
     assert (run / "latest").read_text().strip() == "step-0000004"
     assert (run / "step-0000003" / "model.safetensors").read_bytes() == good
+    # the run's --ckpt-every 2 and --log-every 1 hold on without being given again
+    assert main(["train", "--out", str(run), "--resume", "--steps", "7", "--no-progress"]) == 0
+    assert sorted(p.name for p in run.glob("step-*")) == ["step-0000006", "step-0000007"]
+    assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6, 7]
 
 
 def test_bad_input_gives_one_line_and_exit_2(run_dir, tmp_path, capsys):
