@@ -209,9 +209,15 @@ def _batches(dataset, sampler: StepBatches, num_workers: int):
             yield dataset.get_batch(sampler.indices(step))
     else:
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                                             persistent_workers=False)
+                                             persistent_workers=False,
+                                             worker_init_fn=_ignore_sigint if num_workers else None)
         for images, labels in loader:
             yield images, torch.as_tensor(labels)
+
+
+def _ignore_sigint(worker_id):
+    """Ctrl-C reaches the loader's workers too: the main process stops the run at a step boundary."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 # ----------------------------------------------------------------------------- output
