@@ -190,8 +190,8 @@ def save_checkpoint(out: str, step: int, model, optimizer, state: dict, keep: in
 
 
 # ----------------------------------------------------------------------------- verification
-# Folders verified in this process, keyed by their files' (size, mtime): retention then re-reads
-# nothing it wrote or checked itself.
+# Folders verified in this process -> (their files' (size, mtime), None or why they fail):
+# retention then re-reads nothing it wrote or checked itself, and warns once per damaged folder.
 _VERIFIED = {}
 
 
@@ -206,31 +206,42 @@ def _fingerprint(folder: str):
 def _remember_intact(folder: str) -> None:
     fp = _fingerprint(folder)
     if fp is not None:
-        _VERIFIED[os.path.abspath(folder)] = fp
+        _VERIFIED[os.path.abspath(folder)] = (fp, None)
+
+
+def _verify(folder: str):
+    """(None or why `folder` fails to verify, whether that was found out just now)."""
+    folder = os.path.abspath(folder)
+    fp = _fingerprint(folder)
+    known = _VERIFIED.get(folder)
+    if fp is not None and known is not None and known[0] == fp:
+        return known[1], False
+    try:
+        _read_state(folder)
+        why = None
+    except CheckpointError as exc:
+        why = str(exc)
+    if fp is not None:
+        _VERIFIED[folder] = (fp, why)
+    return why, True
 
 
 def verify_checkpoint(folder: str):
     """None when the checkpoint folder verifies (format, sizes, SHA-256), else why not."""
-    folder = os.path.abspath(folder)
-    fp = _fingerprint(folder)
-    if fp is not None and _VERIFIED.get(folder) == fp:
-        return None
-    try:
-        _read_state(folder)
-    except CheckpointError as exc:
-        return str(exc)
-    return None
+    return _verify(folder)[0]
 
 
 def prune_checkpoints(out: str, keep: int) -> list:
     """Keep the `keep` newest checkpoints of `out` that verify; delete the intact ones older
-    than those. Checkpoints that do not verify stay and are not counted. Returns the deleted."""
+    than those. Checkpoints that do not verify stay and are not counted (a warning on stderr
+    names each once). Returns the deleted folders."""
     intact, deleted = 0, []
     for folder in reversed(list_checkpoints(out)):
-        why = verify_checkpoint(folder)
+        why, fresh = _verify(folder)
         if why is not None:
-            print(f"djepa: keeping {folder} although it does not verify ({why}); not counted for --keep",
-                  file=sys.stderr)
+            if fresh:
+                print(f"djepa: {folder} does not verify ({why}); retention keeps it and does not count it",
+                      file=sys.stderr)
             continue
         intact += 1
         if intact > keep:
