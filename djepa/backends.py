@@ -73,14 +73,31 @@ def default_backend() -> str:
     return value
 
 
-def cuda_unavailable_reason(op: str, device: torch.device):
-    """Why djepa._C cannot run `op` on tensors on `device` (None when it can)."""
+# The import probes run once per process; torch.compile takes their answers as constants
+# instead of tracing importlib (which would break the graph around every op).
+@torch.compiler.assume_constant_result
+def _extension_reason(op: str):
+    """Why djepa._C cannot serve `op` on any device (None when it is built with it)."""
     ext = cuda_extension()
     if ext is None:
         return cuda_extension_error()
     missing = [f for f in OPS[op][0] if not hasattr(ext, f)]
     if missing:
         return f"djepa._C was built without {', '.join(missing)}"
+    return None
+
+
+@torch.compiler.assume_constant_result
+def _triton_reason():
+    """Why triton cannot be imported (None when it can)."""
+    return _load_triton()[1]
+
+
+def cuda_unavailable_reason(op: str, device: torch.device):
+    """Why djepa._C cannot run `op` on tensors on `device` (None when it can)."""
+    reason = _extension_reason(op)
+    if reason is not None:
+        return reason
     if device.type != "cuda":
         return f"the tensors are on {device.type}, the CUDA kernels need them on a GPU"
     if not gpu_available():
@@ -90,8 +107,9 @@ def cuda_unavailable_reason(op: str, device: torch.device):
 
 def triton_unavailable_reason(op: str, device: torch.device):
     """Why the Triton kernel of `op` cannot run on tensors on `device` (None when it can)."""
-    if triton_module() is None:
-        return _load_triton()[1]
+    reason = _triton_reason()
+    if reason is not None:
+        return reason
     if device.type == "cuda":
         if interpreter_enabled():
             return "TRITON_INTERPRET=1 is set, so Triton runs on the CPU, not on the GPU tensors given"

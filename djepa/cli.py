@@ -1,7 +1,8 @@
 """`djepa train | sample | eval | bench | info` (also `python -m djepa`, and under torchrun).
 
-Mistakes in the input (a bad checkpoint, data, labels or output folder) end with one line on
-stderr and exit status 2; `--debug` shows the traceback instead.
+Mistakes in the input (a bad checkpoint, data, labels, setting or output folder) end with one
+line on stderr and exit status 2; `--debug` shows the traceback instead. `djepa train` stopped by
+SIGTERM/SIGINT checkpoints at the next step, says how to resume and exits 128 + the signal.
 """
 import argparse
 import datetime
@@ -20,9 +21,9 @@ class CLIError(ValueError):
 
 
 # ----------------------------------------------------------------------------- helpers
-def parse_labels(spec: str) -> list:
-    """'0-9' -> [0..9]; '1,3,5-7' -> [1, 3, 5, 6, 7]."""
-    out = []
+def parse_label_ranges(spec: str) -> list:
+    """'1,3,5-7' -> [(1, 1), (3, 3), (5, 7)], without expanding anything."""
+    ranges = []
     for part in str(spec).split(","):
         part = part.strip()
         m = re.fullmatch(r"(-?\d+)(?:\s*-\s*(-?\d+))?", part)
@@ -32,8 +33,24 @@ def parse_labels(spec: str) -> list:
         hi = int(m.group(2)) if m.group(2) is not None else lo
         if hi < lo:
             raise CLIError(f"--labels {spec!r}: range {lo}-{hi} runs backwards")
-        out.extend(range(lo, hi + 1))
-    return out
+        ranges.append((lo, hi))
+    return ranges
+
+
+def parse_labels(spec: str, num_classes: int = None) -> list:
+    """'0-9' -> [0..9]; '1,3,5-7' -> [1, 3, 5, 6, 7]. With `num_classes`, every range is checked
+    against [0, num_classes) before it is expanded."""
+    ranges = parse_label_ranges(spec)
+    if num_classes is not None:
+        for lo, hi in ranges:
+            if lo < 0 or hi >= num_classes:
+                bad = f"{lo}" if lo < 0 else (f"{max(lo, num_classes)}-{hi}" if hi > max(lo, num_classes) else f"{hi}")
+                are = "is" if "-" not in bad[1:] else "are"
+                raise CLIError(f"--labels {spec}: {bad} {are} out of range; this model knows classes "
+                               f"0-{num_classes - 1}")
+    elif sum(hi - lo + 1 for lo, hi in ranges) > 10_000_000:
+        raise CLIError(f"--labels {spec}: more than 10^7 labels")
+    return [c for lo, hi in ranges for c in range(lo, hi + 1)]
 
 
 def parse_overrides(items) -> dict:
@@ -77,13 +94,15 @@ def _add_common(p):
 
 
 def _add_sampling(p, n_default, cfg_default):
-    p.add_argument("--cfg", type=float, default=cfg_default, help="classifier-free guidance scale")
-    p.add_argument("--cfg-schedule", choices=["linear", "constant"], default="linear")
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--cfg", type=float, default=cfg_default,
+                   help="classifier-free guidance scale, 1 = none (default: %(default)s)")
+    p.add_argument("--cfg-schedule", choices=["linear", "constant"], default="linear",
+                   help="guidance ramps up as tokens are revealed, or stays constant (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=1.0, help="noise temperature (default: %(default)s)")
     p.add_argument("--num-iter", type=int, default=None,
                    help="masked-autoregressive iterations (default: the sequence length, at most 64)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampler (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=500, help="samples drawn at once (default: %(default)s)")
     p.add_argument("--preset", default=None, help="refuse a checkpoint of any other preset")
 
 
@@ -130,8 +149,9 @@ def cmd_train(args) -> int:
 
 # ----------------------------------------------------------------------------- sample
 def _load(args, device):
-    from djepa.train import load_checkpoint, make_tokenizer
+    from djepa.train import check_backend, load_checkpoint, make_tokenizer
 
+    check_backend(args.backend, device)
     model, state = load_checkpoint(args.ckpt, device=device, backend=args.backend, preset=args.preset)
     data = state["data"]
     tokenizer = make_tokenizer(data["channels"], data["patch_size"])
@@ -155,28 +175,30 @@ def _check_sampling_args(args):
 
 
 def cmd_sample(args) -> int:
+    from djepa.train import output_dir
+
+    _check_sampling_args(args)
+    parse_label_ranges(args.labels)  # syntax first; the ranges are checked against the model's classes
+    if args.n < 1:
+        raise CLIError(f"--n must be >= 1, got {args.n}")
+    out = os.path.abspath(args.out)
+    if os.path.splitext(out)[1].lower() not in (".png", ".jpg", ".jpeg", ".pdf", ".svg"):
+        raise CLIError(f"--out {args.out!r}: expected a .png (or .jpg/.pdf/.svg) file name")
+    with output_dir(os.path.dirname(out)):
+        return _sample(args, out)
+
+
+def _sample(args, out) -> int:
     import numpy as np
 
     from djepa.data import pixel_scale
     from djepa.evaluate import generate
     from djepa.plots import sample_grid
-    from djepa.train import ensure_writable_dir
 
-    _check_sampling_args(args)
-    labels = parse_labels(args.labels)
-    if args.n < 1:
-        raise CLIError(f"--n must be >= 1, got {args.n}")
-    out = os.path.abspath(args.out)
-    stem, ext = os.path.splitext(out)
-    if ext.lower() not in (".png", ".jpg", ".jpeg", ".pdf", ".svg"):
-        raise CLIError(f"--out {args.out!r}: expected a .png (or .jpg/.pdf/.svg) file name")
-    ensure_writable_dir(os.path.dirname(out), "output directory")
+    stem = os.path.splitext(out)[0]
     device = _device(args.device)
     model, state, tokenizer = _load(args, device)
-    num_classes = model.config.num_classes
-    bad = [c for c in labels if not 0 <= c < num_classes]
-    if bad:
-        raise CLIError(f"--labels: {bad[0]} is out of range; this model knows classes 0-{num_classes - 1}")
+    labels = parse_labels(args.labels, num_classes=model.config.num_classes)
     y = torch.tensor(labels, dtype=torch.long).repeat_interleave(args.n)
     images = generate(model, tokenizer, y, state["data"]["image_size"], num_iter=_num_iter(args, model),
                       cfg=args.cfg, cfg_schedule=args.cfg_schedule, temperature=args.temperature,
@@ -205,9 +227,7 @@ def cmd_sample(args) -> int:
 
 # ----------------------------------------------------------------------------- eval
 def cmd_eval(args) -> int:
-    from djepa.data import build_dataset
-    from djepa.evaluate import evaluate, format_table
-    from djepa.train import atomic_write_text, ensure_writable_dir
+    from djepa.train import output_dir
 
     _check_sampling_args(args)
     if args.n_per_class < 2:
@@ -215,7 +235,15 @@ def cmd_eval(args) -> int:
     device = _device(args.device)
     model, state, tokenizer = _load(args, device)
     out = os.path.abspath(args.out or os.path.join(state["folder"], "eval.json"))
-    ensure_writable_dir(os.path.dirname(out), "output directory")
+    with output_dir(os.path.dirname(out)):
+        return _eval(args, out, model, state, tokenizer)
+
+
+def _eval(args, out, model, state, tokenizer) -> int:
+    from djepa.data import build_dataset
+    from djepa.evaluate import evaluate, format_table
+    from djepa.train import atomic_write_text
+
     spec = args.data or state["data"].get("spec") or state["settings"]["data"]
     opts = state["settings"].get("data_options", {})
     train_set = build_dataset(spec, "train", **opts)
@@ -277,7 +305,12 @@ def cmd_bench(args) -> int:
     if args.k:
         pytest_args += ["-k", args.k]
     pytest_args += args.pytest_args
-    rc = int(pytest.main(pytest_args))
+    if torch.cuda.is_available():
+        rc = int(pytest.main(pytest_args))
+    else:  # quietly: the suites skip themselves without a GPU, so say that in one line
+        rc = _bench_without_gpu(pytest_args)
+        if rc is None:
+            return 0
     if rc == 0 and os.path.exists(out):
         print(f"wrote {out}")
         try:
@@ -285,6 +318,51 @@ def cmd_bench(args) -> int:
             print(f"wrote {md} and {png}")
         except benchreport.ReportError as exc:
             print(f"no report: {exc}")
+    return rc
+
+
+class _Outcomes:
+    """A pytest plugin that counts what ran, what was skipped (and why) and what failed."""
+
+    def __init__(self):
+        self.passed, self.skipped, self.failed = 0, [], []
+
+    def pytest_runtest_logreport(self, report):
+        if report.passed and report.when == "call":
+            self.passed += 1
+        elif report.skipped:
+            self.skipped.append(report.longrepr[-1] if isinstance(report.longrepr, tuple) else str(report.longrepr))
+        elif report.failed:
+            self.failed.append(f"{report.nodeid}: {str(report.longrepr).strip().splitlines()[-1][:200]}")
+
+    def pytest_collectreport(self, report):
+        if report.skipped:
+            self.skipped.append(report.longrepr[-1] if isinstance(report.longrepr, tuple) else str(report.longrepr))
+        elif report.failed:
+            self.failed.append(f"{report.nodeid}: cannot be collected")
+
+
+def _bench_without_gpu(pytest_args):
+    """Run the suites with pytest's report held back (shown only on failure). None when nothing
+    ran (they need a GPU: one line says so, exit status 0), else pytest's exit status."""
+    import contextlib
+    import io
+    import warnings
+
+    import pytest
+
+    seen, report = _Outcomes(), io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(report), contextlib.redirect_stderr(report):
+        warnings.simplefilter("ignore")  # pytest-benchmark warns that it saved nothing
+        rc = int(pytest.main(pytest_args, plugins=[seen]))
+    if seen.failed or rc not in (0, 5):
+        print(report.getvalue()[-20000:], file=sys.stderr)
+    if not seen.passed and not seen.failed and rc in (0, 5):
+        print(f"djepa bench: nothing was run: the benchmarks need a CUDA GPU and none is visible here "
+              f"({len(seen.skipped)} suites/cases skipped)")
+        return None
+    print(f"djepa bench: {seen.passed} benchmark(s) ran on the CPU, {len(seen.skipped)} skipped (they need a GPU), "
+          f"{len(seen.failed)} failed")
     return rc
 
 
@@ -417,11 +495,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--num-classes", type=int, help="latents: number of classes (default max label + 1)")
     t.add_argument("--latent-scale", type=float, help="latents: scale factor (MAR KL-16: 0.2325)")
     t.add_argument("--resume", nargs="?", const="", default=None, metavar="CKPT",
-                   help="continue the newest checkpoint in --out (or CKPT) exactly")
-    t.add_argument("--ckpt-every", type=int, default=500, help="checkpoint every N steps and at the end")
-    t.add_argument("--log-every", type=int, default=50, help="metrics.jsonl record every N steps")
-    t.add_argument("--keep", type=int, default=2, help="checkpoints kept (older ones are deleted)")
-    t.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (image folders)")
+                   help="continue the newest checkpoint in --out (or CKPT) exactly, with the run's settings; "
+                        "from an older CKPT the later checkpoints are moved into --out/superseded/")
+    t.add_argument("--ckpt-every", type=int, default=None,
+                   help="checkpoint every N steps and at the end (default 500; with --resume, the run's)")
+    t.add_argument("--log-every", type=int, default=None,
+                   help="metrics.jsonl record every N steps (default 50; with --resume, the run's)")
+    t.add_argument("--keep", type=int, default=None,
+                   help="checkpoints kept that verify, older ones are deleted; 0 keeps all "
+                        "(default 2; with --resume, the run's)")
+    t.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (image folders; default 0)")
     _add_common(t)
     t.set_defaults(func=cmd_train)
 
@@ -460,9 +543,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line(exc) -> str:
+    """The error as one line; a setting named by its flag (`steps must ...` -> `--steps must ...`)."""
+    from djepa.train import TrainError
+
+    msg = " ".join(str(exc).split())
+    field = getattr(exc, "field", None) if isinstance(exc, TrainError) else None
+    if field and msg.startswith(field):
+        msg = "--" + field.replace("_", "-") + msg[len(field):]
+    return msg
+
+
 def main(argv=None) -> int:
     from djepa.data import DataError
-    from djepa.train import CheckpointError, TrainError
+    from djepa.train import CheckpointError, TrainError, TrainInterrupted
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -472,7 +566,7 @@ def main(argv=None) -> int:
     except (CLIError, DataError, CheckpointError, TrainError) as exc:
         if args.debug:
             raise
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as exc:
         if args.debug:
@@ -480,6 +574,10 @@ def main(argv=None) -> int:
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
         print(f"{prog}: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 1
+    except TrainInterrupted as exc:
+        if exc.main:  # under torchrun, rank 0 speaks for all
+            print(f"{prog}: {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130

@@ -74,7 +74,9 @@ def sample_grid(images, labels, png: str, value_range=(0.0, 1.0), ncol=None, tit
         rows = [list(range(i, min(i + ncol, len(images)))) for i in range(0, len(images), ncol)]
     ncols = max(len(r) for r in rows)
     plt = _pyplot()
-    fig, axes = plt.subplots(len(rows), ncols, figsize=(0.8 * ncols + 0.6, 0.8 * len(rows) + 0.4),
+    title_h = 0.3 if title else 0.0  # inches above the grid for the title, clear of the row labels
+    height = 0.8 * len(rows) + 0.4 + title_h
+    fig, axes = plt.subplots(len(rows), ncols, figsize=(max(0.8 * ncols + 0.6, 0.075 * len(title or "")), height),
                              dpi=120, squeeze=False)
     for r, row in enumerate(rows):
         for c in range(ncols):
@@ -87,9 +89,9 @@ def sample_grid(images, labels, png: str, value_range=(0.0, 1.0), ncol=None, tit
                 else:
                     ax.imshow(img.transpose(1, 2, 0), interpolation="nearest")
         axes[r][0].set_title(str(labels[row[0]]), fontsize=7, loc="left")
+    fig.tight_layout(pad=0.2, rect=(0, 0, 1, 1 - title_h / height))
     if title:
-        fig.suptitle(title, fontsize=8)
-    fig.tight_layout(pad=0.2)
+        fig.suptitle(title, fontsize=8, y=1 - 0.04 / height, va="top")
     _save(fig, png)
     plt.close(fig)
     return png

@@ -106,6 +106,10 @@ def test_resume_via_cli_and_its_guards(run_dir, tmp_path, capsys):
     assert main(["train", "--out", str(run), "--resume", "--steps", "4", "--no-progress"]) == 0
     assert (run / "latest").read_text().strip() == "step-0000004"
     assert (run / "step-0000003" / "model.safetensors").read_bytes() == good
+    # the run's --ckpt-every 2 and --log-every 1 hold on without being given again
+    assert main(["train", "--out", str(run), "--resume", "--steps", "7", "--no-progress"]) == 0
+    assert sorted(p.name for p in run.glob("step-*")) == ["step-0000006", "step-0000007"]
+    assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6, 7]
 
 
 def test_bad_input_gives_one_line_and_exit_2(run_dir, tmp_path, capsys):
@@ -202,3 +206,152 @@ def test_bench_runs_a_suite_into_json(tmp_path):
     r = _cli("bench", "--render", str(tmp_path / "bad.json"))
     assert r.returncode == 2 and "not a pytest-benchmark JSON" in r.stderr and "Traceback" not in r.stderr
 
+
+
+# ----------------------------------------------------------------------------- bad input, one line
+@pytest.mark.parametrize("flag,value,pattern", [
+    ("--steps", "0", "--steps must be a positive integer"),
+    ("--lr", "0", "--lr must be > 0"),
+    ("--batch-size", "0", "--batch-size must be a positive integer"),
+    ("--warmup-steps", "-1", "--warmup-steps must be an integer >= 0"),
+    ("--min-lr-ratio", "2", "--min-lr-ratio must lie in [0, 1]"),
+    ("--grad-clip", "0", "--grad-clip must be > 0"),
+    ("--weight-decay", "-1", "--weight-decay must be >= 0"),
+    ("--ckpt-every", "0", "--ckpt-every must be a positive integer"),
+    ("--log-every", "-2", "--log-every must be a positive integer"),
+    ("--keep", "-1", "--keep must be an integer >= 0"),
+    ("--num-workers", "-1", "--num-workers must be an integer >= 0"),
+    ("--backend", "cuda", "--backend cuda cannot run here"),
+    ("--backend", "triton", "--backend triton cannot run here"),
+])
+def test_train_arguments_are_checked_before_any_work(tmp_path, capsys, monkeypatch, flag, value, pattern):
+    if flag == "--backend" and torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the backend can run here")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # as on a user's CPU machine
+    out = tmp_path / "new" / "run"
+    fails(capsys, ["train", "--out", str(out), flag, value, *SMALL], pattern)
+    assert not (tmp_path / "new").exists()
+
+
+def test_sample_backend_that_cannot_run_here(run_dir, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the backend can run here")
+    fails(capsys, ["sample", "--ckpt", str(run_dir), "--backend", "cuda", "--out", str(tmp_path / "s.png")],
+          "--backend cuda cannot run here")
+
+
+def test_state_json_of_random_bytes(run_dir, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    (run / "step-0000003" / "state.json").write_bytes(np.random.default_rng(0).bytes(300))
+    ckpt = str(run / "step-0000003")
+    fails(capsys, ["sample", "--ckpt", ckpt, "--out", str(tmp_path / "s.png")], "not JSON")
+    fails(capsys, ["eval", "--ckpt", ckpt], "not JSON")
+    fails(capsys, ["train", "--out", str(run), "--resume", ckpt, "--steps", "5"], "not JSON")
+    (run / "latest").write_bytes(b"\xff\xfe\x00junk")  # a damaged pointer falls back to the newest folder
+    fails(capsys, ["sample", "--ckpt", str(run), "--out", str(tmp_path / "s.png")], "step-0000003")
+
+
+def test_label_ranges_are_checked_before_they_are_expanded(run_dir, tmp_path):
+    """A huge range must fail at once, not build a list of 10^9 labels (the process is limited to
+    6 GiB of address space, so expanding first dies with a MemoryError traceback)."""
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
+
+    r = _cli("sample", "--ckpt", str(run_dir), "--labels", "0-1000000000", "--n", "1", "--device", "cpu",
+             "--out", str(tmp_path / "s.png"), preexec_fn=limit)  # no CUDA context in 6 GiB
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "10-1000000000 are out of range" in lines[0] and "0-9" in lines[0], r.stderr
+    assert parse_labels("0-3,7", num_classes=10) == [0, 1, 2, 3, 7]
+    with pytest.raises(CLIError, match="out of range"):
+        parse_labels("5-10000000000000", num_classes=10)
+    with pytest.raises(CLIError, match="-1 is out of range"):
+        parse_labels("-1-3", num_classes=10)
+
+
+# ----------------------------------------------------------------------------- long runs
+def test_sigterm_checkpoints_says_how_to_resume_and_exits_143(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.Popen([sys.executable, "-m", "djepa", "train", "--out", str(out), "--steps", "100000",
+                          "--batch-size", "16", "--log-every", "1", "--ckpt-every", "100000", "--no-progress",
+                          *SMALL], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.time() + 240
+        while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text().strip():
+            assert p.poll() is None and time.time() < deadline, p.communicate()
+            time.sleep(0.2)
+        p.send_signal(signal.SIGTERM)
+        stdout, stderr = p.communicate(timeout=240)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 143, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "SIGTERM" in lines[0] and f"djepa train --out {out} --resume" in lines[0], stderr
+    step = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+    assert (out / "latest").read_text().strip() == f"step-{step:07d}"
+    assert main(["train", "--out", str(out), "--resume", "--steps", str(step + 1), "--no-progress"]) == 0
+
+
+# ----------------------------------------------------------------------------- smaller things
+def test_bench_without_a_gpu_says_so_in_one_line(tmp_path):
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the suites run")
+    r = _cli("bench", "--dir", root, "--json", str(tmp_path / "b.json"), cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    text = (r.stdout + r.stderr).strip().splitlines()
+    assert len(text) == 1 and "need a CUDA GPU" in text[0] and "SKIPPED" not in text[0], text
+    assert not (tmp_path / "b.json").exists()
+
+
+def test_sampling_defaults_show_in_help():
+    from djepa.cli import build_parser
+
+    sub = build_parser()._subparsers._group_actions[0].choices
+    for cmd, want in (("sample", ("--cfg CFG", "default: 3.0", "default: 1.0", "default: 0")),
+                      ("eval", ("default: 3.0", "default: 1.0", "default: 0"))):
+        text = " ".join(sub[cmd].format_help().split("options:", 1)[1].split())
+        for w in want:
+            assert w in text, (cmd, w)
+        for opt in ("--cfg", "--temperature", "--seed"):
+            block = text[text.index(opt + " "):][:200]
+            assert "default:" in block, (cmd, opt, block)
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_sample_grid_title_clears_the_row_labels(tmp_path, monkeypatch, n):
+    import djepa.plots as plots
+
+    seen = {}
+    real = plots._save
+
+    def keep(fig, png):  # measured as saved: tight layout is applied at draw time
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        seen["title"] = fig._suptitle.get_window_extent(renderer)
+        seen["labels"] = [(t.get_text(), t.get_window_extent(renderer)) for ax in fig.axes
+                          for t in (ax.title, ax._left_title) if t.get_text()]
+        seen["axes"] = [ax.get_window_extent(renderer) for ax in fig.axes]
+        seen["width"] = fig.bbox.width
+        real(fig, png)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    images = np.random.default_rng(0).random((3 * n, 1, 8, 8))
+    plots.sample_grid(images, np.repeat([0, 1, 2], n), str(tmp_path / "g.png"), title="tiny step 1000, cfg 3")
+    title = seen["title"]
+    assert 0 <= title.x0 and title.x1 <= seen["width"]  # not cut off by a narrow one-column grid
+    assert len(seen["labels"]) == 3
+    for text, box in seen["labels"]:
+        assert title.y0 >= box.y1, (text, title, box)
+    for box in seen["axes"]:
+        assert title.y0 >= box.y1

@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -126,7 +128,7 @@ def test_latents_errors(tmp_path):
     with pytest.raises(DataError, match="out of range"):
         Latents(p, num_classes=3)
     np.savez(p, latents=lat, labels=-lab - 1)
-    with pytest.raises(DataError, match="out of range"):
+    with pytest.raises(DataError, match="are negative"):
         Latents(p)
     np.savez(p, latents=lat, labels=lab[:5])
     with pytest.raises(DataError, match="20 latents but 5 labels"):
@@ -162,3 +164,52 @@ def test_pixel_scale_of_digits_and_folders():
     assert to_px(torch.tensor([-1.0, 1.0, 3.0])).tolist() == [0.0, 16.0, 16.0]
     to_px, rng = pixel_scale({"name": "folder"})
     assert rng == (0.0, 255.0) and to_px(torch.tensor([1.0])).item() == 255.0
+
+
+def _truncated_png(path, rng):
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8), "L").save(buf, format="PNG")
+    data = buf.getvalue()
+    path.write_bytes(data[: len(data) // 2])  # the header reads fine; the pixel data end early
+
+
+def test_image_folder_decodes_every_file_up_front_and_skips_damaged_ones(tmp_path, capsys):
+    rng = np.random.default_rng(2)
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        for i in range(5):
+            _write_png(tmp_path / cls / f"{i}.png", rng.integers(0, 256, (32, 32), dtype=np.uint8), "L")
+    _truncated_png(tmp_path / "b" / "2.png", rng)
+    whole = ImageFolder(tmp_path, split="all", progress=True)
+    assert "decode all images" in capsys.readouterr().err  # the progress bar
+    assert [os.path.basename(f) for f, _ in whole.skipped] == ["2.png"] and len(whole) == 9
+    assert str(tmp_path / "b" / "2.png") not in whole.files
+    for i in range(len(whole)):  # every file left loads
+        assert whole[i][0].shape == (1, 32, 32)
+    train, test = ImageFolder(tmp_path, split="train"), ImageFolder(tmp_path, split="test")
+    assert len(train) + len(test) == 9 and not set(train.files) & set(test.files)
+    # nothing readable at all: one clear error
+    (tmp_path / "only").mkdir()
+    (tmp_path / "only" / "x").mkdir()
+    _truncated_png(tmp_path / "only" / "x" / "t.png", rng)
+    with pytest.raises(DataError, match="no readable image.*unreadable image .*t.png"):
+        ImageFolder(tmp_path / "only")
+
+
+def test_negative_latent_labels_are_named(tmp_path):
+    lat, lab = _latents(n=600, classes=5)
+    lab[:94] = -1 - np.arange(94) % 3
+    np.savez(tmp_path / "l.npz", latents=lat, labels=lab)
+    with pytest.raises(DataError) as info:
+        Latents(tmp_path / "l.npz")
+    msg = str(info.value)
+    assert "94 of 600 labels are negative" in msg and "-1" in msg and "[0, 1)" not in msg, msg
+    lab[:94] = 0
+    lab[:7] = 5
+    np.savez(tmp_path / "l.npz", latents=lat, labels=lab)
+    with pytest.raises(DataError, match=r"7 of 600 labels are >= 5 \(e.g. 5\)"):
+        Latents(tmp_path / "l.npz", num_classes=5)

@@ -74,3 +74,48 @@ def test_torchrun_cli(tmp_path):
     state = json.load(open(out / "step-0000002" / "state.json"))
     assert state["world_size"] == 2 and state["step"] == 2
     assert r.stdout.count("trained to step 2") == 1  # only rank 0 reports
+
+
+def _signal_worker(rank, world, port, out, result_dir):
+    """Rank 1 alone gets SIGTERM while fetching its third batch; both ranks must stop after
+    that step with one checkpoint."""
+    import signal
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from djepa.train import StepBatches, TrainInterrupted, TrainSettings, train
+
+    if rank == 1:
+        real = StepBatches.indices
+
+        def indices(self, step):
+            if step == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real(self, step)
+
+        StepBatches.indices = indices
+    s = TrainSettings(steps=50, batch_size=16, lr=1e-3, warmup_steps=1, overrides=SMALL, seed=5)
+    try:
+        train(s, out, ckpt_every=100, log_every=1, progress=False, plot=False, device="cpu")
+        got = None
+    except TrainInterrupted as exc:
+        got = {"step": exc.step, "checkpoint": exc.checkpoint, "signal": exc.signal, "main": exc.main}
+    torch.save(got, os.path.join(result_dir, f"stop{rank}.pt"))
+
+
+def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    import signal
+
+    out, results = str(tmp_path / "run"), str(tmp_path)
+    mp.start_processes(_signal_worker, args=(2, _free_port(), out, results), nprocs=2, join=True,
+                       start_method="spawn")
+    stops = [torch.load(os.path.join(results, f"stop{r}.pt")) for r in range(2)]
+    assert all(s is not None for s in stops), stops
+    assert [s["step"] for s in stops] == [3, 3] and {s["signal"] for s in stops} == {int(signal.SIGTERM)}
+    assert stops[0]["checkpoint"] == stops[1]["checkpoint"] == os.path.join(out, "step-0000003")
+    assert [s["main"] for s in stops] == [True, False]
+    from djepa.train import read_checkpoint_state
+
+    _, state = read_checkpoint_state(out)
+    assert state["step"] == 3 and state["world_size"] == 2

@@ -367,3 +367,35 @@ def test_update_moves_the_version_of_the_ema_parameters():
     before = [p._version for p in ema.module.parameters()]
     ema.update(model)
     assert all(p._version > v for p, v in zip(ema.module.parameters(), before))
+
+
+def test_overlapping_ema_and_source_storage_is_refused():
+    """An EMA tensor sharing memory with any tensor of the call would read values the update
+    already wrote (ema_update_([t], [t], 0.5) gave 0.75 t instead of t): refused, nothing written."""
+    gen = torch.Generator().manual_seed(17)
+    buf = torch.randn(32, generator=gen)
+    other = torch.randn(8, generator=gen)
+    cases = {
+        "the same tensor on both sides": ([buf], [buf]),
+        "overlapping views": ([buf[:10]], [buf[6:16]]),
+        "a reshaped view": ([buf.view(4, 8)], [buf.view(8, 4).t()]),
+        "an EMA tensor twice": ([buf[:8], buf[:8]], [other, other]),
+        "across pairs": ([buf[:8], other], [other, buf[:8]]),
+        "strided views that meet": ([buf[0:16:2]], [buf[4:12]]),
+    }
+    for what, (es, xs) in cases.items():
+        before = buf.clone(), other.clone()
+        with pytest.raises(ValueError, match="share memory"):
+            ema_update_(es, xs, 0.5, backend="eager")
+        assert torch.equal(buf, before[0]) and torch.equal(other, before[1]), what
+    # disjoint slices of one buffer (as nn.EMA's flat buffer), interleaved strided views, and
+    # sources that overlap each other are fine
+    a, b = buf[:16], buf[16:]
+    ema_update_([a, b], [other.repeat(2), other.repeat(2)], 0.5, backend="eager")
+    evens, odds = buf[0::2].clone(), buf[1::2].clone()
+    ema_update_([buf[0::2]], [buf[1::2]], 0.5, backend="eager")
+    assert torch.allclose(buf[0::2], 0.5 * evens + 0.5 * odds) and torch.equal(buf[1::2], odds)
+    src = torch.randn(16, generator=gen)
+    e1, e2 = torch.zeros(16), torch.zeros(16)
+    ema_update_([e1, e2], [src, src[:16]], 0.25, backend="eager")
+    assert torch.allclose(e1, 0.75 * src) and torch.allclose(e2, 0.75 * src)

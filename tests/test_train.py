@@ -198,3 +198,173 @@ def test_override_that_contradicts_the_data(tmp_path):
         run(tmp_path / "r", settings(overrides={**SMALL, "seq_len": 64}))
     with pytest.raises(TrainError, match="unknown key"):
         run(tmp_path / "r", settings(overrides={"depht": 1}))
+
+
+# ----------------------------------------------------------------------------- long runs lose nothing
+def _records(out):
+    return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+
+
+def _names(out):
+    return [os.path.basename(c) for c in list_checkpoints(out)]
+
+
+def _corrupt(ckpt):
+    f = os.path.join(ckpt, "model.safetensors")
+    data = bytearray(open(f, "rb").read())
+    data[-1] ^= 1
+    open(f, "wb").write(bytes(data))
+
+
+def test_fresh_run_starts_metrics_clean(tmp_path):
+    out = tmp_path / "r"
+    out.mkdir()
+    with open(out / "metrics.jsonl", "w") as f:  # what a run that died before its first checkpoint left
+        for step in range(1, 19):
+            f.write(json.dumps({"step": step, "loss": 9.0}) + "\n")
+    run(out, settings(steps=3))
+    assert [r["step"] for r in _records(out)] == [1, 2, 3]
+    assert all(r["loss"] != 9.0 for r in _records(out))
+
+
+def test_resume_from_an_older_checkpoint_forks(tmp_path):
+    """Resuming step 2 of 2/4/6 moves 4 and 6 aside (nothing deleted) before any step, then
+    replays exactly what an uninterrupted run does."""
+    straight = run(tmp_path / "a", ckpt_every=2, keep=0)
+    out = tmp_path / "b"
+    run(out, ckpt_every=2, keep=0)
+    assert _names(out) == ["step-0000002", "step-0000004", "step-0000006"]
+    older = os.path.join(out, "step-0000002")
+    res = run(out, resume=older, ckpt_every=2, keep=0)
+    assert res.step == 6 and _names(out) == ["step-0000002", "step-0000004", "step-0000006"]
+    aside = sorted(os.listdir(out / "superseded"))
+    assert len(aside) == 1
+    assert sorted(os.listdir(out / "superseded" / aside[0])) == ["metrics.jsonl", "step-0000004", "step-0000006"]
+    assert [r["step"] for r in _records(out)] == [1, 2, 3, 4, 5, 6]
+    with open(os.path.join(straight.checkpoint, "model.safetensors"), "rb") as f1, \
+            open(os.path.join(res.checkpoint, "model.safetensors"), "rb") as f2:
+        assert f1.read() == f2.read()
+
+
+def test_resume_keeps_every_setting_unless_given_again(tmp_path):
+    out = tmp_path / "r"
+    run(out, settings(steps=8), ckpt_every=2, log_every=2, keep=3, stop_after=2)
+    res = train(settings(steps=8), str(out), resume=True, progress=False, plot=False)
+    assert res.step == 8
+    assert _names(out) == ["step-0000004", "step-0000006", "step-0000008"]  # every 2, keep 3
+    assert [r["step"] for r in _records(out)] == [2, 4, 6, 8]
+    run(out, settings(steps=9), resume=True, ckpt_every=9, keep=1, log_every=9)  # given again: taken
+    assert _names(out) == ["step-0000009"]
+    assert json.load(open(out / "step-0000009" / "state.json"))["loop"] == {"ckpt_every": 9, "log_every": 9, "keep": 1}
+
+
+def test_retention_never_deletes_the_newest_intact_checkpoint(tmp_path):
+    from djepa.checkpoint import save_checkpoint
+
+    out = tmp_path / "r"
+    run(out, settings(steps=4), ckpt_every=1, keep=0)
+    _corrupt(os.path.join(out, "step-0000003"))
+    _corrupt(os.path.join(out, "step-0000004"))
+    model, state = load_checkpoint(os.path.join(out, "step-0000002"))
+    doc = {k: v for k, v in state.items() if k not in ("format", "format_version", "step", "files", "folder", "optimizer")}
+    opt = torch.optim.AdamW(model.trainable_parameters())
+    save_checkpoint(str(out), 5, model, opt, doc, keep=2)
+    # kept: step 5 and the newest intact one before it (2); the corrupt 3 and 4 are not counted
+    # and not deleted; the intact 1, beyond the two kept, goes
+    assert _names(out) == ["step-0000002", "step-0000003", "step-0000004", "step-0000005"]
+
+
+def test_a_corrupt_newest_checkpoint_names_the_newest_intact_one(tmp_path):
+    out = tmp_path / "r"
+    run(out, settings(steps=4), ckpt_every=2, keep=0)
+    _corrupt(os.path.join(out, "step-0000004"))
+    intact = os.path.join(out, "step-0000002")
+    for call in (lambda: read_checkpoint_state(out), lambda: run(out, settings(steps=6), resume=True)):
+        with pytest.raises(CheckpointError) as info:
+            call()
+        msg = str(info.value)
+        assert "step-0000004" in msg and "corrupt" in msg and f"newest intact checkpoint is {intact}" in msg
+        assert f"--resume {intact}" in msg
+    res = run(out, settings(steps=6), resume=intact, ckpt_every=2, keep=0)  # forks past the corrupt one
+    assert res.step == 6 and _names(out) == ["step-0000002", "step-0000004", "step-0000006"]
+    read_checkpoint_state(out)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_files_follow_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        out = tmp_path / "r"
+        res = run(out, settings(steps=2), ckpt_every=2, plot=True)
+    finally:
+        os.umask(old)
+    want_file, want_dir = 0o666 & ~umask, 0o777 & ~umask
+    paths = [out, res.checkpoint] + [os.path.join(out, f) for f in os.listdir(out)] \
+        + [os.path.join(res.checkpoint, f) for f in os.listdir(res.checkpoint)]
+    for p in paths:
+        mode = os.stat(p).st_mode & 0o777
+        assert mode == (want_dir if os.path.isdir(p) else want_file), (p, oct(mode))
+
+
+def test_a_failed_run_leaves_no_empty_folder_it_created(tmp_path):
+    out = tmp_path / "new" / "deeper" / "run"
+    with pytest.raises(TrainError):
+        run(out, settings(steps=2, batch_size=100000))
+    assert not (tmp_path / "new").exists()
+    kept = tmp_path / "mine"
+    kept.mkdir()
+    with pytest.raises(TrainError):
+        run(kept, settings(steps=2, batch_size=100000))
+    assert kept.is_dir()  # a folder that existed before stays
+
+
+def test_unusable_backend_is_refused_before_any_work(tmp_path, monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the backends can run here")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    for backend, why in (("cuda", "backend cuda cannot run"), ("triton", "backend triton cannot run")):
+        with pytest.raises(TrainError, match=why):
+            run(tmp_path / backend, settings(steps=1), backend=backend)
+        assert not (tmp_path / backend).exists()
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_a_signal_checkpoints_at_the_next_step_boundary(tmp_path, monkeypatch, signame):
+    import signal
+
+    from djepa.train import TrainInterrupted
+
+    signum = getattr(signal, signame)
+    straight = run(tmp_path / "a", ckpt_every=100)
+    real = StepBatches.indices
+
+    def indices(self, step):
+        if step == 2:  # while fetching the third batch: that step still runs
+            os.kill(os.getpid(), signum)
+        return real(self, step)
+
+    monkeypatch.setattr(StepBatches, "indices", indices)
+    before = signal.getsignal(signum)
+    out = tmp_path / "b"
+    with pytest.raises(TrainInterrupted) as info:
+        run(out, ckpt_every=100)
+    assert signal.getsignal(signum) == before  # the handler is put back
+    stop = info.value
+    assert stop.signal == signum and stop.exit_code == 128 + signum and stop.step == 3
+    assert stop.checkpoint == os.path.join(out, "step-0000003") and _names(out) == ["step-0000003"]
+    assert f"--resume" in str(stop) and signame in str(stop)
+    assert [r["step"] for r in _records(out)] == [1, 2, 3]
+    monkeypatch.setattr(StepBatches, "indices", real)
+    res = run(out, resume=True)
+    assert [d["loss"] for d in res.losses] == [d["loss"] for d in straight.losses][3:]
+    with open(os.path.join(straight.checkpoint, "model.safetensors"), "rb") as f1, \
+            open(os.path.join(res.checkpoint, "model.safetensors"), "rb") as f2:
+        assert f1.read() == f2.read()
+
+
+def test_settings_errors_are_train_errors():
+    for bad in (dict(steps=0), dict(lr=0.0), dict(batch_size=0), dict(warmup_steps=-1), dict(min_lr_ratio=2.0),
+                dict(grad_clip=0.0), dict(weight_decay=-1.0), dict(lr=float("nan"))):
+        with pytest.raises(TrainError) as info:
+            TrainSettings(**bad)
+        assert info.value.field == next(iter(bad))

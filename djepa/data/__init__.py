@@ -25,24 +25,26 @@ __all__ = [
 ]
 
 
-def build_dataset(spec: str, split: str = "train", **options):
+def build_dataset(spec: str, split: str = "train", progress: bool = False, **options):
     """The data set named by `spec`. `options`: `image_size`/`channels` (folders),
-    `num_classes`/`scale` (latents); options that do not apply to the kind are ignored."""
+    `num_classes`/`scale` (latents); options that do not apply to the kind are ignored.
+    `progress`: progress bars while an image folder's files are checked."""
     if not isinstance(spec, str) or not spec:
         raise DataError(f"data spec must be a non-empty string, got {spec!r}")
     kind, _, path = spec.partition(":")
     if spec == "digits":
         return Digits(split=split)
     if kind == "folder" and path:
-        return ImageFolder(path, split=split, image_size=options.get("image_size"), channels=options.get("channels"))
+        return ImageFolder(path, split=split, image_size=options.get("image_size"), channels=options.get("channels"),
+                           progress=progress)
     if kind == "latents" and path:
         return Latents(path, split=split, num_classes=options.get("num_classes"), scale=options.get("scale", 1.0))
     if os.path.isdir(spec):
         if os.path.exists(os.path.join(spec, "latents.npy")):
-            return build_dataset("latents:" + spec, split, **options)
-        return build_dataset("folder:" + spec, split, **options)
+            return build_dataset("latents:" + spec, split, progress, **options)
+        return build_dataset("folder:" + spec, split, progress, **options)
     if spec.endswith((".npy", ".npz", ".safetensors")):
-        return build_dataset("latents:" + spec, split, **options)
+        return build_dataset("latents:" + spec, split, progress, **options)
     if not os.path.exists(spec):
         raise DataError(f"unknown data {spec!r}: use 'digits', folder:PATH, latents:PATH or an existing path")
     raise DataError(f"cannot tell what kind of data {spec!r} is: use folder:PATH or latents:PATH")

@@ -34,12 +34,22 @@ def check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
     if labels.size and not np.issubdtype(labels.dtype, np.integer):
         if not np.all(np.equal(np.mod(labels, 1), 0)):
             raise DataError(f"{where}: labels must be integers")
-    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        bad = labels[(labels < 0) | (labels >= num_classes)]
-        raise DataError(
-            f"{where}: label {int(bad[0])} is out of range [0, {num_classes}) "
-            f"({bad.size} of {labels.size} labels)"
-        )
+    if not labels.size:
+        return
+    negative = labels[labels < 0]
+    if negative.size:
+        raise DataError(f"{where}: labels must be class indices 0, 1, 2, ...: {negative.size} of {labels.size} "
+                        f"labels are negative (e.g. {_examples(negative)})")
+    high = labels[labels >= num_classes]
+    if high.size:
+        raise DataError(f"{where}: labels are out of range for {num_classes} classes: {high.size} of "
+                        f"{labels.size} labels are >= {num_classes} (e.g. {_examples(high)})")
+
+
+def _examples(values, n=5) -> str:
+    """A few distinct values, as text."""
+    seen = sorted({int(v) for v in np.unique(values)[:n]})
+    return ", ".join(str(v) for v in seen)
 
 
 class TensorImages(torch.utils.data.Dataset):

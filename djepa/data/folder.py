@@ -15,13 +15,45 @@ from djepa.data.common import DataError, split_indices
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
+def _header(path):
+    """(mode, size) of an image from its header, or why it cannot be read."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.mode, im.size
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        return str(exc) or type(exc).__name__
+
+
+def _decode(path):
+    """None when the whole image decodes, else why not (truncated data, a bad chunk, ...)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError... for damaged files
+        return str(exc) or type(exc).__name__
+    return None
+
+
+def _each(paths, fn, progress, desc):
+    """[fn(path) for path in paths] on a few threads (Pillow decodes without the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return list(tqdm(pool.map(fn, paths, chunksize=64), total=len(paths), desc=desc, unit="file",
+                         disable=not progress, leave=False))
+
+
 class ImageFolder(torch.utils.data.Dataset):
     name = "folder"
     pixel_range = (0.0, 255.0)
 
-    def __init__(self, root, split="all", image_size=None, channels=None, held_out=0.2, seed=0):
-        from PIL import Image, UnidentifiedImageError
-
+    def __init__(self, root, split="all", image_size=None, channels=None, held_out=0.2, seed=0, progress=False):
         root = os.fspath(root)
         if not os.path.isdir(root):
             raise DataError(f"image folder {root!r} does not exist or is not a directory")
@@ -45,14 +77,12 @@ class ImageFolder(torch.utils.data.Dataset):
                 f"image folder {root!r} holds no images: expected {root}/<class>/<image> "
                 f"with extensions {', '.join(EXTENSIONS)}"
             )
-        modes, first_size = set(), None
-        for f in files:
-            try:
-                with Image.open(f) as im:
-                    modes.add(im.mode)
-                    first_size = first_size or im.size
-            except (UnidentifiedImageError, OSError) as exc:
-                raise DataError(f"unreadable image {f!r}: {exc}") from None
+        headers = _each(files, _header, progress, "read image headers")
+        modes = {h[0] for h in headers if not isinstance(h, str)}
+        first_size = next((h[1] for h in headers if not isinstance(h, str)), None)
+        if first_size is None:
+            raise DataError(f"image folder {root!r} holds no readable image: unreadable image "
+                            f"{files[0]!r}: {headers[0]}")
         if channels is None:
             channels = 1 if modes <= {"1", "L", "I", "I;16", "F"} else 3
         if channels not in (1, 3):
@@ -65,7 +95,16 @@ class ImageFolder(torch.utils.data.Dataset):
         self.num_classes = len(classes)
         self.channels = int(channels)
         self.image_size = (int(image_size[0]), int(image_size[1]))
-        idx = split_indices(len(files), split, held_out, seed)
+        idx = split_indices(len(files), split, held_out, seed)  # over every file: splits stay disjoint
+        decoded = _each([files[i] for i in idx], _decode, progress, f"decode {split} images")
+        bad = {i: why for i, why in zip(idx, decoded) if why is not None}
+        bad.update({i: h for i in idx if isinstance(h := headers[i], str)})
+        self.skipped = [(files[i], bad[i]) for i in sorted(bad)]
+        idx = [i for i in idx if i not in bad]
+        if not idx:
+            f, why = self.skipped[0]
+            raise DataError(f"image folder {root!r} holds no readable image in its {split} split: "
+                            f"unreadable image {f!r}: {why}")
         self.files = [files[i] for i in idx]
         self.labels = torch.tensor([labels[i] for i in idx], dtype=torch.long)
         self.split = split

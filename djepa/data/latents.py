@@ -63,8 +63,7 @@ class Latents(torch.utils.data.Dataset):
             raise DataError(f"{path!r}: no latents")
         if len(labels) != len(latents):
             raise DataError(f"{path!r}: {len(latents)} latents but {len(labels)} labels")
-        if labels.size and labels.min() < 0:
-            check_labels(labels, 1, path)
+        check_labels(labels, np.inf, path)  # negatives first, before they decide num_classes
         if num_classes is None:
             num_classes = int(labels.max()) + 1
         check_labels(labels, num_classes, path)

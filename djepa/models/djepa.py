@@ -133,7 +133,7 @@ class DJEPANet(nn.Module):
         x = torch.cat([buffer, visible], dim=1)
         x = self.z_proj_ln(x)
         key_mask = None
-        if not bool(valid.all()):
+        if torch.compiler.is_compiling() or not bool(valid.all()):  # compiled: no host read
             key_mask = torch.cat([valid.new_ones(valid.shape[0], T), valid], dim=1)
         x = self._run(self.encoder_blocks, x, key_mask)
         return self.encoder_norm(x), index, valid
@@ -233,9 +233,13 @@ class DJEPA(nn.Module):
             raise ValueError(f"labels has {labels.shape[0]} entries for a batch of {batch}")
         if labels.numel() == 0:
             raise ValueError("labels: empty batch")
+        n = self.config.num_classes
+        if torch.compiler.is_compiling():  # no host read in a compiled graph: checked on the device
+            torch._assert_async(((labels >= 0) & (labels < n)).all(), f"labels must lie in [0, {n})")
+            return labels.long()
         lo, hi = int(labels.min()), int(labels.max())
-        if lo < 0 or hi >= self.config.num_classes:
-            raise ValueError(f"labels must lie in [0, {self.config.num_classes}), got values in [{lo}, {hi}]")
+        if lo < 0 or hi >= n:
+            raise ValueError(f"labels must lie in [0, {n}), got values in [{lo}, {hi}]")
         return labels.long()
 
     def _device(self):

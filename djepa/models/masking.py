@@ -82,11 +82,15 @@ def gather_visible(x: torch.Tensor, mask: torch.Tensor):
     Returns (visible [B, V, D], index [B, V] long, valid [B, V] bool) with V the largest visible
     count; rows of a sample with fewer visible tokens are padding (`valid` False, values copied
     from a masked position and never used as keys). When every sample has the same count, all
-    entries are valid (MAR's gather).
+    entries are valid (MAR's gather). Under torch.compile V is seq_len (no host read, one
+    static shape): every masked position is padding.
     """
     batch, seq_len = mask.shape
     counts = (~mask).sum(dim=1)
-    width = int(counts.max().item()) if batch else 0
+    if torch.compiler.is_compiling():
+        width = seq_len
+    else:
+        width = int(counts.max().item()) if batch else 0
     index = torch.argsort(mask.to(torch.int8), dim=1, stable=True)[:, :width]
     valid = torch.arange(width, device=mask.device).unsqueeze(0) < counts.unsqueeze(1)
     visible = torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))

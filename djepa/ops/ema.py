@@ -57,6 +57,8 @@ def _validate(ema_tensors, tensors, decay):
                 f"{OP}: pair {i} is on {e.device} (EMA) and {x.device} (tensor), pair 0 on {device}; "
                 "all tensors must be on one device"
             )
+    if not torch.compiler.is_compiling():  # a graph's fake tensors have no addresses
+        _check_no_overlap(ema_tensors, tensors)
     if isinstance(decay, torch.Tensor):
         if decay.dim() != 0 or not decay.is_floating_point():
             raise TypeError(f"{OP}: a tensor decay must be a 0-dim floating-point tensor, got shape "
@@ -70,6 +72,54 @@ def _validate(ema_tensors, tensors, decay):
     else:
         raise TypeError(f"{OP}: decay must be a float or a 0-dim tensor, got {type(decay).__name__}")
     return device
+
+
+def _span(t):
+    """[first byte, last byte + 1) of the memory `t` reaches."""
+    lo = t.data_ptr()
+    if t.is_contiguous():
+        return lo, lo + t.numel() * t.element_size()
+    return lo, lo + (1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))) * t.element_size()
+
+
+def _offsets(t, base):
+    """The element offsets of `t` from address `base` (in units of its element size)."""
+    off = torch.zeros((), dtype=torch.int64)
+    for n, st in zip(t.shape, t.stride()):
+        off = off.unsqueeze(-1) + torch.arange(n, dtype=torch.int64) * st
+    return off.reshape(-1) + (t.data_ptr() - base) // t.element_size()
+
+
+def _share_memory(a, b) -> bool:
+    """Whether a and b (whose spans meet) have an element in common."""
+    if a.is_contiguous() and b.is_contiguous():
+        return True
+    base = min(a.data_ptr(), b.data_ptr())
+    if a.element_size() != b.element_size() or (a.data_ptr() - b.data_ptr()) % a.element_size():
+        return True  # misaligned views of one buffer: treat as shared
+    return bool(torch.isin(_offsets(a, base), _offsets(b, base)).any())
+
+
+def _check_no_overlap(ema_tensors, tensors):
+    """ValueError when an EMA tensor shares memory with another EMA tensor or any source
+    tensor: the update would read what it has already written. Sources may share memory."""
+    spans = []
+    for role, seq in (("ema_tensors", ema_tensors), ("tensors", tensors)):
+        for i, t in enumerate(seq):
+            if t.numel() and t.device.type != "meta":
+                spans.append((*_span(t), role, i, t))
+    spans.sort(key=lambda s: s[0])
+    active = []
+    for lo, hi, role, i, t in spans:
+        if active:
+            active = [a for a in active if a[1] > lo]
+        for _, _, role2, j, u in active:
+            if "ema_tensors" in (role, role2) and _share_memory(t, u):
+                (r1, i1), (r2, i2) = sorted(((role, i), (role2, j)))
+                raise ValueError(f"{OP}: {r1}[{i1}] and {r2}[{i2}] share memory; an EMA tensor must not overlap "
+                                 "another EMA tensor or a source tensor (the update would read values it "
+                                 "already wrote)")
+        active.append((lo, hi, role, i, t))
 
 
 def _check_decay_value(d):
