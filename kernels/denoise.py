@@ -8,8 +8,8 @@ import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# rows of x handled by one program of the LayerNorm-modulate backward = rows of its partials
-LN_BWD_ROWS = 16
+# A LayerNorm program works on tiles of about LN_TILE elements (rows x BLOCK_W), 16 per thread.
+LN_TILE = 4096
 
 EPI_NONE, EPI_SILU, EPI_GATE_RES, EPI_DSILU = 0, 1, 2, 3
 
@@ -48,43 +48,68 @@ def ln_mod_fwd_kernel(x_ptr, mod_ptr, lnw_ptr, lnb_ptr, h_ptr, stats_ptr, M, W, 
 def ln_mod_bwd_kernel(x_ptr, mod_ptr, lnw_ptr, lnb_ptr, stats_ptr, dh_ptr, dres_ptr, dx_ptr, dmod_ptr,
                       dw_part_ptr, db_part_ptr, M, W,
                       HAS_AFFINE: tl.constexpr, HAS_DRES: tl.constexpr,
-                      ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
+                      ROWS: tl.constexpr, TILE_ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
+    """ROWS rows per program (= rows per partial sum of dln_w, dln_b), TILE_ROWS at a time."""
     pid = tl.program_id(0)
-    rows = pid * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_W)
-    rmask = rows < M
     cmask = cols < W
-    mask = rmask[:, None] & cmask[None, :]
-    r64 = rows.to(tl.int64)
-    off = r64[:, None] * W + cols[None, :]
-    x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
-    dh = tl.load(dh_ptr + off, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.load(stats_ptr + r64 * 2, mask=rmask, other=0.0)
-    rstd = tl.load(stats_ptr + r64 * 2 + 1, mask=rmask, other=0.0)
-    xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-    mrow = r64[:, None] * (3 * W) + cols[None, :]
-    scale = tl.load(mod_ptr + mrow + W, mask=mask, other=0.0).to(tl.float32)
     if HAS_AFFINE:
         w = tl.load(lnw_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
         b = tl.load(lnb_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-        y = xhat * w[None, :] + b[None, :]
-    else:
-        y = xhat
-    dy = dh * (1.0 + scale)
-    tl.store(dmod_ptr + mrow, dh.to(dmod_ptr.dtype.element_ty), mask=mask)
-    tl.store(dmod_ptr + mrow + W, (dh * y).to(dmod_ptr.dtype.element_ty), mask=mask)
+        dw_acc = tl.zeros([BLOCK_W], dtype=tl.float32)
+        db_acc = tl.zeros([BLOCK_W], dtype=tl.float32)
+    for r0 in range(0, ROWS, TILE_ROWS):
+        rows = pid * ROWS + r0 + tl.arange(0, TILE_ROWS)
+        rmask = rows < M
+        mask = rmask[:, None] & cmask[None, :]
+        r64 = rows.to(tl.int64)
+        off = r64[:, None] * W + cols[None, :]
+        x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        dh = tl.load(dh_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(stats_ptr + r64 * 2, mask=rmask, other=0.0)
+        rstd = tl.load(stats_ptr + r64 * 2 + 1, mask=rmask, other=0.0)
+        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        mrow = r64[:, None] * (3 * W) + cols[None, :]
+        scale = tl.load(mod_ptr + mrow + W, mask=mask, other=0.0).to(tl.float32)
+        if HAS_AFFINE:
+            y = xhat * w[None, :] + b[None, :]
+        else:
+            y = xhat
+        dy = dh * (1.0 + scale)
+        tl.store(dmod_ptr + mrow, dh.to(dmod_ptr.dtype.element_ty), mask=mask)
+        tl.store(dmod_ptr + mrow + W, (dh * y).to(dmod_ptr.dtype.element_ty), mask=mask)
+        if HAS_AFFINE:
+            dw_acc += tl.sum(dy * xhat, axis=0)
+            db_acc += tl.sum(dy, axis=0)
+            dxhat = dy * w[None, :]
+        else:
+            dxhat = dy
+        c1 = tl.sum(dxhat * xhat, axis=1) / W
+        c2 = tl.sum(dxhat, axis=1) / W
+        dx = (dxhat - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+        if HAS_DRES:
+            dx += tl.load(dres_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
     if HAS_AFFINE:
-        tl.store(dw_part_ptr + pid * W + cols, tl.sum(dy * xhat, axis=0), mask=cmask)
-        tl.store(db_part_ptr + pid * W + cols, tl.sum(dy, axis=0), mask=cmask)
-        dxhat = dy * w[None, :]
-    else:
-        dxhat = dy
-    c1 = tl.sum(dxhat * xhat, axis=1) / W
-    c2 = tl.sum(dxhat, axis=1) / W
-    dx = (dxhat - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
-    if HAS_DRES:
-        dx += tl.load(dres_ptr + off, mask=mask, other=0.0).to(tl.float32)
-    tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(dw_part_ptr + pid.to(tl.int64) * W + cols, dw_acc, mask=cmask)
+        tl.store(db_part_ptr + pid.to(tl.int64) * W + cols, db_acc, mask=cmask)
+
+
+def ln_config(W, element_size=2):
+    """(BLOCK_W, rows per tile, num_warps) of the LayerNorm kernels at width W: tiles of about
+    LN_TILE elements, 16 per thread where 16-byte vectors serve the rows (16-bit, W a multiple
+    of 16), else 8 (scalar accesses hold an address per element), so registers stay flat from
+    W = 64 to 8192 (checked by tools/static_check.py)."""
+    block_w = triton.next_power_of_2(W)
+    vector = element_size == 2 and W % 16 == 0  # Triton specialises W on "divisible by 16"
+    tile_rows = max(1, (LN_TILE if vector else LN_TILE // 2) // block_w)
+    warps = max(4, min(16, tile_rows * block_w // (512 if vector else 256)))
+    return block_w, tile_rows, warps
+
+
+def ln_bwd_rows(W):
+    """Rows per program of the LayerNorm backward (= rows per partial of dln_w / dln_b)."""
+    return max(16, ln_config(W)[1])
 
 
 @triton.jit
