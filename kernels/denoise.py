@@ -167,16 +167,31 @@ def denoise_update_kernel(x_ptr, mo_ptr, noise_ptr, out_ptr, xin_ptr, B, C, out_
 def _gemm_configs():
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4})]
-    return [
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
-    ]
+    tiles = [(128, 128, 3, 8), (128, 64, 4, 4), (64, 128, 4, 4), (64, 64, 4, 4), (128, 64, 4, 8), (64, 128, 4, 8),
+             (128, 128, 3, 16)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=s, num_warps=w)
+            for m, n, s, w in tiles]
 
 
-@triton.autotune(configs=_gemm_configs(), key=["M", "N", "K", "EPILOGUE", "IEEE"])
+def _acc_per_thread(config):
+    return config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] // (32 * config.num_warps)
+
+
+def _prune_gemm_configs(configs, named_args, **kwargs):
+    """The tiles an epilogue fits in registers beside (checked by tools/static_check.py): the
+    dSiLU epilogue (3) holds the pre-activation tile with the accumulator, so it takes at most
+    32 accumulator elements per thread; the others up to 64 with at most 8 warps. (A 128 x 256
+    tile, 128 per thread, spilled with the epilogues 2 and 3.)"""
+    epilogue = kwargs.get("EPILOGUE", named_args.get("EPILOGUE"))
+    if epilogue == EPI_DSILU:
+        kept = [c for c in configs if _acc_per_thread(c) <= 32]
+    else:
+        kept = [c for c in configs if _acc_per_thread(c) <= 64 and c.num_warps <= 8]
+    return kept or configs[:1]
+
+
+@triton.autotune(configs=_gemm_configs(), key=["M", "N", "K", "EPILOGUE", "IEEE"],
+                 prune_configs_by={"early_config_prune": _prune_gemm_configs})
 @triton.jit
 def gemm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, aux1_ptr, aux2_ptr, auxo_ptr, M, N, K,
                 stride_am, stride_ak, stride_bk, stride_bn, aux2_ld,
