@@ -13,7 +13,9 @@ number of visible keys. With no mask both are None and all Nk keys are visible.
 
 q/k/v take arbitrary (batch, head, token) strides with a contiguous last dim; O, dO, dQ, dK, dV
 are contiguous [B, H, N, D]; LSE and delta are contiguous float32 [B, H, Nq]. The head dim is
-padded to a power of two (at least 16) inside the kernels with masked loads and stores.
+split into one or two power-of-two column blocks (BLOCK_D, BLOCK_D2: 64 -> 64 + 0,
+80 -> 64 + 16, 96 -> 64 + 32, 100 -> 128 + 0), each its own dot, so a head dim like 80 costs the
+MMA and shared-memory work of 80 columns, not of 128; loads and stores are masked to D.
 """
 import torch
 import triton
@@ -25,26 +27,39 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    """acc + a @ b, fp32 accumulation (IEEE fp32 products for fp32 inputs)."""
+    if IEEE:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, O, LSE, KV_INDEX, KV_COUNT,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
     H, Nq, Nk, D, qk_scale,
     HAS_MASK: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
     m_mask = offs_m < Nq
+    offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
-
-    q = tl.load(
-        Q + b * sqb + h * sqh + offs_m.to(tl.int64)[:, None] * sqn + offs_d[None, :],
-        mask=m_mask[:, None] & d_mask[None, :], other=0.0,
-    )
+    q_rows = Q + b * sqb + h * sqh + offs_m.to(tl.int64)[:, None] * sqn
+    q = tl.load(q_rows + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if BLOCK_D2 > 0:  # head dims columns BLOCK_D.. (e.g. 80 = 64 + 16): no padding to 128
+        offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+        d2_mask = offs_d2 < D
+        q2 = tl.load(q_rows + offs_d2[None, :], mask=m_mask[:, None] & d2_mask[None, :], other=0.0)
+        acc2 = tl.zeros([BLOCK_M, BLOCK_D2], dtype=tl.float32)
     if HAS_MASK:
         count = tl.load(KV_COUNT + b)
     else:
@@ -54,7 +69,6 @@ def _fwd_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start in range(0, count, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         n_mask = offs_n < count
@@ -62,32 +76,37 @@ def _fwd_kernel(
             idx = tl.load(KV_INDEX + b * Nk + offs_n, mask=n_mask, other=0).to(tl.int64)
         else:
             idx = offs_n.to(tl.int64)
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_base + idx[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
+        k_rows = k_base + idx[:, None] * skn
+        v_rows = v_base + idx[:, None] * svn
+        k = tl.load(k_rows + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+        s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE)
+        if BLOCK_D2 > 0:
+            k2 = tl.load(k_rows + offs_d2[None, :], mask=n_mask[:, None] & d2_mask[None, :], other=0.0)
+            s = _dot(q2, tl.trans(k2), s, IEEE)
         s = tl.where(n_mask[None, :], s * qk_scale, float("-inf"))
         # Every block holds at least one visible key, so m_new is finite.
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + idx[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
-        if IEEE:
-            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
+        v = tl.load(v_rows + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+        p = p.to(v.dtype)
+        acc = _dot(p, v, acc * alpha[:, None], IEEE)
+        if BLOCK_D2 > 0:
+            v2 = tl.load(v_rows + offs_d2[None, :], mask=n_mask[:, None] & d2_mask[None, :], other=0.0)
+            acc2 = _dot(p, v2, acc2 * alpha[:, None], IEEE)
         m_i = m_new
 
     has_key = l_i > 0.0
-    o = acc / tl.where(has_key, l_i, 1.0)[:, None]
+    inv_l = 1.0 / tl.where(has_key, l_i, 1.0)
     lse = tl.where(has_key, (m_i + tl.log2(tl.where(has_key, l_i, 1.0))) * 0.6931471805599453, 0.0)
     row = bh.to(tl.int64) * Nq + offs_m
-    tl.store(O + row[:, None] * D + offs_d[None, :], o.to(O.dtype.element_ty),
+    o_rows = O + row[:, None] * D
+    tl.store(o_rows + offs_d[None, :], (acc * inv_l[:, None]).to(O.dtype.element_ty),
              mask=m_mask[:, None] & d_mask[None, :])
+    if BLOCK_D2 > 0:
+        tl.store(o_rows + offs_d2[None, :], (acc2 * inv_l[:, None]).to(O.dtype.element_ty),
+                 mask=m_mask[:, None] & d2_mask[None, :])
     tl.store(LSE + row, lse, mask=m_mask)
 
 
@@ -97,24 +116,35 @@ def _bwd_dq_kernel(
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
     H, Nq, Nk, D, qk_scale, scale,
     HAS_MASK: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
     m_mask = offs_m < Nq
+    row = bh.to(tl.int64) * Nq + offs_m
+    q_rows = Q + b * sqb + h * sqh + offs_m.to(tl.int64)[:, None] * sqn
+    do_rows = DO + row[:, None] * D
+    o_rows = O + row[:, None] * D
+    offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
     md_mask = m_mask[:, None] & d_mask[None, :]
-    row = bh.to(tl.int64) * Nq + offs_m
-
-    q = tl.load(Q + b * sqb + h * sqh + offs_m.to(tl.int64)[:, None] * sqn + offs_d[None, :],
-                mask=md_mask, other=0.0)
-    do = tl.load(DO + row[:, None] * D + offs_d[None, :], mask=md_mask, other=0.0)
-    o = tl.load(O + row[:, None] * D + offs_d[None, :], mask=md_mask, other=0.0)
+    q = tl.load(q_rows + offs_d[None, :], mask=md_mask, other=0.0)
+    do = tl.load(do_rows + offs_d[None, :], mask=md_mask, other=0.0)
+    o = tl.load(o_rows + offs_d[None, :], mask=md_mask, other=0.0)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if BLOCK_D2 > 0:
+        offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+        d2_mask = offs_d2 < D
+        md2_mask = m_mask[:, None] & d2_mask[None, :]
+        q2 = tl.load(q_rows + offs_d2[None, :], mask=md2_mask, other=0.0)
+        do2 = tl.load(do_rows + offs_d2[None, :], mask=md2_mask, other=0.0)
+        o2 = tl.load(o_rows + offs_d2[None, :], mask=md2_mask, other=0.0)
+        delta += tl.sum(do2.to(tl.float32) * o2.to(tl.float32), 1)
+        dq2 = tl.zeros([BLOCK_M, BLOCK_D2], dtype=tl.float32)
     tl.store(DELTA + row, delta, mask=m_mask)
     lse2 = tl.load(LSE + row, mask=m_mask, other=0.0) * 1.4426950408889634
 
@@ -124,7 +154,6 @@ def _bwd_dq_kernel(
         count = Nk
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start in range(0, count, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         n_mask = offs_n < count
@@ -132,23 +161,29 @@ def _bwd_dq_kernel(
             idx = tl.load(KV_INDEX + b * Nk + offs_n, mask=n_mask, other=0).to(tl.int64)
         else:
             idx = offs_n.to(tl.int64)
+        k_rows = k_base + idx[:, None] * skn
+        v_rows = v_base + idx[:, None] * svn
         kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_base + idx[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + idx[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-            dp = tl.dot(do, tl.trans(v))
+        k = tl.load(k_rows + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_rows + offs_d[None, :], mask=kv_mask, other=0.0)
+        zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        s = _dot(q, tl.trans(k), zero, IEEE)
+        dp = _dot(do, tl.trans(v), zero, IEEE)
+        if BLOCK_D2 > 0:
+            kv2_mask = n_mask[:, None] & d2_mask[None, :]
+            k2 = tl.load(k_rows + offs_d2[None, :], mask=kv2_mask, other=0.0)
+            v2 = tl.load(v_rows + offs_d2[None, :], mask=kv2_mask, other=0.0)
+            s = _dot(q2, tl.trans(k2), s, IEEE)
+            dp = _dot(do2, tl.trans(v2), dp, IEEE)
         p = tl.where(n_mask[None, :], tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
-        ds = p * (dp - delta[:, None])
-        if IEEE:
-            dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
-        else:
-            dq += tl.dot(ds.to(k.dtype), k)
-    dq = dq * scale
-    tl.store(DQ + row[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=md_mask)
+        ds = (p * (dp - delta[:, None])).to(k.dtype)
+        dq = _dot(ds, k, dq, IEEE)
+        if BLOCK_D2 > 0:
+            dq2 = _dot(ds, k2, dq2, IEEE)
+    dq_rows = DQ + row[:, None] * D
+    tl.store(dq_rows + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=md_mask)
+    if BLOCK_D2 > 0:
+        tl.store(dq_rows + offs_d2[None, :], (dq2 * scale).to(DQ.dtype.element_ty), mask=md2_mask)
 
 
 @triton.jit
@@ -157,15 +192,13 @@ def _bwd_dkdv_kernel(
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
     H, Nq, Nk, D, qk_scale, scale,
     HAS_MASK: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # positions in the compacted key order
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < D
     pos_mask = offs_n < Nk
     if HAS_MASK:
         count = tl.load(KV_COUNT + b)
@@ -174,12 +207,24 @@ def _bwd_dkdv_kernel(
         count = Nk
         idx = offs_n.to(tl.int64)
     vis = offs_n < count
+    k_rows = K + b * skb + h * skh + idx[:, None] * skn
+    v_rows = V + b * svb + h * svh + idx[:, None] * svn
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
     kv_mask = vis[:, None] & d_mask[None, :]
-    k = tl.load(K + b * skb + h * skh + idx[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + b * svb + h * svh + idx[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
-
+    k = tl.load(k_rows + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_rows + offs_d[None, :], mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    if BLOCK_D2 > 0:
+        offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+        d2_mask = offs_d2 < D
+        kv2_mask = vis[:, None] & d2_mask[None, :]
+        k2 = tl.load(k_rows + offs_d2[None, :], mask=kv2_mask, other=0.0)
+        v2 = tl.load(v_rows + offs_d2[None, :], mask=kv2_mask, other=0.0)
+        dk2 = tl.zeros([BLOCK_N, BLOCK_D2], dtype=tl.float32)
+        dv2 = tl.zeros([BLOCK_N, BLOCK_D2], dtype=tl.float32)
+
     # Blocks made only of invisible keys skip the loop and write zeros.
     q_end = tl.where(pid_n * BLOCK_N < count, Nq, 0)
     q_base = Q + b * sqb + h * sqh
@@ -187,38 +232,71 @@ def _bwd_dkdv_kernel(
     for start in range(0, q_end, BLOCK_M):
         offs_m = start + tl.arange(0, BLOCK_M)
         m_mask = offs_m < Nq
-        md_mask = m_mask[:, None] & d_mask[None, :]
         row = row0 + offs_m
-        q = tl.load(q_base + offs_m.to(tl.int64)[:, None] * sqn + offs_d[None, :], mask=md_mask, other=0.0)
-        do = tl.load(DO + row[:, None] * D + offs_d[None, :], mask=md_mask, other=0.0)
+        q_rows = q_base + offs_m.to(tl.int64)[:, None] * sqn
+        do_rows = DO + row[:, None] * D
+        md_mask = m_mask[:, None] & d_mask[None, :]
+        q = tl.load(q_rows + offs_d[None, :], mask=md_mask, other=0.0)
+        do = tl.load(do_rows + offs_d[None, :], mask=md_mask, other=0.0)
         lse2 = tl.load(LSE + row, mask=m_mask, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + row, mask=m_mask, other=0.0)
-        if IEEE:
-            s_t = tl.dot(k, tl.trans(q), input_precision="ieee")
-            dp_t = tl.dot(v, tl.trans(do), input_precision="ieee")
-        else:
-            s_t = tl.dot(k, tl.trans(q))
-            dp_t = tl.dot(v, tl.trans(do))
+        zero = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        s_t = _dot(k, tl.trans(q), zero, IEEE)
+        dp_t = _dot(v, tl.trans(do), zero, IEEE)
+        if BLOCK_D2 > 0:
+            md2_mask = m_mask[:, None] & d2_mask[None, :]
+            q2 = tl.load(q_rows + offs_d2[None, :], mask=md2_mask, other=0.0)
+            do2 = tl.load(do_rows + offs_d2[None, :], mask=md2_mask, other=0.0)
+            s_t = _dot(k2, tl.trans(q2), s_t, IEEE)
+            dp_t = _dot(v2, tl.trans(do2), dp_t, IEEE)
         p_t = tl.where(vis[:, None] & m_mask[None, :], tl.exp2(s_t * qk_scale - lse2[None, :]), 0.0)
-        ds_t = p_t * (dp_t - delta[None, :])
-        if IEEE:
-            dv += tl.dot(p_t.to(do.dtype), do, input_precision="ieee")
-            dk += tl.dot(ds_t.to(q.dtype), q, input_precision="ieee")
-        else:
-            dv += tl.dot(p_t.to(do.dtype), do)
-            dk += tl.dot(ds_t.to(q.dtype), q)
-    dk = dk * scale
-    out = (bh.to(tl.int64) * Nk + idx)[:, None] * D + offs_d[None, :]
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+        p_t = p_t.to(do.dtype)
+        dv = _dot(p_t, do, dv, IEEE)
+        dk = _dot(ds_t, q, dk, IEEE)
+        if BLOCK_D2 > 0:
+            dv2 = _dot(p_t, do2, dv2, IEEE)
+            dk2 = _dot(ds_t, q2, dk2, IEEE)
+    out = DK + ((bh.to(tl.int64) * Nk + idx)[:, None] * D)
+    out_v = DV + ((bh.to(tl.int64) * Nk + idx)[:, None] * D)
     store_mask = pos_mask[:, None] & d_mask[None, :]
-    tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=store_mask)
-    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=store_mask)
+    tl.store(out + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=store_mask)
+    tl.store(out_v + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=store_mask)
+    if BLOCK_D2 > 0:
+        store2_mask = pos_mask[:, None] & d2_mask[None, :]
+        tl.store(out + offs_d2[None, :], (dk2 * scale).to(DK.dtype.element_ty), mask=store2_mask)
+        tl.store(out_v + offs_d2[None, :], dv2.to(DV.dtype.element_ty), mask=store2_mask)
 
 
 # --------------------------------------------------------------------------------------------
 # Launch configuration
 # --------------------------------------------------------------------------------------------
-def _block_d(D):
-    return max(16, triton.next_power_of_2(D))
+def _head_split(D):
+    """(BLOCK_D, BLOCK_D2): the head dim as one power of two, or as two (80 = 64 + 16,
+    96 = 64 + 32, 160 = 128 + 32, ...) when that is less padding than the next power of two."""
+    full = max(16, triton.next_power_of_2(D))
+    lo = full // 2
+    if lo >= 16 and D > lo:
+        hi = max(16, triton.next_power_of_2(D - lo))
+        if lo + hi < full:
+            return lo, hi
+    return full, 0
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, input width and padded head dim
+# (BLOCK_D + BLOCK_D2, classes <= 64, 96, 128, 256), checked by tools/static_check.py for sm_90:
+# no spills, shared memory within 227 KiB. fp32 runs IEEE products on the FMA units, whose dot
+# operands live in registers: its tiles are small and its warps many.
+_CONFIGS = {
+    # kind: {16-bit: per class}, {fp32: per class}
+    "fwd": ({64: (128, 64, 4, 3), 96: (128, 64, 8, 3), 128: (128, 64, 8, 3), 256: (128, 32, 8, 2)},
+            {64: (64, 32, 8, 2), 96: (64, 32, 8, 2), 128: (64, 32, 8, 2), 256: (16, 16, 8, 1)}),
+    "dq": ({64: (128, 64, 8, 2), 96: (64, 64, 4, 2), 128: (64, 64, 4, 2), 256: (64, 32, 4, 2)},
+           {64: (32, 32, 8, 1), 96: (32, 32, 8, 1), 128: (16, 16, 8, 1), 256: (16, 16, 8, 1)}),
+    # dkdv: (BLOCK_N keys per program, BLOCK_M queries per step, warps, stages)
+    "dkdv": ({64: (64, 64, 8, 2), 96: (64, 64, 8, 2), 128: (64, 64, 8, 2), 256: (64, 16, 8, 2)},
+             {64: (32, 32, 8, 1), 96: (32, 32, 8, 1), 128: (32, 32, 8, 1), 256: (16, 16, 8, 1)}),
+}
 
 
 def _config(kind, D, dtype):
@@ -226,20 +304,9 @@ def _config(kind, D, dtype):
     if backends.interpreter_enabled():
         # The interpreter runs one program at a time: small blocks still exercise tails.
         return 16, 16, 1, 1
-    big_d = _block_d(D) > 64
-    wide = dtype == torch.float32
-    if kind == "fwd":
-        if wide:
-            return (64, 32, 4, 2) if big_d else (64, 64, 4, 2)
-        return (128, 64, 8, 3) if big_d else (128, 64, 4, 3)
-    if kind == "dq":
-        if wide:
-            return 64, 32, 4, 1
-        return (64, 64, 4, 2) if big_d else (128, 64, 8, 2)
-    # dkdv: BLOCK_N keys per program, BLOCK_M queries per step
-    if wide:
-        return 32, 64, 4, 1
-    return (64, 64, 8, 2) if big_d else (64, 128, 8, 2)
+    width = sum(_head_split(D))
+    cls = next(c for c in (64, 96, 128, 256) if width <= c)
+    return _CONFIGS[kind][dtype == torch.float32][cls]
 
 
 def _common_args(q, k, v):
@@ -262,13 +329,14 @@ def attention_fwd(q, k, v, o, lse, kv_index, kv_count, scale):
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     block_m, block_n, warps, stages = _config("fwd", D, q.dtype)
+    bd, bd2 = _head_split(D)
     idx, cnt, has_mask = _mask_args(kv_index, kv_count, q)
     grid = (triton.cdiv(Nq, block_m), B * H)
     _fwd_kernel[grid](
         q, k, v, o, lse, idx, cnt, *_common_args(q, k, v),
         H, Nq, Nk, D, float(scale) * LOG2E,
         HAS_MASK=has_mask, IEEE=q.dtype == torch.float32,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(D),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=bd, BLOCK_D2=bd2,
         num_warps=warps, num_stages=stages,
     )
 
@@ -280,12 +348,13 @@ def attention_bwd(q, k, v, o, do, lse, kv_index, kv_count, dq, dk, dv, delta, sc
     idx, cnt, has_mask = _mask_args(kv_index, kv_count, q)
     common = _common_args(q, k, v)
     ieee = q.dtype == torch.float32
+    bd, bd2 = _head_split(D)
     block_m, block_n, warps, stages = _config("dq", D, q.dtype)
     _bwd_dq_kernel[(triton.cdiv(Nq, block_m), B * H)](
         q, k, v, o, do, lse, delta, dq, idx, cnt, *common,
         H, Nq, Nk, D, float(scale) * LOG2E, float(scale),
         HAS_MASK=has_mask, IEEE=ieee,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(D),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=bd, BLOCK_D2=bd2,
         num_warps=warps, num_stages=stages,
     )
     block_n, block_m, warps, stages = _config("dkdv", D, q.dtype)
@@ -293,6 +362,6 @@ def attention_bwd(q, k, v, o, do, lse, kv_index, kv_count, dq, dk, dv, delta, sc
         q, k, v, do, lse, delta, dk, dv, idx, cnt, *common,
         H, Nq, Nk, D, float(scale) * LOG2E, float(scale),
         HAS_MASK=has_mask, IEEE=ieee,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(D),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=bd, BLOCK_D2=bd2,
         num_warps=warps, num_stages=stages,
     )

@@ -8,8 +8,8 @@ import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# rows of x handled by one program of the LayerNorm-modulate backward = rows of its partials
-LN_BWD_ROWS = 16
+# A LayerNorm program works on tiles of about LN_TILE elements (rows x BLOCK_W), 16 per thread.
+LN_TILE = 4096
 
 EPI_NONE, EPI_SILU, EPI_GATE_RES, EPI_DSILU = 0, 1, 2, 3
 
@@ -48,43 +48,68 @@ def ln_mod_fwd_kernel(x_ptr, mod_ptr, lnw_ptr, lnb_ptr, h_ptr, stats_ptr, M, W, 
 def ln_mod_bwd_kernel(x_ptr, mod_ptr, lnw_ptr, lnb_ptr, stats_ptr, dh_ptr, dres_ptr, dx_ptr, dmod_ptr,
                       dw_part_ptr, db_part_ptr, M, W,
                       HAS_AFFINE: tl.constexpr, HAS_DRES: tl.constexpr,
-                      ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
+                      ROWS: tl.constexpr, TILE_ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
+    """ROWS rows per program (= rows per partial sum of dln_w, dln_b), TILE_ROWS at a time."""
     pid = tl.program_id(0)
-    rows = pid * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_W)
-    rmask = rows < M
     cmask = cols < W
-    mask = rmask[:, None] & cmask[None, :]
-    r64 = rows.to(tl.int64)
-    off = r64[:, None] * W + cols[None, :]
-    x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
-    dh = tl.load(dh_ptr + off, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.load(stats_ptr + r64 * 2, mask=rmask, other=0.0)
-    rstd = tl.load(stats_ptr + r64 * 2 + 1, mask=rmask, other=0.0)
-    xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-    mrow = r64[:, None] * (3 * W) + cols[None, :]
-    scale = tl.load(mod_ptr + mrow + W, mask=mask, other=0.0).to(tl.float32)
     if HAS_AFFINE:
         w = tl.load(lnw_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
         b = tl.load(lnb_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-        y = xhat * w[None, :] + b[None, :]
-    else:
-        y = xhat
-    dy = dh * (1.0 + scale)
-    tl.store(dmod_ptr + mrow, dh.to(dmod_ptr.dtype.element_ty), mask=mask)
-    tl.store(dmod_ptr + mrow + W, (dh * y).to(dmod_ptr.dtype.element_ty), mask=mask)
+        dw_acc = tl.zeros([BLOCK_W], dtype=tl.float32)
+        db_acc = tl.zeros([BLOCK_W], dtype=tl.float32)
+    for r0 in range(0, ROWS, TILE_ROWS):
+        rows = pid * ROWS + r0 + tl.arange(0, TILE_ROWS)
+        rmask = rows < M
+        mask = rmask[:, None] & cmask[None, :]
+        r64 = rows.to(tl.int64)
+        off = r64[:, None] * W + cols[None, :]
+        x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        dh = tl.load(dh_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(stats_ptr + r64 * 2, mask=rmask, other=0.0)
+        rstd = tl.load(stats_ptr + r64 * 2 + 1, mask=rmask, other=0.0)
+        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        mrow = r64[:, None] * (3 * W) + cols[None, :]
+        scale = tl.load(mod_ptr + mrow + W, mask=mask, other=0.0).to(tl.float32)
+        if HAS_AFFINE:
+            y = xhat * w[None, :] + b[None, :]
+        else:
+            y = xhat
+        dy = dh * (1.0 + scale)
+        tl.store(dmod_ptr + mrow, dh.to(dmod_ptr.dtype.element_ty), mask=mask)
+        tl.store(dmod_ptr + mrow + W, (dh * y).to(dmod_ptr.dtype.element_ty), mask=mask)
+        if HAS_AFFINE:
+            dw_acc += tl.sum(dy * xhat, axis=0)
+            db_acc += tl.sum(dy, axis=0)
+            dxhat = dy * w[None, :]
+        else:
+            dxhat = dy
+        c1 = tl.sum(dxhat * xhat, axis=1) / W
+        c2 = tl.sum(dxhat, axis=1) / W
+        dx = (dxhat - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+        if HAS_DRES:
+            dx += tl.load(dres_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
     if HAS_AFFINE:
-        tl.store(dw_part_ptr + pid * W + cols, tl.sum(dy * xhat, axis=0), mask=cmask)
-        tl.store(db_part_ptr + pid * W + cols, tl.sum(dy, axis=0), mask=cmask)
-        dxhat = dy * w[None, :]
-    else:
-        dxhat = dy
-    c1 = tl.sum(dxhat * xhat, axis=1) / W
-    c2 = tl.sum(dxhat, axis=1) / W
-    dx = (dxhat - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
-    if HAS_DRES:
-        dx += tl.load(dres_ptr + off, mask=mask, other=0.0).to(tl.float32)
-    tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(dw_part_ptr + pid.to(tl.int64) * W + cols, dw_acc, mask=cmask)
+        tl.store(db_part_ptr + pid.to(tl.int64) * W + cols, db_acc, mask=cmask)
+
+
+def ln_config(W, element_size=2):
+    """(BLOCK_W, rows per tile, num_warps) of the LayerNorm kernels at width W: tiles of about
+    LN_TILE elements, 16 per thread where 16-byte vectors serve the rows (16-bit, W a multiple
+    of 16), else 8 (scalar accesses hold an address per element), so registers stay flat from
+    W = 64 to 8192 (checked by tools/static_check.py)."""
+    block_w = triton.next_power_of_2(W)
+    vector = element_size == 2 and W % 16 == 0  # Triton specialises W on "divisible by 16"
+    tile_rows = max(1, (LN_TILE if vector else LN_TILE // 2) // block_w)
+    warps = max(4, min(16, tile_rows * block_w // (512 if vector else 256)))
+    return block_w, tile_rows, warps
+
+
+def ln_bwd_rows(W):
+    """Rows per program of the LayerNorm backward (= rows per partial of dln_w / dln_b)."""
+    return max(16, ln_config(W)[1])
 
 
 @triton.jit
@@ -144,16 +169,30 @@ def denoise_update_kernel(x_ptr, mo_ptr, noise_ptr, out_ptr, xin_ptr, B, C, out_
 def _gemm_configs():
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4})]
-    return [
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
-    ]
+    tiles = [(128, 128, 3, 8), (128, 64, 4, 4), (64, 128, 4, 4), (64, 64, 4, 4), (128, 64, 4, 8), (64, 128, 4, 8)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=s, num_warps=w)
+            for m, n, s, w in tiles]
 
 
-@triton.autotune(configs=_gemm_configs(), key=["M", "N", "K", "EPILOGUE", "IEEE"])
+def _acc_per_thread(config):
+    return config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] // (32 * config.num_warps)
+
+
+def _prune_gemm_configs(configs, named_args, **kwargs):
+    """The tiles an epilogue fits in registers beside (checked by tools/static_check.py): the
+    dSiLU epilogue (3) holds the pre-activation tile with the accumulator, so it takes at most
+    32 accumulator elements per thread; the others up to 64. (A 128 x 256 tile, 128 per thread,
+    spilled with the epilogues 2 and 3; 128 x 128 over 16 warps spilled on Triton 3.6.)"""
+    epilogue = kwargs.get("EPILOGUE", named_args.get("EPILOGUE"))
+    if epilogue == EPI_DSILU:
+        kept = [c for c in configs if _acc_per_thread(c) <= 32]
+    else:
+        kept = [c for c in configs if _acc_per_thread(c) <= 64]
+    return kept or configs[:1]
+
+
+@triton.autotune(configs=_gemm_configs(), key=["M", "N", "K", "EPILOGUE", "IEEE"],
+                 prune_configs_by={"early_config_prune": _prune_gemm_configs})
 @triton.jit
 def gemm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, aux1_ptr, aux2_ptr, auxo_ptr, M, N, K,
                 stride_am, stride_ak, stride_bk, stride_bn, aux2_ld,

@@ -2,7 +2,9 @@
 
 The tensor list travels as a small int64 table on the device (EMA pointers, tensor pointers,
 element counts, cumulative block starts); each program finds its tensor by binary search over
-the block starts and updates BLOCK elements with 64-bit offsets.
+the block starts and updates BLOCK elements with 64-bit offsets: with 16-byte vector accesses
+where both pointers are 16-byte aligned and the element count a multiple of the vector, else
+element by element (the views of djepa.nn.EMA's flat buffer may start anywhere).
 """
 import functools
 
@@ -12,6 +14,15 @@ import triton.language as tl
 
 BLOCK = 4096
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+@triton.jit
+def _lerp_block(ema, x, start, numel, d, w, EMA_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    offs = start + tl.arange(0, BLOCK).to(tl.int64)
+    mask = offs < numel
+    e = tl.load(ema + offs, mask=mask).to(tl.float32)
+    v = tl.load(x + offs, mask=mask).to(tl.float32)
+    tl.store(ema + offs, (d * e + w * v).to(EMA_DTYPE), mask=mask)
 
 
 @triton.jit
@@ -26,6 +37,7 @@ def _ema_kernel(
     DECAY_FROM_PTR: tl.constexpr,
     SEARCH_STEPS: tl.constexpr,
     BLOCK: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     # table rows: [0] EMA pointers, [1] tensor pointers, [2] numels, [3] block starts (T + 1)
@@ -38,20 +50,27 @@ def _ema_kernel(
         lo = tl.where(go_right, mid, lo)
         hi = tl.where(go_right, hi, mid)
     t = lo
-    ema = tl.load(table_ptr + t).to(tl.pointer_type(EMA_DTYPE))
-    x = tl.load(table_ptr + num_tensors + t).to(tl.pointer_type(X_DTYPE))
+    ema_addr = tl.load(table_ptr + t)
+    x_addr = tl.load(table_ptr + num_tensors + t)
     numel = tl.load(table_ptr + 2 * num_tensors + t)
-    offs = (pid - tl.load(starts + t)) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    mask = offs < numel
+    start = (pid - tl.load(starts + t)) * BLOCK
     if DECAY_FROM_PTR:
         d = tl.load(decay_ptr).to(tl.float32)
         w = 1.0 - d
     else:
         d = decay
         w = one_minus_decay
-    e = tl.load(ema + offs, mask=mask).to(tl.float32)
-    v = tl.load(x + offs, mask=mask).to(tl.float32)
-    tl.store(ema + offs, (d * e + w * v).to(EMA_DTYPE), mask=mask)
+    # The pointers come from a table, so the compiler cannot know their alignment: check it
+    # here, per tensor, and promise it where it holds (16-byte vectors, VEC elements of the
+    # narrower dtype), masks included (numel a multiple of VEC); the rest takes element accesses.
+    if ((ema_addr % 16) == 0) & ((x_addr % 16) == 0) & ((numel % VEC) == 0):
+        ema = tl.multiple_of(ema_addr.to(tl.pointer_type(EMA_DTYPE)), 16)
+        x = tl.multiple_of(x_addr.to(tl.pointer_type(X_DTYPE)), 16)
+        _lerp_block(ema, x, start, tl.multiple_of(numel, VEC), d, w, EMA_DTYPE, BLOCK)
+    else:
+        ema = ema_addr.to(tl.pointer_type(EMA_DTYPE))
+        x = x_addr.to(tl.pointer_type(X_DTYPE))
+        _lerp_block(ema, x, start, numel, d, w, EMA_DTYPE, BLOCK)
 
 
 def _table(ema_tensors, tensors):
@@ -99,5 +118,6 @@ def ema_update(ema_tensors, tensors, decay_tensor, decay, one_minus_decay):
         DECAY_FROM_PTR=decay_tensor is not None,
         SEARCH_STEPS=_search_steps(n),
         BLOCK=BLOCK,
+        VEC=16 // min(ema_tensors[0].element_size(), tensors[0].element_size()),
         num_warps=8,
     )

@@ -527,3 +527,33 @@ def test_module_all_masked_sample_gives_projection_bias():
     out = attn(x, mask)
     torch.testing.assert_close(out[1], attn.proj.bias.expand(5, 32))
     assert math.isfinite(out.sum().item())
+
+
+# --------------------------------------------------------------------------------------------
+# Head dims served as two column blocks (no padding to the next power of two)
+# --------------------------------------------------------------------------------------------
+def test_head_dims_split_instead_of_padding():
+    from djepa.kernels.attention import _head_split
+
+    assert _head_split(80) == (64, 16)  # the H preset: 80 columns of MMA work, not 128
+    assert _head_split(96) == (64, 32)
+    assert _head_split(48) == (32, 16)
+    assert _head_split(160) == (128, 32)
+    for D in (16, 32, 64, 128, 256):
+        assert _head_split(D) == (D, 0)
+    assert _head_split(100) == (128, 0)  # 64 + 64 would be no less padding
+    assert _head_split(8) == (16, 0)
+    for D in range(1, 257):
+        lo, hi = _head_split(D)
+        assert lo + hi >= D and lo >= 16 and hi in (0,) + tuple(2 ** i for i in range(4, 8)) and hi <= lo
+
+
+@pytest.mark.parametrize("D,dtype,masked", [(80, torch.float16, True), (80, torch.float32, False),
+                                            (48, torch.float16, False), (96, torch.float32, True),
+                                            (160, torch.float16, True), (75, torch.float32, True)])
+def test_triton_split_head_dims_match_reference(triton_device, D, dtype, masked):
+    """Forward and gradients of the two-block head dim (both blocks masked to D where D is
+    not their sum, e.g. 75 = 64 + 16 - 5), with the odd query/key counts of the tails."""
+    q, k, v, mask = _inputs(2, 2, 21, 19, D, dtype, triton_device, 0.5)
+    mask[:, 3] = True
+    check_against_reference(q, k, v, mask if masked else None, "triton")

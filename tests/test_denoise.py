@@ -659,3 +659,30 @@ def test_model_sample_reuses_one_graph_per_token_count(monkeypatch, one_thread, 
     again = model.sample(labels, generator=torch.Generator().manual_seed(4), **kw)
     assert len(_RerunCapture.made) == len(counts)  # a second call replays, captures nothing
     torch.testing.assert_close(again, graphed, rtol=0, atol=0)
+
+
+def test_layernorm_tiles_follow_the_width():
+    """Rows per tile and warps follow W, so a thread holds at most 16 elements of each row
+    tensor at every width (the fixed 16 rows x 4 warps of before spilled at W >= 1024)."""
+    from djepa.kernels.denoise import ln_bwd_rows, ln_config
+
+    for W in (4, 48, 128, 1000, 1024, 1280, 1536, 4096, 8192):
+        for size in (2, 4):
+            block_w, tile_rows, warps = ln_config(W, size)
+            assert block_w >= W and tile_rows >= 1 and 4 <= warps <= 16
+            assert tile_rows * block_w <= max(4096, block_w)
+            assert tile_rows * block_w // (32 * warps) <= 16
+            assert ln_bwd_rows(W) % tile_rows == 0
+    assert ln_config(1024, 2) == (1024, 4, 8)
+    assert ln_config(8192, 2) == (8192, 1, 16)
+
+
+@pytest.mark.parametrize("M,W,dtype", [(41, 600, torch.float32), (37, 272, torch.float16)])
+def test_adaln_block_triton_several_row_tiles_per_program(triton_device, M, W, dtype):
+    """Widths whose LayerNorm backward loops over several row tiles per program and sums the
+    LayerNorm weight gradients over them (and a partial last program)."""
+    from djepa.kernels.denoise import ln_bwd_rows, ln_config
+
+    assert ln_bwd_rows(W) // ln_config(W, dtype.itemsize)[1] > 1
+    _check_block(M, W, dtype, triton_device, "triton", torch.Generator().manual_seed(M + W),
+                 atol=1e-5 if dtype == torch.float32 else 1e-3)

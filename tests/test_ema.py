@@ -399,3 +399,34 @@ def test_overlapping_ema_and_source_storage_is_refused():
     e1, e2 = torch.zeros(16), torch.zeros(16)
     ema_update_([e1, e2], [src, src[:16]], 0.25, backend="eager")
     assert torch.allclose(e1, 0.75 * src) and torch.allclose(e2, 0.75 * src)
+
+
+@pytest.mark.parametrize("ema_dtype,x_dtype", [(torch.float32, torch.float32), (torch.float32, torch.float16),
+                                               (torch.float16, torch.float16)])
+def test_triton_aligned_fast_path_and_element_tails(triton_device, ema_dtype, x_dtype):
+    """One launch over tensors taking the 16-byte path (aligned, numel a multiple of the
+    vector) and tensors taking the element path: views at odd element offsets of one flat
+    buffer (as djepa.nn.EMA holds them), counts that are no multiple of the vector, a last
+    partial block; memory around the views is left alone."""
+    g = torch.Generator().manual_seed(11)
+    sizes = [4096 * 2 + 8, 4099, 7, 16, 4096 + 5, 8]
+    offsets = [0, 8200, 12301, 12309, 12333, 16440]  # 16-byte aligned: 0, 8200, 16440 (fp32)
+    flat = torch.randn(offsets[-1] + sizes[-1] + 3, generator=g).to(triton_device, ema_dtype)
+    emas = [flat[o:o + n] for o, n in zip(offsets, sizes)]
+    xs = [torch.randn(n, generator=g).to(triton_device, x_dtype) for n in sizes]
+    xs[2] = torch.randn(9, generator=g).to(triton_device, x_dtype)[1:8]  # an unaligned source
+    vec = 16 // min(flat.element_size(), xs[0].element_size())
+    fast_path = [e.data_ptr() % 16 == 0 and x.data_ptr() % 16 == 0 and e.numel() % vec == 0
+                 for e, x in zip(emas, xs)]
+    assert any(fast_path) and not all(fast_path)
+    untouched = torch.ones(flat.numel(), dtype=torch.bool, device=triton_device)
+    for o, n in zip(offsets, sizes):
+        untouched[o:o + n] = False
+    flat_before = flat.clone()
+    ref = ema_update_reference(emas, xs, 0.9)
+    low = [e.clone() for e in emas]
+    ema_update_(low, xs, 0.9, backend="eager")
+    ema_update_(emas, xs, 0.9, backend="triton")
+    for i, (f, lo, r) in enumerate(zip(emas, low, ref)):
+        assert_close_to_reference(f, lo, r, atol=ATOL[f.dtype], what=f"triton pair {i} (fast path {fast_path[i]})")
+    assert torch.equal(flat[untouched], flat_before[untouched])

@@ -147,22 +147,24 @@ class _Triton:
 
     def ln_mod_fwd(self, x, mod, mod_ld, ln_w, ln_b, h, stats, eps):
         M, W = x.shape
-        BW = _next_pow2(W)
-        BM = max(1, min(16, 4096 // BW))
+        BW, BM, warps = self.k.ln_config(W, x.element_size())
         self.k.ln_mod_fwd_kernel[(triton_cdiv(M, BM),)](
             x, mod, ln_w if ln_w is not None else x, ln_b if ln_b is not None else x, h,
             stats if stats is not None else h, M, W, mod_ld, float(eps),
-            HAS_AFFINE=ln_w is not None, HAS_STATS=stats is not None, BLOCK_M=BM, BLOCK_W=BW)
+            HAS_AFFINE=ln_w is not None, HAS_STATS=stats is not None, BLOCK_M=BM, BLOCK_W=BW,
+            num_warps=warps)
 
     def ln_mod_bwd(self, x, mod, ln_w, ln_b, stats, dh, dres, dx, dmod):
         M, W = x.shape
-        rows = self.k.LN_BWD_ROWS
+        BW, tile_rows, warps = self.k.ln_config(W, x.element_size())
+        rows = self.k.ln_bwd_rows(W)
         nb = triton_cdiv(M, rows)
         dw_part = torch.empty(nb, W, device=x.device, dtype=torch.float32)
         db_part = torch.empty(nb, W, device=x.device, dtype=torch.float32)
         self.k.ln_mod_bwd_kernel[(nb,)](
             x, mod, ln_w, ln_b, stats, dh, dres if dres is not None else dh, dx, dmod, dw_part, db_part, M, W,
-            HAS_AFFINE=True, HAS_DRES=dres is not None, ROWS=rows, BLOCK_W=_next_pow2(W))
+            HAS_AFFINE=True, HAS_DRES=dres is not None, ROWS=rows, TILE_ROWS=tile_rows, BLOCK_W=BW,
+            num_warps=warps)
         return dw_part.sum(0), db_part.sum(0)
 
     def gate_bwd(self, dout, mod, y2, dy2, dmod):

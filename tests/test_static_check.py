@@ -1,0 +1,225 @@
+"""tools/static_check.py: the gate's rules on synthetic records, its parsers, and one run of its
+default subset (compiles for sm_90 without a GPU: Triton's ptxas, nvcc for csrc/ema.cu)."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TOOL = ROOT / "tools" / "static_check.py"
+
+
+def _load_tool():
+    spec = importlib.util.spec_from_file_location("static_check", TOOL)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+sc = _load_tool()
+
+
+def _rec(**kw):
+    base = dict(backend="triton", kernel="ln_mod_bwd_kernel", variant="bf16 w8", arch=90, hot=True)
+    base.update(kw)
+    extra = {k: base.pop(k) for k in list(base) if k not in
+             ("backend", "kernel", "variant", "arch", "regs", "spill_bytes", "stack_bytes", "smem_bytes",
+              "wgmma", "mma_sync", "hot")}
+    return sc.record(base.pop("backend"), base.pop("kernel"), base.pop("variant"), base.pop("arch"), **base, **extra)
+
+
+# ------------------------------------------------------------------------------ the rules
+def test_a_clean_record_passes():
+    assert sc.violations(_rec(regs=96)) == []
+
+
+def test_a_spilling_hot_variant_fails():
+    assert any("spills" in v for v in sc.violations(_rec(spill_bytes=8)))
+    assert any("stack" in v for v in sc.violations(_rec(stack_bytes=16)))
+
+
+def test_spills_outside_the_hot_set_are_reported_not_failed():
+    assert sc.violations(_rec(spill_bytes=4096, stack_bytes=4096, hot=False)) == []
+
+
+def test_shared_memory_over_the_limit_fails_hot_or_not():
+    assert sc.violations(_rec(smem_bytes=232448)) == []
+    for hot in (True, False):
+        assert any("shared memory" in v for v in sc.violations(_rec(smem_bytes=262144, hot=hot)))
+    # sm_80 has less: 163 KiB
+    assert any("shared memory" in v for v in sc.violations(_rec(arch=80, smem_bytes=166913)))
+    assert sc.violations(_rec(arch=80, smem_bytes=166912)) == []
+
+
+def test_a_matmul_kernel_without_wgmma_fails_on_sm90_only():
+    mm = dict(kernel="_fwd_kernel", dtype="bfloat16", mma_sync=24)
+    assert any("wgmma" in v for v in sc.violations(_rec(**mm)))
+    assert sc.violations(_rec(**mm, wgmma=12)) == []
+    assert sc.violations(_rec(**mm, arch=80)) == []
+    assert sc.violations(_rec(**{**mm, "dtype": "float32"})) == []  # IEEE fp32 has no tensor-core path
+    assert sc.violations(_rec(**{**mm, "backend": "cuda"})) == []   # CUDA's Hopper kernels: issue 12
+
+
+def test_the_ema_without_16_byte_accesses_fails():
+    ema = dict(kernel="_ema_kernel", dtype="float32")
+    assert any("16-byte" in v for v in sc.violations(_rec(**ema, vector_ldst=dict(ld128=0, st128=0))))
+    assert any("16-byte" in v for v in sc.violations(_rec(**ema, vector_ldst=dict(ld128=4, st128=0))))
+    assert sc.violations(_rec(**ema, vector_ldst=dict(ld128=4, st128=2))) == []
+
+
+def test_a_variant_that_does_not_compile_fails():
+    assert sc.violations(_rec(error="ptxas failed")) == ["does not compile: ptxas failed"]
+
+
+def test_records_carry_the_issue_fields():
+    r = _rec(regs=1, spill_bytes=2, stack_bytes=3, smem_bytes=4, wgmma=5, mma_sync=6)
+    assert set(r) >= {"backend", "kernel", "variant", "arch", "regs", "spill_bytes", "stack_bytes", "smem_bytes",
+                      "smem_limit", "tensor_core", "hot"}
+    assert r["arch"] == "sm_90" and r["smem_limit"] == 232448 and r["tensor_core"] == {"wgmma": 5, "mma_sync": 6}
+
+
+# ------------------------------------------------------------------------------ the parsers
+PTXAS_LOG = """\
+ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function '_ZN5djepa7denoise16adaln_fwd_kernelI6__halfLi8ELi4EEEvPKT_' for 'sm_90a'
+ptxas info    : Function properties for _ZN5djepa7denoise16adaln_fwd_kernelI6__halfLi8ELi4EEEvPKT_
+    8 bytes stack frame, 8 bytes spill stores, 32 bytes spill loads
+ptxas info    : Used 64 registers, used 0 barriers, 8 bytes cumulative stack size, 1024 bytes smem
+ptxas-blackwell info    : Compiling entry function 'gemm_kernel' for 'sm_90a'
+ptxas-blackwell info    : Function properties for gemm_kernel
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas-blackwell info    : Used 168 registers, used 1 barriers
+"""
+
+SASS = """\
+\tcode for sm_90a
+\t\tFunction : gemm_kernel
+        /*0a30*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], R24 ;   /* 0x00e0 */
+        /*0a40*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24, gsb0 ;
+        /*0a50*/                   LDG.E.128 R4, desc[UR6][R2.64] ;
+        /*0a60*/                   STG.E.128 desc[UR6][R2.64], R8 ;
+\t\tFunction : _ZN5djepa9attention10fwd_kernelI6__halfLi64EEEvNS0_6ParamsE
+        /*0100*/                   HMMA.16816.F32 R4, R8, R12, R4 ;
+        /*0110*/                   LDG.E R4, desc[UR6][R2.64] ;
+"""
+
+
+def test_parse_ptxas():
+    got = sc.parse_ptxas(PTXAS_LOG)
+    fwd = got["_ZN5djepa7denoise16adaln_fwd_kernelI6__halfLi8ELi4EEEvPKT_"]
+    assert fwd == dict(regs=64, spill_bytes=40, stack_bytes=8, static_smem=1024)
+    assert got["gemm_kernel"] == dict(regs=168, spill_bytes=0, stack_bytes=0, static_smem=0)
+
+
+def test_parse_sass():
+    got = sc.parse_sass(SASS)
+    assert got["gemm_kernel"] == dict(wgmma=2, mma_sync=0, ld128=1, st128=1)
+    assert got["_ZN5djepa9attention10fwd_kernelI6__halfLi64EEEvNS0_6ParamsE"] == dict(
+        wgmma=0, mma_sync=1, ld128=0, st128=0)
+
+
+def test_split_template():
+    assert sc.split_template("void djepa::attention::fwd_kernel<__nv_bfloat16, 128>(djepa::attention::Params)") == \
+        ("djepa::attention::fwd_kernel", ["__nv_bfloat16", "128"])
+    assert sc.split_template("void djepa::(anonymous namespace)::ema_kernel<float, __half>("
+                             "djepa::(anonymous namespace)::EmaTable, float const*, float, float)") == \
+        ("djepa::ema_kernel", ["float", "__half"])
+
+
+def test_cuda_hot_follows_the_host_dispatch():
+    dims, widths = {64, 80, 128}, {128, 1024, 1280, 1536}
+    hot = lambda name, *args: sc.cuda_hot(name, list(args), dims, widths)  # noqa: E731
+    assert hot("djepa::attention::fwd_kernel", "__nv_bfloat16", "80")
+    assert not hot("djepa::attention::fwd_kernel", "__nv_bfloat16", "96")
+    # W = 1024 / 1280 / 1536 in 16-bit: 4, 5 -> 6, 6 chunks of 32 lanes x 8 elements
+    assert hot("djepa::denoise::adaln_fwd_kernel", "__half", "8", "4")
+    assert hot("djepa::denoise::adaln_fwd_kernel", "__half", "8", "6")
+    assert not hot("djepa::denoise::adaln_fwd_kernel", "__half", "8", "8")
+    assert not hot("djepa::denoise::adaln_fwd_kernel", "__half", "1", "8")  # the scalar fallback
+    assert not hot("djepa::denoise::adaln_fwd_kernel", "float", "4", "4")
+    assert hot("djepa::denoise::gemm_kernel", "__nv_bfloat16", "false", "true")
+
+
+def test_cli_rejects_a_bad_arch():
+    res = subprocess.run([sys.executable, str(TOOL), "--arch", "70"], capture_output=True, text=True)
+    assert res.returncode == 2 and "--arch" in res.stderr
+
+
+# ------------------------------------------------------------------------------ the subset
+def _nvcc_available():
+    return sc._tool("nvcc") is not None
+
+
+@pytest.fixture(scope="module")
+def subset(tmp_path_factory):
+    """One run of the default subset for sm_90 (what CI gates on)."""
+    if not _nvcc_available():
+        pytest.skip("nvcc not found: the CUDA half of the gate needs it")
+    out = tmp_path_factory.mktemp("static") / "sm_90.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, str(TOOL), "--arch", "90", "--json", str(out), "--jobs", "2"],
+                         capture_output=True, text=True, env=env, timeout=1500)
+    records = json.loads(out.read_text()) if out.is_file() else []
+    return res, records, out
+
+
+def test_subset_passes_the_gate(subset):
+    res, records, out = subset
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert out.with_suffix(".md").is_file()
+    assert {r["backend"] for r in records} == {"triton", "cuda"}
+    assert all(r["arch"] == "sm_90" for r in records)
+
+
+def _triton(records, kernel, source=None):
+    got = [r for r in records if r["backend"] == "triton" and r["kernel"] == kernel
+           and (source is None or any(source in s for s in r["sources"]))]
+    assert got, f"the subset has no {kernel} variant from {source!r}"
+    return got
+
+
+def test_ln_mod_bwd_does_not_spill_at_the_B_width(subset):
+    for r in _triton(subset[1], "ln_mod_bwd_kernel", "preset B"):
+        assert r["hot"] and r["spill_bytes"] == 0 and r["stack_bytes"] == 0, r
+
+
+def test_fp32_attention_does_not_spill_at_D128(subset):
+    """fp32 is what backend='auto' sends to Triton (IEEE dots): not hot, but must not spill."""
+    for kernel in ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"):
+        for r in _triton(subset[1], kernel, "coverage attention D=128 dense float32"):
+            assert r["spill_bytes"] == 0 and r["stack_bytes"] == 0, r
+
+
+def test_head_dim_256_forward_fits_shared_memory(subset):
+    for r in _triton(subset[1], "_fwd_kernel", "coverage attention D=256 dense float16"):
+        assert r["smem_bytes"] <= r["smem_limit"], r
+
+
+def test_head_dim_80_is_not_padded_to_128(subset):
+    for kernel in ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"):
+        for r in _triton(subset[1], kernel, "preset H attention"):
+            c = r["constexprs"]
+            assert c["BLOCK_D"] + c.get("BLOCK_D2", 0) == 80, r
+            assert r["tensor_core"]["wgmma"] > 0, r
+
+
+def test_gemm_epilogues_do_not_spill_in_any_config(subset):
+    recs = _triton(subset[1], "gemm_kernel", "preset B")
+    assert {r["constexprs"]["EPILOGUE"] for r in recs} == {2, 3}
+    for r in recs:
+        assert r["spill_bytes"] == 0 and r["stack_bytes"] == 0, r
+
+
+def test_ema_moves_16_bytes_per_access(subset):
+    for r in _triton(subset[1], "_ema_kernel", "preset B"):
+        assert r["vector_ldst"]["ld128"] > 0 and r["vector_ldst"]["st128"] > 0, r
+
+
+def test_cuda_ema_is_in_the_subset(subset):
+    recs = [r for r in subset[1] if r["backend"] == "cuda"]
+    assert {r["kernel"] for r in recs} == {"ema_kernel"} and len(recs) == 5
+    assert all(r["regs"] > 0 for r in recs)
