@@ -510,10 +510,12 @@ __global__ void __launch_bounds__(256) delta_kernel(const T* __restrict__ o,
   if (lane == 0) delta[row] = acc;
 }
 
+// Query rows per iteration: 16 at D = 128 keeps the kernel at 168 registers (3 blocks per SM, was
+// 230 with 32: 2 blocks), at the cost of reloading the K/V fragments for half as many queries.
 template <int D>
 struct DkdvCfg {
-  static constexpr int kBN = 64;                 // keys per block (16 per warp)
-  static constexpr int kBM = D <= 64 ? 64 : 32;  // query rows per iteration
+  static constexpr int kBN = 64;  // keys per block (16 per warp)
+  static constexpr int kBM = D <= 64 ? 64 : D <= 96 ? 32 : 16;
   static constexpr int S = D + 8;
   // K, V; two stages of Q, dO, lse * log2(e), delta; the key tile's token positions
   static constexpr int kSmem = (2 * kBN + 4 * kBM) * S * 2 + 4 * kBM * 4 + kBN * 4;
@@ -686,9 +688,9 @@ struct DqCfg {
 };
 
 // 4 blocks per SM (at most 128 registers, as before the second K/V stage): unbounded, ptxas took
-// 136-160 (3 blocks) at D <= 80 and spilled at D = 96.
+// 136-160 (3 blocks) and spilled at D = 96, which gets 3 (128 spilled it on sm_80).
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads, 4) dq_kernel(const Params p) {
+__global__ void __launch_bounds__(kThreads, D == 96 ? 3 : 4) dq_kernel(const Params p) {
   using Cfg = DqCfg<D>;
   constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, S = Cfg::S;
   extern __shared__ __align__(16) unsigned char smem_raw[];

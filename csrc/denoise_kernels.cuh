@@ -64,12 +64,11 @@ constexpr int kLnWarps = 8;          // rows per block in the forward (one per w
 constexpr int kLnBwdRows = 64;       // rows per block in the backward = partial-sum granularity
 constexpr int kLnMaxChunks = 8;      // largest register-resident chunk count (NC)
 
-// Blocks per SM (of 256 threads) the forward is compiled for, i.e. its register cap (40, 48, 80,
-// 128): left to itself ptxas aimed at 64 registers and spilled the cached row at NC = 4 and 6
-// (W = 1024 / 1536 in 16-bit: the B and H heads) and at NC = 0; NC = 1, 2, 8 keep the counts
-// they had (40, 48, 127).
+// Blocks per SM (of 256 threads) the forward is compiled for, i.e. its register cap (40, 48, 64,
+// 80, 128): left to itself ptxas aimed at 64 registers and spilled the cached row at NC = 4 and 6
+// (W = 1024 / 1536 in 16-bit: the B and H heads) and at NC = 0 on sm_90, at NC = 2 on sm_80.
 constexpr int ln_fwd_min_blocks(int nc) {
-  return nc == 1 ? 6 : nc == 0 || nc == 2 ? 5 : nc <= 4 ? 3 : 2;
+  return nc == 1 ? 6 : nc == 0 ? 5 : nc == 2 ? 4 : nc <= 4 ? 3 : 2;
 }
 
 // NC > 0: the lane's chunks are unrolled and the row (forward) or the d(ln_w), d(ln_b)
