@@ -116,13 +116,20 @@ def cuda_unavailable_reason(op: str, device: torch.device):
         return f"the tensors are on {device.type}, the CUDA kernels need them on a GPU"
     if not gpu_available():
         return "no CUDA GPU is visible"
-    archs = parse_archs(getattr(ext, "cuda_archs", ""))
-    if archs:
-        cap = device_info(device)["capability"]
-        if not _arch_runs(archs, cap):
-            return (f"djepa._C was built for {','.join(archs)}, which has no code for this GPU "
-                    f"(sm_{cap[0]}{cap[1]}); rebuild with DJEPA_CUDA_ARCHS including {cap[0]}{cap[1]}")
-    return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _arch_reason(getattr(ext, "cuda_archs", ""), index)
+
+
+@functools.lru_cache(maxsize=None)
+def _arch_reason(cuda_archs, index):
+    archs = parse_archs(cuda_archs)
+    if not archs:
+        return None
+    cap = device_info(torch.device("cuda", index))["capability"]
+    if _arch_runs(archs, cap):
+        return None
+    return (f"djepa._C was built for {','.join(archs)}, which has no code for this GPU "
+            f"(sm_{cap[0]}{cap[1]}); rebuild with DJEPA_CUDA_ARCHS including {cap[0]}{cap[1]}")
 
 
 def triton_unavailable_reason(op: str, device: torch.device):

@@ -479,9 +479,11 @@ def gpu_timer(fn, backend=None, case=None) -> float:
     triton.testing.do_bench (which also clears L2 between calls), else CUDA events."""
     try:
         fn()
-    except ValueError as exc:
+        torch.cuda.synchronize()
+    except ValueError as exc:  # the op's own refusal: this backend does not serve the case
         raise Unserved(str(exc)) from None
-    torch.cuda.synchronize()
+    except RuntimeError as exc:  # a failing launch: recorded, and the other backends still timed
+        raise Unserved(f"failed: {exc}") from None
     try:
         from triton.testing import do_bench
 

@@ -655,7 +655,9 @@ def test_cuda_runs_on_the_tensors_gpu_when_another_is_current():
     torch.cuda.set_device(0)
     q, k, v, mask = _inputs(2, 2, 70, 90, 64, torch.bfloat16, "cuda:1")
     side = torch.cuda.Stream(device="cuda:1")
-    with torch.cuda.stream(side):  # a non-default stream of cuda:1: the kernels must use it
+    with torch.cuda.stream(side):  # side becomes cuda:1's current stream (and cuda:1 current) ...
+        torch.cuda.set_device(0)  # ... then cuda:0 is made current again, as in a user's program
+        assert torch.cuda.current_device() == 0 and torch.cuda.current_stream(1) == side
         check_against_reference(q, k, v, mask, "cuda")
+        assert torch.cuda.current_device() == 0
     torch.cuda.synchronize(1)
-    assert torch.cuda.current_device() == 0
