@@ -8,11 +8,18 @@
 // dense (all Nk keys, identity order). A sample with no visible key gets o = 0, lse = 0 and
 // zero gradients.
 //
-// Work split (each warp owns 16 rows of the tile it computes, so no cross-warp reductions):
-//   fwd      : one block per 64 query rows; loop over key tiles; online softmax in registers.
+// Work split (each warp owns whole rows of the tile it computes, so no cross-warp reductions):
+//   fwd      : one block per 128 query rows, 32 per warp (two m16 tiles, so every K/V fragment
+//              loaded with ldmatrix feeds four mma: FlashAttention-2's shared-memory traffic per
+//              FLOP); loop over key tiles; online softmax in registers, base 2, the scale folded
+//              into one FFMA before ex2.approx.ftz.
 //   bwd delta: delta = rowsum(dO * O), one warp per row.
-//   bwd dk/dv: one block per 64 compacted keys; loop over all query tiles.
-//   bwd dq   : one block per 64 query rows; loop over the visible key tiles.
+//   bwd dk/dv: one block per 64 compacted keys, 16 per warp; loop over all query tiles, the next
+//              Q/dO tile (and its lse/delta) loading while the current one is computed.
+//   bwd dq   : one block per 64 query rows, 16 per warp; loop over the visible key tiles, the
+//              next K/V tile loading while the current one is computed.
+// Gathered K/V tiles: the tile's token positions are read from kv_index once, one tile ahead
+// (a register, then shared memory), so each 16-byte cp.async issues without a dependent load.
 //
 // Fragment layouts of mma.m16n8k16 (g = lane / 4, c = lane % 4), used throughout:
 //   A 16x16: a0 = A[g][2c..2c+1], a1 = A[g+8][2c..], a2 = A[g][2c+8..], a3 = A[g+8][2c+8..]
@@ -58,7 +65,7 @@ void run_bwd(const Params& p, cudaStream_t stream) {
   delta_kernel<T><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(
       static_cast<const T*>(p.o), static_cast<const T*>(p.dout), p.delta, rows, D);
   check_launch("masked_attention_bwd (delta_kernel)");
-  {
+  if (p.Nk > 0) {  // with no key there is no dk/dv row to write
     using Cfg = DkdvCfg<D>;
     dim3 grid((p.Nk + Cfg::kBN - 1) / Cfg::kBN, p.H, p.B);
     launch(dkdv_kernel<T, D>, grid, dim3(kThreads), Cfg::kSmem, stream, p,
@@ -121,16 +128,17 @@ Params make_params(const char* fn, std::uintptr_t q, std::uintptr_t k, std::uint
   if (D != 32 && D != 64 && D != 80 && D != 96 && D != 128) {
     bad_arg(fn, "unsupported head dim " + str(D) + " (supported: 32, 64, 80, 96, 128)");
   }
-  if (B < 1 || H < 1 || Nq < 1 || Nk < 1) {
-    bad_arg(fn, "sizes must be >= 1, got B=" + str(B) + " H=" + str(H) + " Nq=" + str(Nq) +
+  if (B < 1 || H < 1 || Nq < 1 || Nk < 0) {
+    bad_arg(fn, "sizes must be >= 1 (Nk >= 0), got B=" + str(B) + " H=" + str(H) + " Nq=" + str(Nq) +
                     " Nk=" + str(Nk));
   }
+  if (Nk == 0) kv_index = kv_count = 0;  // no key: every row gets zeros (empty k, v may be null)
   if (B > 65535 || H > 65535) bad_arg(fn, "B and H must be <= 65535 (grid limits)");
   if (Nq > INT_MAX / 2 || Nk > INT_MAX / 2) bad_arg(fn, "sequence length too large");
   if (q_strides.size() != 3 || k_strides.size() != 3 || v_strides.size() != 3) {
     bad_arg(fn, "q_strides, k_strides and v_strides must each hold 3 ints (batch, head, token)");
   }
-  if (!q || !k || !v) bad_arg(fn, "q, k and v must be non-null device pointers");
+  if (!q || (Nk > 0 && (!k || !v))) bad_arg(fn, "q, k and v must be non-null device pointers");
   if ((kv_index == 0) != (kv_count == 0)) {
     bad_arg(fn, "kv_index and kv_count must both be given (masked) or both be 0 (dense)");
   }
@@ -176,13 +184,14 @@ void masked_attention_fwd(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, 
                           std::vector<int64_t> v_strides, double scale, int dtype,
                           std::uintptr_t stream) {
   const char* fn = "masked_attention_fwd";
-  require_device(fn);
+  const int devices = require_device(fn);
   Params p = make_params(fn, q, k, v, kv_index, kv_count, B, H, Nq, Nk, D, q_strides, k_strides,
                          v_strides, scale, dtype);
   if (!o || !lse) bad_arg(fn, "o and lse must be non-null device pointers");
   if (!aligned(o, 4) || !aligned(lse, 4)) bad_arg(fn, "o and lse must be 4-byte aligned");
   p.o = reinterpret_cast<void*>(o);
   p.lse = as_ptr<float>(lse);
+  DeviceGuard guard(p.q, devices, fn);
   dispatch<false>(p, static_cast<int>(D), dtype, as_stream(stream));
 }
 
@@ -194,10 +203,10 @@ void masked_attention_bwd(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, 
                           std::vector<int64_t> k_strides, std::vector<int64_t> v_strides,
                           double scale, int dtype, std::uintptr_t stream) {
   const char* fn = "masked_attention_bwd";
-  require_device(fn);
+  const int devices = require_device(fn);
   Params p = make_params(fn, q, k, v, kv_index, kv_count, B, H, Nq, Nk, D, q_strides, k_strides,
                          v_strides, scale, dtype);
-  if (!o || !dout || !lse || !dq || !dk || !dv || !delta) {
+  if (!o || !dout || !lse || !dq || !delta || (Nk > 0 && (!dk || !dv))) {
     bad_arg(fn, "o, do, lse, dq, dk, dv and delta must be non-null device pointers");
   }
   if (!aligned(o, 2) || !aligned(dout, 2) || !aligned(lse, 4) || !aligned(delta, 4)) {
@@ -214,6 +223,7 @@ void masked_attention_bwd(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, 
   p.dk = reinterpret_cast<void*>(dk);
   p.dv = reinterpret_cast<void*>(dv);
   p.vec_ok = p.vec_ok && aligned(dout, 16);
+  DeviceGuard guard(p.q, devices, fn);
   dispatch<true>(p, static_cast<int>(D), dtype, as_stream(stream));
 }
 

@@ -80,6 +80,13 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
                : "memory");
 }
 
+// 2^x with subnormal results flushed to zero (MUFU.EX2 without the denormal fix-up of exp2f).
+__device__ __forceinline__ float exp2_ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 template <typename T>
 __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
                                          uint32_t b1) {
@@ -173,32 +180,66 @@ __device__ __forceinline__ void mma_rows_by_rows_t(float (&acc)[N / 8][4], const
   }
 }
 
-// Copies ROWS rows of D elements into smem (row stride D + 8). Tile row r is row j = row0 + r
-// of the (compacted) sequence; rows with j >= limit are zero-filled. `index`, when given, maps
-// j to the token position n (the gather of visible keys).
-template <typename T, int D, int ROWS>
-__device__ __forceinline__ void load_tile(T* tile, const T* base, long long stride_n,
-                                          const int* index, int row0, int limit, bool vec_ok) {
+// Copies ROWS rows of D elements into smem (row stride D + 8): tile row r is row row_of(r) of
+// `base` (row stride stride_n elements), or zeros where row_of(r) < 0. Every thread issues a
+// fixed set of 16-byte copies (cp.async when vec_ok, else scalar loads). Not unrolled: the loads
+// are issued while a tile's scores and accumulators are live, and unrolling cost the forward
+// 8-40 registers (nvcc 13, sm_90a); row_of is a shared-memory read, not a global one.
+template <typename T, int D, int ROWS, typename RowOf>
+__device__ __forceinline__ void copy_rows(T* tile, const T* base, long long stride_n, bool vec_ok,
+                                          RowOf row_of) {
   constexpr int kChunks = D / 8;  // 16-byte chunks per row
   constexpr int S = D + 8;
-  for (int i = threadIdx.x; i < ROWS * kChunks; i += kThreads) {
-    const int r = i / kChunks;
-    const int col = (i % kChunks) * 8;
-    const int j = row0 + r;
-    T* dst = tile + r * S + col;
-    if (j < limit) {
-      const long long n = index ? __ldg(index + j) : j;
-      const T* src = base + n * stride_n + col;
-      if (vec_ok) {
-        cp_async16(dst, src);
-      } else {
+  constexpr int kTotal = ROWS * kChunks;
+  constexpr int kIters = (kTotal + kThreads - 1) / kThreads;
+#pragma unroll 1
+  for (int it = 0; it < kIters; ++it) {
+    const int i = threadIdx.x + it * kThreads;
+    if (kTotal % kThreads == 0 || i < kTotal) {
+      const int r = i / kChunks;
+      const int col = (i % kChunks) * 8;
+      const long long n = row_of(r);
+      T* dst = tile + r * S + col;
+      if (n >= 0) {
+        const T* src = base + n * stride_n + col;
+        if (vec_ok) {
+          cp_async16(dst, src);
+        } else {
 #pragma unroll
-        for (int e = 0; e < 8; ++e) dst[e] = src[e];
+          for (int e = 0; e < 8; ++e) dst[e] = src[e];
+        }
+      } else {
+        *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
       }
-    } else {
-      *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
     }
   }
+}
+
+// Rows row0 .. row0 + ROWS - 1 of a row-contiguous sequence (Q, dO); rows >= limit are zeros.
+template <typename T, int D, int ROWS>
+__device__ __forceinline__ void load_tile(T* tile, const T* base, long long stride_n, int row0,
+                                          int limit, bool vec_ok) {
+  copy_rows<T, D, ROWS>(tile, base, stride_n, vec_ok,
+                        [&](int r) { return row0 + r < limit ? (long long)(row0 + r) : -1LL; });
+}
+
+// K/V tile rows at token positions pos[r] (shared memory; -1 = zeros), resolved once per tile.
+template <typename T, int D, int ROWS>
+__device__ __forceinline__ void load_gathered(T* tile, const T* base, long long stride_n,
+                                              const int* pos, bool vec_ok) {
+  copy_rows<T, D, ROWS>(tile, base, stride_n, vec_ok, [&](int r) { return (long long)pos[r]; });
+}
+
+// Thread r < ROWS: the token position of row r of the key tile starting at compacted row row0
+// (kv_index[row0 + r], or row0 + r when dense), -1 past the visible keys. Threads load it one
+// tile ahead into a register and store it to shared memory a tile later, so the gather never
+// waits on an index load.
+template <int ROWS>
+__device__ __forceinline__ int key_position(const int* index, int row0, int count) {
+  static_assert(ROWS <= kThreads, "one thread per tile row");
+  const int j = row0 + static_cast<int>(threadIdx.x);
+  if (static_cast<int>(threadIdx.x) >= ROWS || j >= count) return -1;
+  return index ? __ldg(index + j) : j;
 }
 
 __device__ __forceinline__ int visible_count(const Params& p, int b) {
@@ -206,25 +247,108 @@ __device__ __forceinline__ int visible_count(const Params& p, int b) {
   return min(max(p.kv_count[b], 0), p.Nk);
 }
 
+template <bool kMax>
+__device__ __forceinline__ float extreme(float a, float b) {
+  return kMax ? fmaxf(a, b) : fminf(a, b);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Forward
 
+// Rows per warp, keys per tile and where Q lives follow the registers ptxas reports for sm_90a
+// (tools/check_cu.sh): 32 rows per warp everywhere (LDSM:HMMA 1:4 with Q in registers, 1:2.7
+// with Q reloaded from smem, against 1:2 at 16 rows), 32 keys per tile (64 pushed D >= 64 to
+// 227-255 registers, with spills at D >= 80), Q in registers up to D = 64 (beyond, 219-255).
 template <int D>
 struct FwdCfg {
-  static constexpr int kBM = 64;  // query rows per block
-  static constexpr int kBN = 64;  // keys per iteration
-  static constexpr int S = D + 8;  // smem row stride: conflict-free fragment loads
-  static constexpr int kSmem = (kBM + 2 * kBN) * S * 2;
+  static constexpr int kMT = 2;             // 16-row m-tiles per warp: each K/V fragment feeds 2 rows of mma
+  static constexpr int kBM = 4 * 16 * kMT;  // query rows per block (4 warps)
+  static constexpr int kBN = 32;            // keys per iteration
+  static constexpr bool kQRegs = D <= 64;   // Q fragments held in registers (else reloaded from smem)
+  static constexpr int S = D + 8;           // smem row stride: conflict-free fragment loads
+  static constexpr int kSmem = (kBM + 2 * kBN) * S * 2 + 2 * kBN * 4;
 };
+
+// acc[mt][16 x D] += A[mt] (16 x 16) * tile[k0 .. k0+15][0 .. D-1] for kMT m-tiles: each B
+// fragment (transposed ldmatrix of the row-major tile) is loaded once and used kMT times.
+template <typename T, int D, int S, int kMT>
+__device__ __forceinline__ void mma_tiles_by_rows(float (&acc)[kMT][D / 8][4],
+                                                  const uint32_t (&a)[kMT][4], const T* tile,
+                                                  int k0, int lane) {
+  const T* base = tile + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * S + (lane >> 4) * 8;
+#pragma unroll
+  for (int dn = 0; dn < D / 16; ++dn) {
+    uint32_t b[4];
+    ldmatrix_x4_trans(b, base + dn * 16);
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt) {
+      mma16816<T>(acc[mt][2 * dn], a[mt], b[0], b[1]);
+      mma16816<T>(acc[mt][2 * dn + 1], a[mt], b[2], b[3]);
+    }
+  }
+}
+
+// Online softmax of one tile of scores s (raw q.k, not yet scaled), in base 2: the running max
+// is kept scaled (m = max_j s_j * scale * log2 e) and p = 2^(s * scale_log2 - m) is one FFMA and
+// one ex2.approx.ftz per score. kPosScale: scale >= 0 (the max of the scaled scores is the
+// scaled max of the raw ones; for a negative scale, the scaled min). Keys >= count are masked.
+template <typename T, int D, int kBN, int kMT, bool kPosScale>
+__device__ __forceinline__ void softmax_tile(float (&s)[kMT][kBN / 8][4], float (&acc)[kMT][D / 8][4],
+                                             float (&row_max)[kMT][2], float (&row_sum)[kMT][2],
+                                             float sl2, int kv0, int count, int c) {
+  const bool partial = kv0 + kBN > count;
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt) {
+    float ext[2] = {kPosScale ? -INFINITY : INFINITY, kPosScale ? -INFINITY : INFINITY};
+#pragma unroll
+    for (int j = 0; j < kBN / 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const bool ok = !partial || kv0 + j * 8 + 2 * c + (e & 1) < count;
+        if (ok) ext[e >> 1] = extreme<kPosScale>(ext[e >> 1], s[mt][j][e]);
+      }
+    }
+    float alpha[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      ext[r] = extreme<kPosScale>(ext[r], __shfl_xor_sync(0xffffffffu, ext[r], 1));
+      ext[r] = extreme<kPosScale>(ext[r], __shfl_xor_sync(0xffffffffu, ext[r], 2));
+      // Every processed tile has a visible key (kv0 < count), so the scaled extreme is finite.
+      const float new_max = fmaxf(row_max[mt][r], ext[r] * sl2);
+      alpha[r] = exp2_ftz(row_max[mt][r] - new_max);
+      row_max[mt][r] = new_max;
+      row_sum[mt][r] *= alpha[r];
+    }
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      acc[mt][n][0] *= alpha[0];
+      acc[mt][n][1] *= alpha[0];
+      acc[mt][n][2] *= alpha[1];
+      acc[mt][n][3] *= alpha[1];
+    }
+#pragma unroll
+    for (int j = 0; j < kBN / 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const bool ok = !partial || kv0 + j * 8 + 2 * c + (e & 1) < count;
+        const float pr = ok ? exp2_ftz(fmaf(s[mt][j][e], sl2, -row_max[mt][e >> 1])) : 0.f;
+        s[mt][j][e] = pr;
+        row_sum[mt][e >> 1] += pr;
+      }
+    }
+  }
+}
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) fwd_kernel(const Params p) {
   using Cfg = FwdCfg<D>;
-  constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, S = Cfg::S;
+  constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, S = Cfg::S, kMT = Cfg::kMT;
+  constexpr bool kQRegs = Cfg::kQRegs;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
   T* sK = sQ + kBM * S;
   T* sV = sK + kBN * S;
+  int* sPos = reinterpret_cast<int*>(sV + kBN * S);  // [2][kBN] key positions, by tile parity
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, c = lane & 3;
@@ -236,127 +360,132 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const Params p) {
   const T* kb = static_cast<const T*>(p.k) + b * p.ks[0] + h * p.ks[1];
   const T* vb = static_cast<const T*>(p.v) + b * p.vs[0] + h * p.vs[1];
   const int n_tiles = (count + kBN - 1) / kBN;
+  const int r0 = warp * 16 * kMT;      // this warp's first row in the block
+  const bool active = m0 + r0 < p.Nq;  // warps wholly past the last query only help load
 
+  if (threadIdx.x < kBN) sPos[threadIdx.x] = key_position<kBN>(index, 0, count);
+  int pos_next = key_position<kBN>(index, kBN, count);  // tile 1, stored in iteration 0
   // Groups in flight: Q, K0, V0; afterwards always K(t+1) then V(t+1) (possibly empty groups).
-  load_tile<T, D, kBM>(sQ, qb, p.qs[2], nullptr, m0, p.Nq, p.vec_ok);
+  load_tile<T, D, kBM>(sQ, qb, p.qs[2], m0, p.Nq, p.vec_ok);
   cp_async_commit();
-  if (n_tiles > 0) load_tile<T, D, kBN>(sK, kb, p.ks[2], index, 0, count, p.vec_ok);
+  __syncthreads();  // sPos[0]
+  if (n_tiles > 0) load_gathered<T, D, kBN>(sK, kb, p.ks[2], sPos, p.vec_ok);
   cp_async_commit();
-  if (n_tiles > 0) load_tile<T, D, kBN>(sV, vb, p.vs[2], index, 0, count, p.vec_ok);
+  if (n_tiles > 0) load_gathered<T, D, kBN>(sV, vb, p.vs[2], sPos, p.vec_ok);
   cp_async_commit();
   cp_async_wait<2>();
   __syncthreads();
 
-  const int r0 = warp * 16;
-  uint32_t qf[D / 16][4];
+  uint32_t qf[kQRegs ? kMT : 1][kQRegs ? D / 16 : 1][4];
+  if constexpr (kQRegs) {
 #pragma unroll
-  for (int ks = 0; ks < D / 16; ++ks) load_a<S>(qf[ks], sQ, r0, ks * 16, lane);
+    for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+      for (int ks = 0; ks < D / 16; ++ks) load_a<S>(qf[mt][ks], sQ, r0 + 16 * mt, ks * 16, lane);
+  }
 
-  float acc[D / 8][4];
+  float acc[kMT][D / 8][4];
+  // Rows g and g + 8 of each m-tile: running max (scaled, base 2) and this lane's share of the
+  // running sum (the quad's four shares are added at the end).
+  float row_max[kMT][2], row_sum[kMT][2];
 #pragma unroll
-  for (int n = 0; n < D / 8; ++n)
+  for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
-    for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
-  // Rows g and g + 8 of this warp's 16: running max (base-2 units) and this lane's share of
-  // the running sum (the quad's four shares are added at the end).
-  float row_max[2] = {-INFINITY, -INFINITY};
-  float row_sum[2] = {0.f, 0.f};
+    for (int n = 0; n < D / 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[mt][n][e] = 0.f;
+    row_max[mt][0] = row_max[mt][1] = -INFINITY;
+    row_sum[mt][0] = row_sum[mt][1] = 0.f;
+  }
 
   for (int t = 0; t < n_tiles; ++t) {
     cp_async_wait<1>();
     __syncthreads();  // K(t) visible to all
+    // Positions of tile t + 1 (read by its loads after the next barrier); fetch tile t + 2's.
+    if (threadIdx.x < kBN) sPos[((t + 1) & 1) * kBN + threadIdx.x] = pos_next;
+    pos_next = key_position<kBN>(index, (t + 2) * kBN, count);
 
-    float s[kBN / 8][4];
+    float s[kMT][kBN / 8][4];
+    if (active) {
 #pragma unroll
-    for (int j = 0; j < kBN / 8; ++j)
+      for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) s[j][e] = 0.f;
+        for (int j = 0; j < kBN / 8; ++j)
 #pragma unroll
-    for (int ks = 0; ks < D / 16; ++ks) {
+          for (int e = 0; e < 4; ++e) s[mt][j][e] = 0.f;
 #pragma unroll
-      for (int j = 0; j < kBN / 8; j += 2) {
-        uint32_t kf[4];
-        load_b_pair<S>(kf, sK, j * 8, ks * 16, lane);
-        mma16816<T>(s[j], qf[ks], kf[0], kf[1]);
-        mma16816<T>(s[j + 1], qf[ks], kf[2], kf[3]);
+      for (int ks = 0; ks < D / 16; ++ks) {
+        uint32_t a[kMT][4];
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+          if constexpr (kQRegs) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) a[mt][i] = qf[mt][ks][i];
+          } else {
+            load_a<S>(a[mt], sQ, r0 + 16 * mt, ks * 16, lane);
+          }
+        }
+#pragma unroll
+        for (int j = 0; j < kBN / 8; j += 2) {
+          uint32_t kf[4];
+          load_b_pair<S>(kf, sK, j * 8, ks * 16, lane);
+#pragma unroll
+          for (int mt = 0; mt < kMT; ++mt) {
+            mma16816<T>(s[mt][j], a[mt], kf[0], kf[1]);
+            mma16816<T>(s[mt][j + 1], a[mt], kf[2], kf[3]);
+          }
+        }
       }
     }
 
     cp_async_wait<0>();
     __syncthreads();  // V(t) visible to all; every warp is done reading K(t)
-    if (t + 1 < n_tiles) load_tile<T, D, kBN>(sK, kb, p.ks[2], index, (t + 1) * kBN, count, p.vec_ok);
+    if (t + 1 < n_tiles) load_gathered<T, D, kBN>(sK, kb, p.ks[2], sPos + ((t + 1) & 1) * kBN, p.vec_ok);
     cp_async_commit();
 
-    const int kv0 = t * kBN;
-    float tile_max[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-    for (int j = 0; j < kBN / 8; ++j) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const bool ok = kv0 + j * 8 + 2 * c + (e & 1) < count;
-        s[j][e] = ok ? s[j][e] * p.scale_log2 : -INFINITY;
-        tile_max[e >> 1] = fmaxf(tile_max[e >> 1], s[j][e]);
+    if (active) {
+      const int kv0 = t * kBN;
+      if (p.scale_log2 >= 0.f) {
+        softmax_tile<T, D, kBN, kMT, true>(s, acc, row_max, row_sum, p.scale_log2, kv0, count, c);
+      } else {
+        softmax_tile<T, D, kBN, kMT, false>(s, acc, row_max, row_sum, p.scale_log2, kv0, count, c);
       }
-    }
-    float alpha[2], ref[2];
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
-      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
-      const float new_max = fmaxf(row_max[r], tile_max[r]);
-      // Every processed tile has a visible key (kv0 < count), so new_max is finite; the guard
-      // keeps exp2 away from (-inf) - (-inf) anyway.
-      ref[r] = new_max == -INFINITY ? 0.f : new_max;
-      alpha[r] = exp2f(row_max[r] - ref[r]);
-      row_max[r] = new_max;
-      row_sum[r] *= alpha[r];
-    }
+      for (int kk = 0; kk < kBN / 16; ++kk) {
+        uint32_t a[kMT][4];
 #pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-      acc[n][0] *= alpha[0];
-      acc[n][1] *= alpha[0];
-      acc[n][2] *= alpha[1];
-      acc[n][3] *= alpha[1];
-    }
-#pragma unroll
-    for (int j = 0; j < kBN / 8; ++j) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        s[j][e] = exp2f(s[j][e] - ref[e >> 1]);
-        row_sum[e >> 1] += s[j][e];
+        for (int mt = 0; mt < kMT; ++mt) c_to_a<T>(a[mt], s[mt][2 * kk], s[mt][2 * kk + 1]);
+        mma_tiles_by_rows<T, D, S, kMT>(acc, a, sV, kk * 16, lane);
       }
-    }
-
-#pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk) {
-      uint32_t a[4];
-      c_to_a<T>(a, s[2 * kk], s[2 * kk + 1]);
-      mma_a_by_rows<T, D, S>(acc, a, sV, kk * 16, lane);
     }
 
     __syncthreads();  // every warp is done reading V(t)
-    if (t + 1 < n_tiles) load_tile<T, D, kBN>(sV, vb, p.vs[2], index, (t + 1) * kBN, count, p.vec_ok);
+    if (t + 1 < n_tiles) load_gathered<T, D, kBN>(sV, vb, p.vs[2], sPos + ((t + 1) & 1) * kBN, p.vec_ok);
     cp_async_commit();
   }
 
+  if (!active) return;
   const long long row_base = (static_cast<long long>(b) * p.H + h) * p.Nq;
   T* ob = static_cast<T*>(p.o);
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float l = row_sum[r];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-    const float lse = l > 0.f ? row_max[r] * kLn2 + logf(l) : 0.f;
-    const int row = m0 + r0 + g + 8 * r;
-    if (row < p.Nq) {
-      T* orow = ob + (row_base + row) * D + 2 * c;
+  for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
-      for (int n = 0; n < D / 8; ++n) {
-        *reinterpret_cast<uint32_t*>(orow + n * 8) =
-            pack2<T>(acc[n][2 * r] * inv, acc[n][2 * r + 1] * inv);
+    for (int r = 0; r < 2; ++r) {
+      float l = row_sum[mt][r];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      const float lse = l > 0.f ? row_max[mt][r] * kLn2 + logf(l) : 0.f;
+      const int row = m0 + r0 + 16 * mt + g + 8 * r;
+      if (row < p.Nq) {
+        T* orow = ob + (row_base + row) * D + 2 * c;
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) {
+          *reinterpret_cast<uint32_t*>(orow + n * 8) =
+              pack2<T>(acc[mt][n][2 * r] * inv, acc[mt][n][2 * r + 1] * inv);
+        }
+        if (c == 0) p.lse[row_base + row] = lse;
       }
-      if (c == 0) p.lse[row_base + row] = lse;
     }
   }
 }
@@ -381,12 +510,15 @@ __global__ void __launch_bounds__(256) delta_kernel(const T* __restrict__ o,
   if (lane == 0) delta[row] = acc;
 }
 
+// Query rows per iteration: 16 at D = 128 keeps the kernel at 168 registers (3 blocks per SM, was
+// 230 with 32: 2 blocks), at the cost of reloading the K/V fragments for half as many queries.
 template <int D>
 struct DkdvCfg {
-  static constexpr int kBN = 64;               // keys per block (16 per warp)
-  static constexpr int kBM = D <= 64 ? 64 : 32;  // query rows per iteration
+  static constexpr int kBN = 64;  // keys per block (16 per warp)
+  static constexpr int kBM = D <= 64 ? 64 : D <= 96 ? 32 : 16;
   static constexpr int S = D + 8;
-  static constexpr int kSmem = (2 * kBN + 2 * kBM) * S * 2 + 2 * kBM * 4;
+  // K, V; two stages of Q, dO, lse * log2(e), delta; the key tile's token positions
+  static constexpr int kSmem = (2 * kBN + 4 * kBM) * S * 2 + 4 * kBM * 4 + kBN * 4;
 };
 
 template <typename T, int D>
@@ -396,10 +528,11 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const Params p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sK = reinterpret_cast<T*>(smem_raw);
   T* sV = sK + kBN * S;
-  T* sQ = sV + kBN * S;
-  T* sdO = sQ + kBM * S;
-  float* sLse = reinterpret_cast<float*>(sdO + kBM * S);  // lse * log2(e)
-  float* sDelta = sLse + kBM;
+  T* sQ = sV + kBN * S;       // [2][kBM * S]
+  T* sdO = sQ + 2 * kBM * S;  // [2][kBM * S]
+  float* sLse = reinterpret_cast<float*>(sdO + 2 * kBM * S);  // [2][kBM], lse * log2(e)
+  float* sDelta = sLse + 2 * kBM;                              // [2][kBM]
+  int* sRow = reinterpret_cast<int*>(sDelta + 2 * kBM);        // [kBN] token position, -1 past Nk
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, c = lane & 3;
@@ -411,14 +544,19 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const Params p) {
   T* dkb = static_cast<T*>(p.dk) + kv_row_base * D;
   T* dvb = static_cast<T*>(p.dv) + kv_row_base * D;
 
+  if (threadIdx.x < kBN) {
+    const int j = n0 + threadIdx.x;
+    sRow[threadIdx.x] = j < p.Nk ? (index ? __ldg(index + j) : j) : -1;
+  }
+  __syncthreads();
+
   if (n0 >= count) {
     // Only invisible keys here: their gradient rows are zero. kv_index is a permutation of
     // 0..Nk-1, so together with the visible tiles every dk/dv row is written exactly once.
     constexpr int kChunks = D / 8;
     for (int i = threadIdx.x; i < kBN * kChunks; i += kThreads) {
-      const int j = n0 + i / kChunks;
-      if (j >= p.Nk) break;
-      const long long n = index ? index[j] : j;
+      const long long n = sRow[i / kChunks];
+      if (n < 0) break;
       const int col = (i % kChunks) * 8;
       *reinterpret_cast<uint4*>(dkb + n * D + col) = make_uint4(0u, 0u, 0u, 0u);
       *reinterpret_cast<uint4*>(dvb + n * D + col) = make_uint4(0u, 0u, 0u, 0u);
@@ -434,9 +572,30 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const Params p) {
   const float* lseb = p.lse + q_row_base;
   const float* deltab = p.delta + q_row_base;
 
-  load_tile<T, D, kBN>(sK, kb, p.ks[2], index, n0, count, p.vec_ok);
-  load_tile<T, D, kBN>(sV, vb, p.vs[2], index, n0, count, p.vec_ok);
+  auto key_row = [&](int r) { return n0 + r < count ? (long long)sRow[r] : -1LL; };
+  copy_rows<T, D, kBN>(sK, kb, p.ks[2], p.vec_ok, key_row);
+  copy_rows<T, D, kBN>(sV, vb, p.vs[2], p.vec_ok, key_row);
   cp_async_commit();
+
+  // lse / delta of query tile mt, read into registers one tile before they are stored.
+  auto row_stats = [&](int mt, float& l2, float& dl) {
+    const int row = mt * kBM + static_cast<int>(threadIdx.x);
+    const bool ok = threadIdx.x < kBM && row < p.Nq;
+    l2 = ok ? lseb[row] * kLog2e : 0.f;
+    dl = ok ? deltab[row] : 0.f;
+  };
+  const int m_tiles = (p.Nq + kBM - 1) / kBM;
+  float lse_next, delta_next;
+  row_stats(0, lse_next, delta_next);
+  // Groups: K+V, then one per query tile (Q, dO), issued one tile ahead.
+  load_tile<T, D, kBM>(sQ, qb, p.qs[2], 0, p.Nq, p.vec_ok);
+  load_tile<T, D, kBM>(sdO, dob, D, 0, p.Nq, p.vec_ok);
+  cp_async_commit();
+  if (threadIdx.x < kBM) {
+    sLse[threadIdx.x] = lse_next;
+    sDelta[threadIdx.x] = delta_next;
+  }
+  row_stats(1, lse_next, delta_next);
 
   const int r0 = warp * 16;  // this warp's 16 keys within the tile
   const bool key_ok[2] = {n0 + r0 + g < count, n0 + r0 + g + 8 < count};
@@ -446,19 +605,26 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const Params p) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk[n][e] = dv[n][e] = 0.f;
 
-  const int m_tiles = (p.Nq + kBM - 1) / kBM;
   for (int mt = 0; mt < m_tiles; ++mt) {
     const int m0 = mt * kBM;
-    load_tile<T, D, kBM>(sQ, qb, p.qs[2], nullptr, m0, p.Nq, p.vec_ok);
-    load_tile<T, D, kBM>(sdO, dob, D, nullptr, m0, p.Nq, p.vec_ok);
-    cp_async_commit();
-    for (int i = threadIdx.x; i < kBM; i += kThreads) {
-      const bool ok = m0 + i < p.Nq;
-      sLse[i] = ok ? lseb[m0 + i] * kLog2e : 0.f;
-      sDelta[i] = ok ? deltab[m0 + i] : 0.f;
+    const int cur = mt & 1, nxt = cur ^ 1;
+    // The next stage was last read in iteration mt - 1, which ended with a barrier.
+    if (mt + 1 < m_tiles) {
+      load_tile<T, D, kBM>(sQ + nxt * kBM * S, qb, p.qs[2], m0 + kBM, p.Nq, p.vec_ok);
+      load_tile<T, D, kBM>(sdO + nxt * kBM * S, dob, D, m0 + kBM, p.Nq, p.vec_ok);
+      if (threadIdx.x < kBM) {
+        sLse[nxt * kBM + threadIdx.x] = lse_next;
+        sDelta[nxt * kBM + threadIdx.x] = delta_next;
+      }
+      row_stats(mt + 2, lse_next, delta_next);
     }
-    cp_async_wait<0>();
-    __syncthreads();
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();  // K, V and query tile mt visible to all
+    const T* q_t = sQ + cur * kBM * S;
+    const T* do_t = sdO + cur * kBM * S;
+    const float* lse_t = sLse + cur * kBM;
+    const float* delta_t = sDelta + cur * kBM;
 
     // Transposed scores: st = K Q^T and dpt = V dO^T, this warp's 16 keys x kBM queries.
     float st[kBM / 8][4], dpt[kBM / 8][4];
@@ -466,8 +632,8 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const Params p) {
     for (int j = 0; j < kBM / 8; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) st[j][e] = dpt[j][e] = 0.f;
-    mma_rows_by_rows_t<T, D, S, kBM>(st, sK, r0, sQ, lane);
-    mma_rows_by_rows_t<T, D, S, kBM>(dpt, sV, r0, sdO, lane);
+    mma_rows_by_rows_t<T, D, S, kBM>(st, sK, r0, q_t, lane);
+    mma_rows_by_rows_t<T, D, S, kBM>(dpt, sV, r0, do_t, lane);
 
     // st <- P^T = exp(scale * s - lse), dpt <- dS^T = P^T * (dP^T - delta)
 #pragma unroll
@@ -476,9 +642,9 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const Params p) {
       for (int e = 0; e < 4; ++e) {
         const int qc = j * 8 + 2 * c + (e & 1);
         const bool ok = key_ok[e >> 1] && m0 + qc < p.Nq;
-        const float pr = ok ? exp2f(st[j][e] * p.scale_log2 - sLse[qc]) : 0.f;
+        const float pr = ok ? exp2_ftz(fmaf(st[j][e], p.scale_log2, -lse_t[qc])) : 0.f;
         st[j][e] = pr;
-        dpt[j][e] = pr * (dpt[j][e] - sDelta[qc]);
+        dpt[j][e] = pr * (dpt[j][e] - delta_t[qc]);
       }
     }
 
@@ -487,18 +653,17 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const Params p) {
     for (int kk = 0; kk < kBM / 16; ++kk) {
       uint32_t a[4];
       c_to_a<T>(a, st[2 * kk], st[2 * kk + 1]);
-      mma_a_by_rows<T, D, S>(dv, a, sdO, kk * 16, lane);
+      mma_a_by_rows<T, D, S>(dv, a, do_t, kk * 16, lane);
       c_to_a<T>(a, dpt[2 * kk], dpt[2 * kk + 1]);
-      mma_a_by_rows<T, D, S>(dk, a, sQ, kk * 16, lane);
+      mma_a_by_rows<T, D, S>(dk, a, q_t, kk * 16, lane);
     }
-    __syncthreads();  // before the next tile overwrites sQ / sdO / sLse / sDelta
+    __syncthreads();  // every warp is done with stage cur before iteration mt + 1 refills it
   }
 
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const int j = n0 + r0 + g + 8 * r;
-    if (j < p.Nk) {
-      const long long n = index ? index[j] : j;
+    const long long n = sRow[r0 + g + 8 * r];
+    if (n >= 0) {
       const bool ok = key_ok[r];
       T* dkr = dkb + n * D + 2 * c;
       T* dvr = dvb + n * D + 2 * c;
@@ -518,18 +683,22 @@ struct DqCfg {
   static constexpr int kBM = 64;                 // query rows per block (16 per warp)
   static constexpr int kBN = D <= 64 ? 64 : 32;  // keys per iteration
   static constexpr int S = D + 8;
-  static constexpr int kSmem = (2 * kBM + 2 * kBN) * S * 2;
+  // Q, dO; two stages of K, V; key positions by tile parity
+  static constexpr int kSmem = (2 * kBM + 4 * kBN) * S * 2 + 2 * kBN * 4;
 };
 
+// 4 blocks per SM (at most 128 registers, as before the second K/V stage): unbounded, ptxas took
+// 136-160 (3 blocks) and spilled at D = 96, which gets 3 (128 spilled it on sm_80).
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) dq_kernel(const Params p) {
+__global__ void __launch_bounds__(kThreads, D == 96 ? 3 : 4) dq_kernel(const Params p) {
   using Cfg = DqCfg<D>;
   constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, S = Cfg::S;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
   T* sdO = sQ + kBM * S;
-  T* sK = sdO + kBM * S;
-  T* sV = sK + kBN * S;
+  T* sK = sdO + kBM * S;     // [2][kBN * S]
+  T* sV = sK + 2 * kBN * S;  // [2][kBN * S]
+  int* sPos = reinterpret_cast<int*>(sV + 2 * kBN * S);  // [2][kBN]
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, c = lane & 3;
@@ -559,44 +728,63 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const Params p) {
     for (int e = 0; e < 4; ++e) dq[n][e] = 0.f;
 
   if (n_tiles > 0) {
-    load_tile<T, D, kBM>(sQ, qb, p.qs[2], nullptr, m0, p.Nq, p.vec_ok);
-    load_tile<T, D, kBM>(sdO, dob, D, nullptr, m0, p.Nq, p.vec_ok);
-    cp_async_commit();
-  }
-  for (int t = 0; t < n_tiles; ++t) {
-    const int kv0 = t * kBN;
-    load_tile<T, D, kBN>(sK, kb, p.ks[2], index, kv0, count, p.vec_ok);
-    load_tile<T, D, kBN>(sV, vb, p.vs[2], index, kv0, count, p.vec_ok);
-    cp_async_commit();
-    cp_async_wait<0>();
-    __syncthreads();
+    // Positions: tiles 0 and 1 in shared memory, tile 2 in a register; iteration t stores tile
+    // t + 2's into the parity slot of tile t (whose loads every thread issued before its first
+    // barrier), read by iteration t + 1's loads after the barrier that ends iteration t.
+    if (threadIdx.x < kBN) {
+      sPos[threadIdx.x] = key_position<kBN>(index, 0, count);
+      sPos[kBN + threadIdx.x] = key_position<kBN>(index, kBN, count);
+    }
+    int pos_next = key_position<kBN>(index, 2 * kBN, count);
+    load_tile<T, D, kBM>(sQ, qb, p.qs[2], m0, p.Nq, p.vec_ok);
+    load_tile<T, D, kBM>(sdO, dob, D, m0, p.Nq, p.vec_ok);
+    __syncthreads();  // sPos
+    load_gathered<T, D, kBN>(sK, kb, p.ks[2], sPos, p.vec_ok);
+    load_gathered<T, D, kBN>(sV, vb, p.vs[2], sPos, p.vec_ok);
+    cp_async_commit();  // Q, dO, K0, V0; then one group per key tile, issued one tile ahead
 
-    float s[kBN / 8][4], dp[kBN / 8][4];
-#pragma unroll
-    for (int j = 0; j < kBN / 8; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[j][e] = dp[j][e] = 0.f;
-    mma_rows_by_rows_t<T, D, S, kBN>(s, sQ, r0, sK, lane);
-    mma_rows_by_rows_t<T, D, S, kBN>(dp, sdO, r0, sV, lane);
-
-    // dp <- dS = P * (dP - delta)
-#pragma unroll
-    for (int j = 0; j < kBN / 8; ++j) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const bool ok = kv0 + j * 8 + 2 * c + (e & 1) < count;
-        const float pr = ok ? exp2f(s[j][e] * p.scale_log2 - lse2[e >> 1]) : 0.f;
-        dp[j][e] = pr * (dp[j][e] - delta[e >> 1]);
+    for (int t = 0; t < n_tiles; ++t) {
+      const int kv0 = t * kBN;
+      const int cur = t & 1, nxt = cur ^ 1;
+      if (t + 1 < n_tiles) {  // stage nxt was last read in iteration t - 1 (ended by a barrier)
+        load_gathered<T, D, kBN>(sK + nxt * kBN * S, kb, p.ks[2], sPos + nxt * kBN, p.vec_ok);
+        load_gathered<T, D, kBN>(sV + nxt * kBN * S, vb, p.vs[2], sPos + nxt * kBN, p.vec_ok);
       }
-    }
-    // dQ += dS K
+      cp_async_commit();
+      cp_async_wait<1>();
+      __syncthreads();  // key tile t visible to all; every thread is past its loads of tile t + 1
+      if (threadIdx.x < kBN) sPos[cur * kBN + threadIdx.x] = pos_next;  // tile t + 2
+      pos_next = key_position<kBN>(index, (t + 3) * kBN, count);
+      const T* k_t = sK + cur * kBN * S;
+      const T* v_t = sV + cur * kBN * S;
+
+      float s[kBN / 8][4], dp[kBN / 8][4];
 #pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk) {
-      uint32_t a[4];
-      c_to_a<T>(a, dp[2 * kk], dp[2 * kk + 1]);
-      mma_a_by_rows<T, D, S>(dq, a, sK, kk * 16, lane);
+      for (int j = 0; j < kBN / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[j][e] = dp[j][e] = 0.f;
+      mma_rows_by_rows_t<T, D, S, kBN>(s, sQ, r0, k_t, lane);
+      mma_rows_by_rows_t<T, D, S, kBN>(dp, sdO, r0, v_t, lane);
+
+      // dp <- dS = P * (dP - delta)
+#pragma unroll
+      for (int j = 0; j < kBN / 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const bool ok = kv0 + j * 8 + 2 * c + (e & 1) < count;
+          const float pr = ok ? exp2_ftz(fmaf(s[j][e], p.scale_log2, -lse2[e >> 1])) : 0.f;
+          dp[j][e] = pr * (dp[j][e] - delta[e >> 1]);
+        }
+      }
+      // dQ += dS K
+#pragma unroll
+      for (int kk = 0; kk < kBN / 16; ++kk) {
+        uint32_t a[4];
+        c_to_a<T>(a, dp[2 * kk], dp[2 * kk + 1]);
+        mma_a_by_rows<T, D, S>(dq, a, k_t, kk * 16, lane);
+      }
+      __syncthreads();  // every warp is done with stage cur (and sPos slot cur is written)
     }
-    __syncthreads();  // before the next tile overwrites sK / sV
   }
 
   T* dqb = static_cast<T*>(p.dq) + q_row_base * D;

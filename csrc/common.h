@@ -47,8 +47,8 @@ struct Registrar {
 
 #define DJEPA_REGISTER(fn) static ::djepa::Registrar djepa_registrar_##fn(#fn, fn)
 
-// Raises RuntimeError (never aborts) when no usable GPU is visible.
-inline void require_device(const char* what) {
+// Raises RuntimeError (never aborts) when no usable GPU is visible; returns the device count.
+inline int require_device(const char* what) {
   int count = 0;
   cudaError_t err = cudaGetDeviceCount(&count);
   if (err != cudaSuccess) {
@@ -60,6 +60,7 @@ inline void require_device(const char* what) {
   if (count == 0) {
     throw std::runtime_error(std::string("djepa._C.") + what + ": no CUDA device is visible");
   }
+  return count;
 }
 
 inline void check_cuda(cudaError_t err, const char* what) {
@@ -68,6 +69,35 @@ inline void check_cuda(cudaError_t err, const char* what) {
     throw std::runtime_error(std::string("djepa._C.") + what + ": " + cudaGetErrorString(err));
   }
 }
+
+// Makes the GPU that owns device pointer `ptr` current while it lives and restores the previous
+// device after, so launches (on the stream the caller passed, which belongs to that GPU) and
+// cudaFuncSetAttribute apply to the tensors' GPU whatever device was current. With one visible
+// GPU (or a null / host pointer) it does nothing. djepa.ops also enters the tensors' device
+// before calling in; this covers direct callers of djepa._C.
+class DeviceGuard {
+ public:
+  DeviceGuard(const void* ptr, int device_count, const char* what) {
+    if (device_count < 2 || ptr == nullptr) return;
+    cudaPointerAttributes attr{};
+    check_cuda(cudaPointerGetAttributes(&attr, ptr), what);
+    if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged) return;
+    check_cuda(cudaGetDevice(&previous_), what);
+    if (attr.device != previous_) {
+      check_cuda(cudaSetDevice(attr.device), what);
+      switched_ = true;
+    }
+  }
+  ~DeviceGuard() {
+    if (switched_) cudaSetDevice(previous_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = 0;
+  bool switched_ = false;
+};
 
 // Call right after a launch: turns a launch error into an exception naming the kernel.
 inline void check_launch(const char* kernel) { check_cuda(cudaGetLastError(), kernel); }

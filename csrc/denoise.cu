@@ -8,7 +8,9 @@
 //    ldmatrix (.trans for operands stored MN-major), fused epilogues (bias, SiLU, gate+residual,
 //    SiLU backward, float32 output). Any M, N, K: tiles are masked; the cp.async fast path needs
 //    an operand's contiguous extent to be a multiple of 8 and its pointer 16-byte aligned,
-//    otherwise that operand is staged with scalar loads (correct, slower).
+//    otherwise that operand is staged with scalar loads (correct, slower). Weight gradients
+//    (float32 out, no epilogue) can split K over gridDim.z (gemm_splits picks the count from the
+//    GPU's SMs) with a deterministic in-order reduction of the partial products.
 //  * denoise_update: the elementwise tail of one reverse step (CFG mix, x0/posterior mean,
 //    learned-range variance, temperature-scaled noise).
 //
@@ -87,7 +89,7 @@ void adaln_modulate_fwd(std::uintptr_t x, std::uintptr_t mod, std::uintptr_t ln_
                         std::uintptr_t ln_b, std::uintptr_t h, std::uintptr_t stats, int64_t M,
                         int64_t W, double eps, int dtype, std::uintptr_t stream, int64_t mod_ld) {
   const char* what = "adaln_modulate_fwd";
-  require_device(what);
+  const int devices = require_device(what);
   check_sizes(what, M, W);
   if (mod_ld == 0) mod_ld = 3 * W;
   if (mod_ld < 2 * W) {
@@ -100,6 +102,7 @@ void adaln_modulate_fwd(std::uintptr_t x, std::uintptr_t mod, std::uintptr_t ln_
   require_ptr(what, "h", h);
   LnArgs a{x, mod, ln_w, ln_b, h, stats, 0, 0, 0, 0, 0, int(M), int(W), mod_ld, float(eps),
            as_stream(stream)};
+  DeviceGuard guard(reinterpret_cast<const void*>(x), devices, what);
   auto vec_ok = [&](int V) {
     return aligned16(x) && aligned16(mod) && aligned16(h) && aligned16(ln_w) && aligned16(ln_b) &&
            mod_ld % V == 0;
@@ -120,7 +123,7 @@ void adaln_modulate_bwd(std::uintptr_t x, std::uintptr_t mod, std::uintptr_t ln_
                         std::uintptr_t dln_b_partial, int64_t M, int64_t W, int dtype,
                         std::uintptr_t stream) {
   const char* what = "adaln_modulate_bwd";
-  require_device(what);
+  const int devices = require_device(what);
   check_sizes(what, M, W);
   if (M == 0) return;
   for (auto [name, p] : {std::pair<const char*, std::uintptr_t>{"x", x}, {"mod", mod},
@@ -133,6 +136,7 @@ void adaln_modulate_bwd(std::uintptr_t x, std::uintptr_t mod, std::uintptr_t ln_
   if (ln_w) require_ptr(what, "dln_w_partial", dw);
   LnArgs a{x, mod, ln_w, ln_b, 0, stats, dh, dx, dmod, dw, db, int(M), int(W), 3 * W, 0.f,
            as_stream(stream)};
+  DeviceGuard guard(reinterpret_cast<const void*>(x), devices, what);
   auto vec_ok = [&](int) {
     return aligned16(x) && aligned16(mod) && aligned16(ln_w) && aligned16(ln_b) &&
            aligned16(dh) && aligned16(dx) && aligned16(dmod);
@@ -157,17 +161,41 @@ void launch_gemm(const GemmParams& p, bool a_trans, bool b_trans, cudaStream_t s
   auto kernel = pick();
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kGemmSmem),
              "gemm (shared memory size)");
-  dim3 grid((p.N + kBN - 1) / kBN, (p.M + kBM - 1) / kBM);
+  dim3 grid((p.N + kBN - 1) / kBN, (p.M + kBM - 1) / kBM, p.splits);
   kernel<<<grid, kGemmThreads, kGemmSmem, stream>>>(p);
   check_launch("gemm");
+  if (p.splits > 1) {
+    const int64_t n = int64_t(p.M) * p.N;
+    const bool vec = n % 4 == 0 && reinterpret_cast<std::uintptr_t>(p.c) % 16 == 0 &&
+                     reinterpret_cast<std::uintptr_t>(p.workspace) % 16 == 0;
+    const int64_t blocks = std::min<int64_t>((n / (vec ? 4 : 1) + 255) / 256, 4096);
+    splitk_reduce_kernel<<<unsigned(blocks), 256, 0, stream>>>(static_cast<float*>(p.c), p.workspace, n,
+                                                               p.splits - 1, vec);
+    check_launch("gemm (splitk_reduce_kernel)");
+  }
+}
+
+int current_sms(const char* what) {
+  int dev = 0, sms = 0;
+  check_cuda(cudaGetDevice(&dev), what);
+  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), what);
+  return sms;
+}
+
+int gemm_splits(int64_t M, int64_t N, int64_t K, int epilogue, bool has_bias, int sms) {
+  if (sms <= 0) {
+    require_device("gemm_splits");
+    sms = current_sms("gemm_splits");
+  }
+  return split_k_for(M, N, K, epilogue, has_bias, sms);
 }
 
 void gemm(std::uintptr_t a, std::uintptr_t b, std::uintptr_t c, std::uintptr_t bias, int64_t M,
           int64_t N, int64_t K, int a_trans, int b_trans, int epilogue, std::uintptr_t aux1,
           std::uintptr_t aux2, std::uintptr_t aux_out, int dtype, std::uintptr_t stream,
-          int64_t aux2_ld) {
+          int64_t aux2_ld, std::uintptr_t workspace, int splits) {
   const char* what = "gemm";
-  require_device(what);
+  const int devices = require_device(what);
   auto bad = [&](const std::string& msg) {
     throw std::invalid_argument(std::string("djepa._C.gemm: ") + msg);
   };
@@ -194,6 +222,21 @@ void gemm(std::uintptr_t a, std::uintptr_t b, std::uintptr_t c, std::uintptr_t b
   }
   if (ep == kEpSiluBwd) require_ptr(what, "aux1 (pre-activation)", aux1);
   if (ep == kEpNone || ep == kEpSiluBwd) aux_out = 0;  // nothing to save for these epilogues
+  if (splits < 1 || splits > 65535) bad("splits=" + std::to_string(splits) + " must be in [1, 65535]");
+  const int64_t ktiles = (K + kBK - 1) / kBK;
+  int per = 0;
+  if (splits > 1) {
+    if (epilogue != kEpF32 || bias) {
+      bad("split-K needs a float32 output with no epilogue and no bias (epilogue=16, bias=0)");
+    }
+    require_ptr(what, "workspace (splits > 1)", workspace);
+    if (workspace % 4) bad("workspace must be 4-byte aligned float32");
+    per = int((ktiles + splits - 1) / splits);
+    if (int64_t(per) * (splits - 1) >= ktiles) {
+      bad("splits=" + std::to_string(splits) + " leaves a split without k-tiles for K=" +
+          std::to_string(K) + " (use gemm_splits)");
+    }
+  }
 
   const int out_bytes = (epilogue & kEpF32) ? 4 : 2;
   GemmParams p{};
@@ -216,6 +259,10 @@ void gemm(std::uintptr_t a, std::uintptr_t b, std::uintptr_t c, std::uintptr_t b
   p.b_fast = aligned16(b) && b_cont % 8 == 0;
   p.pair_ok = N % 2 == 0 && c % (2 * out_bytes) == 0 && aux_out % (2 * out_bytes) == 0 &&
               aux1 % 4 == 0 && bias % 4 == 0;
+  p.splits = splits;
+  p.ktiles_per_split = per;
+  p.workspace = as_ptr<float>(workspace);
+  DeviceGuard guard(p.c, devices, what);
   cudaStream_t s = as_stream(stream);
   if (dtype == kFloat16) {
     launch_gemm<__half>(p, a_trans, b_trans, s);
@@ -297,7 +344,11 @@ void register_denoise(py::module_& m) {
         "c = epilogue(op(a) @ op(b) + bias), tensor cores, fp16/bf16 in, fp32 accumulate",
         arg("a"), arg("b"), arg("c"), arg("bias"), arg("M"), arg("N"), arg("K"), arg("a_trans"),
         arg("b_trans"), arg("epilogue"), arg("aux1"), arg("aux2"), arg("aux_out"), arg("dtype"),
-        arg("stream"), arg("aux2_ld") = 0);
+        arg("stream"), arg("aux2_ld") = 0, arg("workspace") = 0, arg("splits") = 1);
+  m.def("gemm_splits", &gemm_splits,
+        "How many K splits gemm should run for this call (1 = none) on the current GPU, or on a "
+        "GPU with `sms` multiprocessors; splits > 1 needs a float32 workspace of (splits - 1) * M * N",
+        arg("M"), arg("N"), arg("K"), arg("epilogue"), arg("has_bias") = false, arg("sms") = 0);
   m.def("denoise_update", &denoise_update,
         "Elementwise tail of one reverse-diffusion step (CFG, posterior mean, learned variance, "
         "noise); cfg_scale points to one float32 on the device",

@@ -4,6 +4,7 @@
 // an emulator to define, so tools/denoise_emulate.cpp runs these exact kernels on the CPU.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
@@ -63,10 +64,17 @@ constexpr int kLnWarps = 8;          // rows per block in the forward (one per w
 constexpr int kLnBwdRows = 64;       // rows per block in the backward = partial-sum granularity
 constexpr int kLnMaxChunks = 8;      // largest register-resident chunk count (NC)
 
+// Blocks per SM (of 256 threads) the forward is compiled for, i.e. its register cap (40, 48, 64,
+// 80, 128): left to itself ptxas aimed at 64 registers and spilled the cached row at NC = 4 and 6
+// (W = 1024 / 1536 in 16-bit: the B and H heads) and at NC = 0 on sm_90, at NC = 2 on sm_80.
+constexpr int ln_fwd_min_blocks(int nc) {
+  return nc == 1 ? 6 : nc == 0 ? 5 : nc == 2 ? 4 : nc <= 4 ? 3 : 2;
+}
+
 // NC > 0: the lane's chunks are unrolled and the row (forward) or the d(ln_w), d(ln_b)
 // accumulators (backward) live in registers. NC == 0: any W, runtime chunk loop, nothing cached.
 template <typename T, int VEC, int NC>
-__global__ void __launch_bounds__(kLnWarps * 32)
+__global__ void __launch_bounds__(kLnWarps * 32, ln_fwd_min_blocks(NC))
     adaln_fwd_kernel(const T* __restrict__ x, const T* __restrict__ mod, const T* __restrict__ ln_w,
                      const T* __restrict__ ln_b, T* __restrict__ h, float* __restrict__ stats,
                      int M, int W, int64_t mod_ld, float eps) {
@@ -294,6 +302,12 @@ struct GemmParams {
   int epilogue;
   bool a_fast, b_fast;  // cp.async path allowed for the operand
   bool pair_ok;         // c / aux_out / aux1 may be accessed two elements at a time
+  // Split-K (float32 output, no epilogue, no bias: the weight gradients): block z sums k-tiles
+  // [z * ktiles_per_split, (z + 1) * ktiles_per_split) into c (z = 0) or workspace[z - 1]
+  // ([M, N] float32 each); splitk_reduce_kernel then adds the workspace into c in order.
+  int splits;
+  int ktiles_per_split;
+  float* workspace;
 };
 
 #ifndef DJEPA_DENOISE_EMULATE
@@ -301,14 +315,19 @@ __device__ __forceinline__ unsigned smem_u32(const void* p) {
   return static_cast<unsigned>(__cvta_generic_to_shared(p));
 }
 
+// The "memory" clobbers keep the compiler from moving shared-memory reads and writes across
+// the copy, the wait and the fragment loads (it cannot see that the asm touches shared memory).
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
-               "r"(src_bytes));
+               "r"(src_bytes)
+               : "memory");
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
 template <bool TRANS>
@@ -316,11 +335,13 @@ __device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* p) {
   if constexpr (TRANS) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_u32(p)));
+                 : "r"(smem_u32(p))
+                 : "memory");
   } else {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_u32(p)));
+                 : "r"(smem_u32(p))
+                 : "memory");
   }
 }
 
@@ -448,11 +469,14 @@ __global__ void __launch_bounds__(kGemmThreads, 2) gemm_kernel(const GemmParams 
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
 
-  const int ktiles = (K + kBK - 1) / kBK;
+  // This block's k-tiles: all of them, or its split's share.
+  const int kt_all = (K + kBK - 1) / kBK;
+  const int kt0 = p.splits > 1 ? blockIdx.z * p.ktiles_per_split : 0;
+  const int ktiles = p.splits > 1 ? min(kt_all - kt0, p.ktiles_per_split) : kt_all;
   auto load_stage = [&](int stage, int kt) {
     T* sA = smem + stage * 2 * kTileElems;
-    load_tile<T, A_K>(sA, A, M, K, bm0, kt * kBK, p.a_fast, tid);
-    load_tile<T, B_K>(sA + kTileElems, B, N, K, bn0, kt * kBK, p.b_fast, tid);
+    load_tile<T, A_K>(sA, A, M, K, bm0, (kt0 + kt) * kBK, p.a_fast, tid);
+    load_tile<T, B_K>(sA + kTileElems, B, N, K, bn0, (kt0 + kt) * kBK, p.b_fast, tid);
   };
 
 #pragma unroll
@@ -517,6 +541,7 @@ __global__ void __launch_bounds__(kGemmThreads, 2) gemm_kernel(const GemmParams 
   // g and g + 8 and columns 2t, 2t + 1 of each 16x8 tile.
   const int ep = p.epilogue & 15;
   const bool f32 = (p.epilogue & kEpF32) != 0;
+  void* out = blockIdx.z == 0 ? p.c : p.workspace + int64_t(blockIdx.z - 1) * M * N;
   const T* bias = static_cast<const T*>(p.bias);
   const T* aux1 = static_cast<const T*>(p.aux1);
   const T* aux2 = static_cast<const T*>(p.aux2);
@@ -556,10 +581,54 @@ __global__ void __launch_bounds__(kGemmThreads, 2) gemm_kernel(const GemmParams 
           o0 = y0 * s0 * (1.f + p0 * (1.f - s0));
           o1 = y1 * s1 * (1.f + p1 * (1.f - s1));
         }
-        store_pair<T>(p.c, f32, idx, o0, o1, two, p.pair_ok);
+        store_pair<T>(out, f32, idx, o0, o1, two, p.pair_ok);
         if (p.aux_out) store_pair<T>(p.aux_out, f32, idx, y0, y1, two, p.pair_ok);
       }
     }
+  }
+}
+
+// Split-K only where it cannot change the result's rounding order across runs and pays: a
+// float32 output with no epilogue and no bias (the weight gradients dW = dY^T X, whose M = N =
+// W tiles are few, e.g. 64 at W = 1024, against K = tokens), and fewer output tiles than the
+// GPU has block slots (2 per SM: __launch_bounds__(kGemmThreads, 2)). Each split keeps >= 8
+// k-tiles (256 of K) so the pipeline stays full; the split count fills at most one wave.
+inline int split_k_for(int64_t M, int64_t N, int64_t K, int epilogue, bool has_bias, int sms) {
+  if (epilogue != kEpF32 || has_bias || M <= 0 || N <= 0 || K <= 0 || sms <= 0) return 1;
+  const int64_t tiles = ((M + kBM - 1) / kBM) * ((N + kBN - 1) / kBN);
+  const int64_t slots = 2 * int64_t(sms);
+  const int64_t ktiles = (K + kBK - 1) / kBK;
+  int64_t splits = std::min<int64_t>({slots / tiles, ktiles / 8, 16});
+  if (splits <= 1) return 1;
+  const int64_t per = (ktiles + splits - 1) / splits;
+  return int((ktiles + per - 1) / per);  // no empty split
+}
+
+// c[i] += workspace[0][i] + workspace[1][i] + ... (parts [n] float32 slices, fixed order: the
+// split-K result is the same bits on every run).
+__global__ void __launch_bounds__(256) splitk_reduce_kernel(float* __restrict__ c,
+                                                            const float* __restrict__ ws,
+                                                            int64_t n, int parts, bool vec) {
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  if (vec) {  // c and ws 16-byte aligned, n % 4 == 0 (so is every slice)
+    const int64_t n4 = n / 4;
+    for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n4; i += stride) {
+      float4 acc = reinterpret_cast<const float4*>(c)[i];
+      for (int s = 0; s < parts; ++s) {
+        const float4 w = reinterpret_cast<const float4*>(ws + int64_t(s) * n)[i];
+        acc.x += w.x;
+        acc.y += w.y;
+        acc.z += w.z;
+        acc.w += w.w;
+      }
+      reinterpret_cast<float4*>(c)[i] = acc;
+    }
+    return;
+  }
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    float acc = c[i];
+    for (int s = 0; s < parts; ++s) acc += ws[int64_t(s) * n + i];
+    c[i] = acc;
   }
 }
 

@@ -88,7 +88,9 @@ void ema_update(const std::vector<std::uintptr_t>& ema_ptrs, const std::vector<s
     throw std::invalid_argument(std::string("djepa._C.ema_update: unsupported dtype pair (EMA ") +
                                 dtype_name(ema_dtype) + ", tensor " + dtype_name(x_dtype) + ")");
   }
-  require_device("ema_update");
+  const int devices = require_device("ema_update");
+  DeviceGuard guard(ema_ptrs.empty() ? nullptr : reinterpret_cast<const void*>(ema_ptrs[0]), devices,
+                    "ema_update");
   const float* dptr = reinterpret_cast<const float*>(decay_ptr);
   const cudaStream_t s = as_stream(stream);
   size_t pos = 0;

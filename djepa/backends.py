@@ -1,6 +1,12 @@
-"""What this machine can run: the CUDA extension, a GPU, Triton, the Triton interpreter.
+"""What this machine can run: the CUDA extension, a GPU, Triton, the Triton interpreter, and
+what `backend="auto"` picks for each op there, and why.
 
-`describe()` (and `djepa info`) prints it all, with the reason for anything unavailable.
+`auto` on a GPU follows, in this order: a tuning table measured on this GPU with these versions
+(`djepa tune`, see djepa/tune.py), then the static rule: for matmul-bound ops a tensor-core path
+native to the arch (wgmma on sm_90) before an mma.sync one, and djepa._C before Triton where both
+use the same instructions or the op is memory-bound. A backend that cannot serve a call is skipped;
+eager comes last. `describe()` (and `djepa info`) prints it all, with the reason for anything
+unavailable and the rule that chose each op's backend.
 """
 import functools
 import importlib
@@ -47,6 +53,31 @@ def parse_archs(text: str) -> list:
 
 def gpu_available() -> bool:
     return torch.cuda.is_available()
+
+
+def device_info(device: torch.device) -> dict:
+    """name, capability (major, minor) and SM count of the GPU `device` is on."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    props = torch.cuda.get_device_properties(index)
+    return {"name": props.name, "capability": (props.major, props.minor),
+            "sms": props.multi_processor_count}
+
+
+def _arch_runs(archs, capability) -> bool:
+    """Whether a _C built for `archs` ("80", "90a", ...) has code for a GPU of `capability`:
+    SASS of the same major (not newer), PTX of an older arch (JIT-compiled; CMake embeds it for
+    every arch), or an arch-specific "a" build for exactly this capability."""
+    cc = capability[0] * 10 + capability[1]
+    for arch in archs:
+        digits = arch.rstrip("af")
+        if not digits.isdigit():
+            continue
+        if arch.endswith(("a", "f")):
+            if int(digits) == cc:
+                return True
+        elif int(digits) <= cc:
+            return True
+    return False
 
 
 @functools.lru_cache(maxsize=None)
@@ -102,7 +133,20 @@ def cuda_unavailable_reason(op: str, device: torch.device):
         return f"the tensors are on {device.type}, the CUDA kernels need them on a GPU"
     if not gpu_available():
         return "no CUDA GPU is visible"
-    return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _arch_reason(getattr(cuda_extension(), "cuda_archs", ""), index)
+
+
+@functools.lru_cache(maxsize=None)
+def _arch_reason(cuda_archs, index):
+    archs = parse_archs(cuda_archs)
+    if not archs:
+        return None
+    cap = device_info(torch.device("cuda", index))["capability"]
+    if _arch_runs(archs, cap):
+        return None
+    return (f"djepa._C was built for {','.join(archs)}, which has no code for this GPU "
+            f"(sm_{cap[0]}{cap[1]}); rebuild with DJEPA_CUDA_ARCHS including {cap[0]}{cap[1]}")
 
 
 def triton_unavailable_reason(op: str, device: torch.device):
@@ -121,14 +165,88 @@ def triton_unavailable_reason(op: str, device: torch.device):
     return f"Triton does not run on {device.type} tensors"
 
 
+# Ops whose time goes to tensor-core matmuls (the rest, EMA, are bound by memory bandwidth).
+MATMUL_BOUND = frozenset({"masked_attention", "adaln_block", "denoise_step"})
+
+
+def triton_mma(capability) -> str:
+    """The tensor-core instruction Triton's tl.dot compiles to (fp16/bf16) on `capability`."""
+    return {9: "wgmma", 10: "tcgen05"}.get(capability[0], "mma.sync")
+
+
+def cuda_mma(op: str, capability) -> str:
+    """The tensor-core instruction djepa._C's kernels of `op` use on `capability`: mma.sync,
+    unless the extension lists the op in `wgmma_ops` (its Hopper kernels) and runs sm_90a code."""
+    ext = cuda_extension()
+    if (ext is not None and tuple(capability) == (9, 0) and op in getattr(ext, "wgmma_ops", ())
+            and "90a" in parse_archs(getattr(ext, "cuda_archs", ""))):
+        return "wgmma"
+    return "mma.sync"
+
+
+def static_rule(op: str, device: torch.device):
+    """(backend order, why) of the static rule for `op` on `device` (no measurement)."""
+    if device.type != "cuda":
+        return ("eager",), f"the tensors are on {device.type}: eager (the kernels run on a GPU)"
+    cap = tuple(device_info(device)["capability"])
+    sm = f"sm_{cap[0]}{cap[1]}"
+    if op not in MATMUL_BOUND:
+        return ("cuda", "triton", "eager"), f"static rule, {sm}: memory-bound op, djepa._C first, then Triton"
+    tri, cu = triton_mma(cap), cuda_mma(op, cap)
+    if tri != "mma.sync" and cu == "mma.sync":
+        return ("triton", "cuda", "eager"), (
+            f"static rule, {sm}: matmul-bound op; Triton's tl.dot emits {tri}, djepa._C's kernels are "
+            f"mma.sync: Triton first")
+    return ("cuda", "triton", "eager"), (
+        f"static rule, {sm}: matmul-bound op; djepa._C uses {cu}, Triton {tri}: djepa._C first")
+
+
+_AUTO_CACHE = {}
+
+
+def reset_caches():
+    """Forget cached tuning tables and auto decisions (after writing a table, or in tests)."""
+    from djepa import tune
+
+    _AUTO_CACHE.clear()
+    tune.reset()
+
+
+def auto_order(op: str, device: torch.device, dtype=None, bucket=None):
+    """(backend order, why) that backend="auto" tries for one call of `op` on `device`.
+
+    dtype: the call's dtype (torch.dtype or its name); bucket: its shape bucket
+    (djepa.tune.bucket(op, ...), or a function returning it, called only when a tuning table for
+    this GPU is active). Without both, or without a measurement near the bucket, the static rule.
+    """
+    if device.type != "cuda":
+        return static_rule(op, device)
+    from djepa import tune
+
+    table = tune.active_table(device)
+    if table is None or dtype is None or bucket is None:
+        key = (op, device, None, None, None)
+    else:
+        if callable(bucket):
+            bucket = bucket()
+        key = (op, device, tune.dtype_name(dtype), tuple(bucket), id(table))
+    hit = _AUTO_CACHE.get(key)
+    if hit is None:
+        order, why = static_rule(op, device)
+        if key[2] is not None:
+            entry, dist = table.lookup(op, key[2], key[3])
+            if entry is not None:
+                order, why = tune.order_from_entry(entry, order), tune.explain(table, entry, dist)
+        hit = _AUTO_CACHE[key] = (order, why)
+    return hit
+
+
 def auto_backend(op: str, device: torch.device) -> str:
     """What backend='auto' picks for `op` on `device`, before any case-specific limit."""
-    if device.type == "cuda":
-        if cuda_unavailable_reason(op, device) is None:
-            return "cuda"
-        if triton_unavailable_reason(op, device) is None:
-            return "triton"
-    return "eager"
+    order, _ = auto_order(op, device)
+    why = {"cuda": cuda_unavailable_reason(op, device), "triton": triton_unavailable_reason(op, device),
+           "eager": None}
+    return next(b for b in order if why[b] is None) if device.type == "cuda" else "eager"
 
 
 def describe() -> str:
@@ -155,16 +273,40 @@ def describe() -> str:
     else:
         lines.append("gpu          none visible (torch.cuda.is_available() is False)")
     lines.append(f"default      backend={default_backend()} (DJEPA_BACKEND)")
-    device = torch.device("cuda") if gpu_available() else torch.device("cpu")
-    lines.append(f"ops on {device.type}:")
+    device = torch.device("cuda", torch.cuda.current_device()) if gpu_available() else torch.device("cpu")
+    lines.extend(_describe_ops(device))
+    return "\n".join(lines)
+
+
+def _describe_ops(device):
+    from djepa import tune
+
+    head = f"ops on {device}"
+    if device.type == "cuda":
+        info = device_info(device)
+        head += f" ({info['name']}, sm_{info['capability'][0]}{info['capability'][1]})"
+    lines = [head + ":"]
+    table = None
+    if device.type == "cuda":
+        table = tune.active_table(device)
+        lines.append("  tuning     " + tune.describe_tables(device))
     for op in OPS:
-        lines.append(f"  {op:18s} auto -> {auto_backend(op, device)}")
+        _, rule = static_rule(op, device)
+        lines.append(f"  {op:18s} auto -> {auto_backend(op, device)}  [{rule}]")
+        if table is not None:
+            rows = table.rows(op)
+            if rows:
+                lines.append(f"    tuned   {len(rows)} measured bucket(s) follow the table, the rest the "
+                             f"nearest measured bucket (or the static rule when none is near):")
+                lines.extend(f"      {row}" for row in rows)
+            else:
+                lines.append("    tuned   the table has no measurement of this op: the static rule applies")
         for name, reason in (
             ("cuda", cuda_unavailable_reason(op, device)),
             ("triton", triton_unavailable_reason(op, device)),
         ):
             lines.append(f"    {name:7s} {'available' if reason is None else 'unavailable: ' + reason}")
-    return "\n".join(lines)
+    return lines
 
 
 def _djepa_version():

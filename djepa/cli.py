@@ -1,4 +1,4 @@
-"""`djepa train | sample | eval | bench | info` (also `python -m djepa`, and under torchrun).
+"""`djepa train | sample | eval | bench | info | tune` (also `python -m djepa`, and under torchrun).
 
 Mistakes in the input (a bad checkpoint, data, labels, setting or output folder) end with one
 line on stderr and exit status 2; `--debug` shows the traceback instead. `djepa train` stopped by
@@ -465,11 +465,40 @@ def _add_convert(sub):
     c.set_defaults(func=cmd_convert)
 
 
+# ----------------------------------------------------------------------------- tune
+def cmd_tune(args) -> int:
+    from djepa import tune
+
+    return tune.main(args)
+
+
+def _add_tune(sub):
+    from djepa import tune
+
+    p = sub.add_parser(
+        "tune", help="time every backend of every op on this GPU; backend='auto' then follows the table",
+        description="Time each backend (cuda, triton, eager) of every op on the preset and benchmark "
+                    "shapes on this GPU and write a tuning table that backend='auto' follows. Without a "
+                    "GPU it prints one line and exits 1 (--dry-run lists the cases and exits 0).")
+    p.add_argument("--out", default=None,
+                   help=f"table to write (default: {tune.user_cache_dir()}/tune-<gpu>.json, which auto reads)")
+    p.add_argument("--quick", action="store_true", help="the presets' own shapes only, bfloat16")
+    p.add_argument("--op", action="append", choices=list(tune.QUICK_OPS), help="only this op (repeatable)")
+    p.add_argument("--dtype", action="append", choices=["bfloat16", "float16", "float32"],
+                   help="only this dtype (repeatable)")
+    p.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+                   help="start no new case after this many seconds (the table is then marked partial)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list the cases and where the table would go; time nothing (works without a GPU)")
+    p.add_argument("--device", default=None, help="CUDA device to tune (default: the current one)")
+    p.set_defaults(func=cmd_tune)
+
+
 # ----------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="djepa", description="Train, sample, evaluate and benchmark D-JEPA.")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{train,sample,eval,convert,bench,info}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{train,sample,eval,convert,bench,info,tune}")
 
     t = sub.add_parser("train", help="train (or --resume) a model; torchrun runs it on many processes",
                        description="Train D-JEPA. Unset options take the defaults (or, with --resume, "
@@ -540,6 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="versions, the CUDA extension, the GPU and each op's backends")
     i.set_defaults(func=cmd_info)
     _add_convert(sub)
+    _add_tune(sub)
     return p
 
 

@@ -557,3 +557,136 @@ def test_triton_split_head_dims_match_reference(triton_device, D, dtype, masked)
     q, k, v, mask = _inputs(2, 2, 21, 19, D, dtype, triton_device, 0.5)
     mask[:, 3] = True
     check_against_reference(q, k, v, mask if masked else None, "triton")
+
+
+# The CUDA path's plumbing, checked on the CPU with a stand-in for djepa._C
+# --------------------------------------------------------------------------------------------
+class _FakeAttentionC:
+    """djepa._C's attention entry points as seen from Python (the kernels do not run): checks
+    what the real one checked before touching the GPU (it raised for Nk < 1 before it took
+    Nk = 0) and records the device current at the call (set by the fake device guard) and the
+    device of the stream it was given."""
+
+    def __init__(self, guard):
+        self.guard, self.calls = guard, []
+
+    def _record(self, name, stream, Nk):
+        if Nk < 1:
+            raise ValueError(f"djepa._C.{name}: sizes must be >= 1, got Nk={Nk}")
+        self.calls.append((name, self.guard.current, _STREAMS[stream]))
+
+    def masked_attention_fwd(self, q, k, v, o, lse, kv_index, kv_count, B, H, Nq, Nk, D, qs, ks, vs, scale,
+                             dtype, stream):
+        self._record("masked_attention_fwd", stream, Nk)
+
+    def masked_attention_bwd(self, q, k, v, o, do, lse, kv_index, kv_count, dq, dk, dv, delta, B, H, Nq, Nk, D,
+                             qs, ks, vs, scale, dtype, stream):
+        self._record("masked_attention_bwd", stream, Nk)
+
+
+_STREAMS = {}
+
+
+class _FakeGuard:
+    """Stands in for _dispatch.on_device: `current` is the device a launch would go to."""
+
+    def __init__(self):
+        self.current, self.entered = None, []
+
+    def __call__(self, device):
+        import contextlib
+
+        @contextlib.contextmanager
+        def cm():
+            prev, self.current = self.current, device
+            self.entered.append(device)
+            try:
+                yield
+            finally:
+                self.current = prev
+        return cm()
+
+
+def _fake_cuda(monkeypatch, ext_cls):
+    from djepa.ops import _dispatch
+
+    guard = _FakeGuard()
+    ext = ext_cls(guard)
+    monkeypatch.setattr(backends, "cuda_extension", lambda: ext)
+    monkeypatch.setattr(backends, "cuda_unavailable_reason", lambda op, device: None)
+    monkeypatch.setattr(_dispatch, "on_device", guard)
+
+    def stream_handle(device):
+        _STREAMS[id(device) + 7] = device
+        return id(device) + 7
+    monkeypatch.setattr(_dispatch, "stream_handle", stream_handle)
+    return ext, guard
+
+
+def test_cuda_path_launches_under_the_tensors_device_on_its_stream(monkeypatch):
+    ext, guard = _fake_cuda(monkeypatch, _FakeAttentionC)
+    q, k, v, mask = _inputs(1, 2, 5, 7, 64, torch.float16, "cpu")
+    q.requires_grad_()
+    masked_attention(q, k, v, mask, backend="cuda").sum().backward()
+    assert [c[0] for c in ext.calls] == ["masked_attention_fwd", "masked_attention_bwd"]
+    for name, current, stream_device in ext.calls:
+        assert current == q.device, f"{name} ran outside the tensors' device guard"
+        assert stream_device == q.device, f"{name} got another device's stream"
+    assert guard.current is None  # restored
+
+
+def test_on_device_makes_the_tensors_gpu_current_and_restores_it(monkeypatch):
+    from djepa.ops import _dispatch
+
+    seen = []
+
+    class Device:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            seen.append(("enter", self.device))
+
+        def __exit__(self, *exc):
+            seen.append(("exit", self.device))
+
+    monkeypatch.setattr(torch.cuda, "device", Device)
+    with _dispatch.on_device(torch.device("cuda", 1)):
+        seen.append("launch")
+    assert seen == [("enter", torch.device("cuda", 1)), "launch", ("exit", torch.device("cuda", 1))]
+    seen.clear()
+    with _dispatch.on_device(torch.device("cpu")):
+        pass
+    assert seen == []
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_no_keys_gives_zeros_and_zero_gradients_on_every_backend(monkeypatch, masked, triton_device):
+    """Nk = 0 (the docstring's defined edge case) on eager and Triton, and on the CUDA path as
+    the Python side drives it (the stand-in raises, as djepa._C did, if it is asked to run)."""
+    for backend, device, dtype in (("eager", "cpu", torch.float32), ("triton", triton_device, torch.float32),
+                                   ("cuda", "cpu", torch.float16)):
+        if backend == "cuda":
+            _fake_cuda(monkeypatch, _FakeAttentionC)
+        q, k, v, mask = _inputs(2, 2, 5, 0, 64, dtype, device)
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+        out = masked_attention(q, k, v, mask if masked else None, backend=backend)
+        assert out.shape == q.shape and torch.equal(out, torch.zeros_like(out)), backend
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+        assert torch.equal(dq, torch.zeros_like(q)) and dk.shape == k.shape and dv.shape == v.shape, backend
+
+
+@pytest.mark.gpu
+def test_cuda_runs_on_the_tensors_gpu_when_another_is_current():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    _need_cuda_kernels()
+    torch.cuda.set_device(0)
+    q, k, v, mask = _inputs(2, 2, 70, 90, 64, torch.bfloat16, "cuda:1")
+    side = torch.cuda.Stream(device="cuda:1")
+    with torch.cuda.stream(side):  # side becomes cuda:1's current stream (and cuda:1 current) ...
+        torch.cuda.set_device(0)  # ... then cuda:0 is made current again, as in a user's program
+        assert torch.cuda.current_device() == 0 and torch.cuda.current_stream(1) == side
+        check_against_reference(q, k, v, mask, "cuda")
+        assert torch.cuda.current_device() == 0
+    torch.cuda.synchronize(1)

@@ -686,3 +686,91 @@ def test_adaln_block_triton_several_row_tiles_per_program(triton_device, M, W, d
     assert ln_bwd_rows(W) // ln_config(W, dtype.itemsize)[1] > 1
     _check_block(M, W, dtype, triton_device, "triton", torch.Generator().manual_seed(M + W),
                  atol=1e-5 if dtype == torch.float32 else 1e-3)
+
+
+# --------------- the CUDA path's plumbing, on the CPU with a stand-in for djepa._C -----------
+class _FakeDenoiseC:
+    """djepa._C's denoise entry points as Python sees them (no kernel runs): records each call
+    with the device current at the call (set by the fake device guard) and the stream's device,
+    and what gemm was asked to split. gemm_splits answers 3 for the weight gradients."""
+
+    def __init__(self, guard, streams):
+        self.guard, self.streams, self.calls = guard, streams, []
+
+    def _rec(self, name, stream, **info):
+        self.calls.append(dict(name=name, current=self.guard.current, stream=self.streams[stream], **info))
+
+    def adaln_rows_per_block(self):
+        return 64
+
+    def gemm_splits(self, M, N, K, epilogue, has_bias):
+        self.calls.append(dict(name="gemm_splits", current=self.guard.current, stream=None))
+        return 3 if epilogue == 16 and not has_bias else 1
+
+    def adaln_modulate_fwd(self, x, mod, ln_w, ln_b, h, stats, M, W, eps, dtype, stream, mod_ld):
+        self._rec("adaln_modulate_fwd", stream)
+
+    def adaln_modulate_bwd(self, x, mod, ln_w, ln_b, stats, dh, dx, dmod, dwp, dbp, M, W, dtype, stream):
+        self._rec("adaln_modulate_bwd", stream)
+
+    def gemm(self, a, b, c, bias, M, N, K, a_trans, b_trans, epilogue, aux1, aux2, aux_out, dtype, stream,
+             aux2_ld, workspace=0, splits=1):
+        self._rec("gemm", stream, epilogue=epilogue, workspace=workspace, splits=splits)
+
+    def denoise_update(self, x, model_out, noise, out, xin_out, B, C, out_ld, cfg, cfg_scale, coef_x, coef_eps,
+                       min_log, max_log, noise_scale, dtype, stream):
+        self._rec("denoise_update", stream)
+
+
+def _fake_denoise_c(monkeypatch):
+    import contextlib
+
+    from djepa.ops import _dispatch
+
+    class Guard:
+        current = None
+
+        def __call__(self, device):
+            @contextlib.contextmanager
+            def cm():
+                prev, self.current = self.current, device
+                try:
+                    yield
+                finally:
+                    self.current = prev
+            return cm()
+
+    guard, streams = Guard(), {}
+    ext = _FakeDenoiseC(guard, streams)
+    monkeypatch.setattr(backends, "cuda_extension", lambda: ext)
+    monkeypatch.setattr(backends, "cuda_unavailable_reason", lambda op, device: None)
+    monkeypatch.setattr(_dispatch, "on_device", guard)
+
+    def stream_handle(device):
+        streams[1000 + len(streams)] = device
+        return 999 + len(streams)
+    monkeypatch.setattr(_dispatch, "stream_handle", stream_handle)
+    return ext, guard
+
+
+def test_cuda_paths_launch_under_the_tensors_device_and_split_weight_gradients(monkeypatch):
+    ext, guard = _fake_denoise_c(monkeypatch)
+    gen = torch.Generator().manual_seed(5)
+    x, mod, lw, lb, w1, b1, w2, b2 = (t.half().requires_grad_() for t in _block_inputs(9, 16, torch.float32, "cpu", gen))
+    adaln_block(x, mod, lw, lb, w1, b1, w2, b2, backend="cuda").sum().backward()
+    mlp = _head(gen).half()
+    d = create_diffusion("10")
+    xs = torch.randn(3, 4, generator=gen)
+    with torch.no_grad():
+        ce = mlp.cond_embed(torch.randn(6, 6, generator=gen).half())
+        denoise_step(mlp, xs, ce, d, 5, cfg_scale=2.0, backend="cuda")
+        sample(mlp, torch.randn(6, 6, generator=gen).half(), steps=2, cfg_scale=2.0, backend="cuda")
+    names = {c["name"] for c in ext.calls}
+    assert {"adaln_modulate_fwd", "adaln_modulate_bwd", "gemm", "gemm_splits", "denoise_update"} <= names
+    for c in ext.calls:
+        assert c["current"] == x.device, f"{c['name']} ran outside the tensors' device guard"
+        assert c["stream"] in (None, x.device), f"{c['name']} got another device's stream"
+    grads = [c for c in ext.calls if c["name"] == "gemm" and c["epilogue"] == 16]
+    assert len(grads) == 2 and all(c["splits"] == 3 and c["workspace"] != 0 for c in grads)
+    assert all(c["splits"] == 1 and c["workspace"] == 0 for c in ext.calls if c["name"] == "gemm" and c["epilogue"] != 16)
+    assert guard.current is None

@@ -430,3 +430,37 @@ def test_triton_aligned_fast_path_and_element_tails(triton_device, ema_dtype, x_
     for i, (f, lo, r) in enumerate(zip(emas, low, ref)):
         assert_close_to_reference(f, lo, r, atol=ATOL[f.dtype], what=f"triton pair {i} (fast path {fast_path[i]})")
     assert torch.equal(flat[untouched], flat_before[untouched])
+
+
+def test_cuda_path_launches_under_the_tensors_device_on_its_stream(monkeypatch):
+    """With a stand-in for djepa._C on the CPU: every launch happens under the tensors' device
+    (the fake guard records it) and gets that device's stream."""
+    import contextlib
+
+    from djepa.ops import _dispatch
+
+    calls, state = [], {"current": None}
+
+    @contextlib.contextmanager
+    def guard(device):
+        prev, state["current"] = state["current"], device
+        try:
+            yield
+        finally:
+            state["current"] = prev
+
+    class Ext:
+        def ema_update(self, ema_ptrs, x_ptrs, numels, edt, xdt, decay_ptr, decay, one_minus, stream):
+            calls.append((state["current"], stream))
+
+    monkeypatch.setattr(backends, "cuda_extension", lambda: Ext())
+    monkeypatch.setattr(backends, "cuda_unavailable_reason", lambda op, device: None)
+    monkeypatch.setattr(_dispatch, "on_device", guard)
+    monkeypatch.setattr(_dispatch, "stream_handle", lambda device: ("stream of", device))
+    emas, xs = _pairs([3, 5], torch.float32, torch.bfloat16, "cpu", 0)
+    emas += [e.to(torch.bfloat16) for e in emas]
+    xs += [x.clone() for x in xs]
+    ema_update_(emas, xs, 0.9, backend="cuda")
+    assert len(calls) == 2  # one launch per dtype pair
+    assert all(cur == xs[0].device and stream == ("stream of", xs[0].device) for cur, stream in calls)
+    assert state["current"] is None

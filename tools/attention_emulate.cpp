@@ -1,14 +1,17 @@
 // CPU check of the CUDA masked-attention kernels (csrc/attention_kernels.cuh) without a GPU.
 //
 // The kernels are compiled as plain C++ and every CUDA thread of a block runs as a std::thread;
-// __syncthreads, __shfl_xor_sync, mma.sync m16n8k16, ldmatrix.x4.trans and cp.async are
-// emulated from their PTX ISA definitions (cp.async as a synchronous copy, so the async-group
-// accounting itself is not exercised). Outputs are poisoned with NaN, shared memory with 0xFF,
-// and compared with a float64 reference computed from the same rounded fp16/bf16 inputs.
+// __syncthreads, __shfl_xor_sync, mma.sync m16n8k16, ldmatrix.x4(.trans), ex2.approx.ftz and
+// cp.async are emulated from their PTX ISA definitions (cp.async lands only when its group is
+// waited for, so the pipelines' wait_group accounting is checked: see tools/cuda_emulate.h).
+// Outputs are poisoned with NaN, shared memory with 0xFF, and compared with a float64 reference
+// computed from the same rounded fp16/bf16 inputs.
 //
 //   g++ -std=c++17 -O1 -pthread -DDJEPA_ATTN_EMULATE -I/usr/local/cuda/include -I csrc \
-//       tools/attention_emulate.cpp -o /tmp/attention_emulate && /tmp/attention_emulate
+//       tools/attention_emulate.cpp -o /tmp/attention_emulate && /tmp/attention_emulate [seed [cases]]
 #include "cuda_emulate.h"
+
+#include <cctype>
 
 namespace djepa {
 namespace attention {
@@ -16,12 +19,12 @@ namespace attention {
 extern unsigned char smem_raw[];
 
 using emu::cp_async16;
+using emu::cp_async_commit;
+using emu::cp_async_wait;
+using emu::exp2_ftz;
 using emu::ldmatrix_x4;
 using emu::ldmatrix_x4_trans;
 using emu::mma16816;
-inline void cp_async_commit() {}
-template <int N>
-inline void cp_async_wait() {}
 
 }  // namespace attention
 }  // namespace djepa
@@ -57,6 +60,7 @@ struct Case {
   bool fused_qkv;  // q/k/v are views of one [B, N, 3, H, D] buffer
   bool odd_stride; // token stride not a multiple of 8 elements (no cp.async path)
   bool empty_sample;  // sample 0 has no visible key
+  double scale_mul = 1.0;  // scale = scale_mul / sqrt(D) (negative: the min-based softmax path)
 };
 
 template <typename T, int D>
@@ -64,7 +68,7 @@ bool run_case(const Case& cs, std::mt19937& rng) {
   const int B = cs.B, H = cs.H, Nq = cs.Nq, Nk = cs.Nk;
   std::normal_distribution<float> normal(0.f, 1.f);
   std::uniform_real_distribution<double> unif(0.0, 1.0);
-  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  const float scale = static_cast<float>(cs.scale_mul) / std::sqrt(static_cast<float>(D));
 
   // Inputs with (batch, head, token) strides.
   auto make_input = [&](int N, int which, std::vector<T>& buf, long long (&st)[3]) -> const T* {
@@ -114,8 +118,9 @@ bool run_case(const Case& cs, std::mt19937& rng) {
   p.q = q; p.k = k; p.v = v;
   p.o = o.data(); p.dout = dout.data(); p.lse = lse.data(); p.delta = delta.data();
   p.dq = dq.data(); p.dk = dk.data(); p.dv = dv.data();
-  p.kv_index = cs.density < 0 ? nullptr : kv_index.data();
-  p.kv_count = cs.density < 0 ? nullptr : kv_count.data();
+  // As csrc/attention.cu make_params: no key at all is run as dense (nothing to gather).
+  p.kv_index = cs.density < 0 || Nk == 0 ? nullptr : kv_index.data();
+  p.kv_count = cs.density < 0 || Nk == 0 ? nullptr : kv_count.data();
   p.B = B; p.H = H; p.Nq = Nq; p.Nk = Nk;
   bool vec_ok = reinterpret_cast<uintptr_t>(q) % 16 == 0 && reinterpret_cast<uintptr_t>(k) % 16 == 0 &&
                 reinterpret_cast<uintptr_t>(v) % 16 == 0;
@@ -132,7 +137,7 @@ bool run_case(const Case& cs, std::mt19937& rng) {
   const long long rows = static_cast<long long>(nq);
   run_grid(dim3(static_cast<unsigned>((rows + 7) / 8)), 256,
            [&] { delta_kernel<T>(static_cast<const T*>(p.o), static_cast<const T*>(p.dout), p.delta, rows, D); });
-  run_grid(dim3((Nk + DkdvCfg<D>::kBN - 1) / DkdvCfg<D>::kBN, H, B), kThreads, [&] { dkdv_kernel<T, D>(p); });
+  if (Nk > 0) run_grid(dim3((Nk + DkdvCfg<D>::kBN - 1) / DkdvCfg<D>::kBN, H, B), kThreads, [&] { dkdv_kernel<T, D>(p); });
   run_grid(dim3((Nq + DqCfg<D>::kBM - 1) / DqCfg<D>::kBM, H, B), kThreads, [&] { dq_kernel<T, D>(p); });
 
   // float64 reference on the rounded inputs.
@@ -203,10 +208,11 @@ bool run_case(const Case& cs, std::mt19937& rng) {
   const bool is_half = std::is_same_v<T, __half>;
   const double tol = is_half ? 1e-2 : 6e-2;  // gradients are O(1) here
   const bool ok = finite && err_o < tol && err_lse < 1e-3 && err_dq < tol && err_dk < tol && err_dv < tol;
-  std::printf("%s %-4s D=%3d B=%d H=%d Nq=%3d Nk=%3d dens=%5.2f fused=%d odd=%d empty=%d vec=%d | "
+  std::printf("%s %-4s D=%3d B=%d H=%d Nq=%3d Nk=%3d dens=%5.2f fused=%d odd=%d empty=%d vec=%d scale=%+.2f | "
               "o %.2e lse %.2e dq %.2e dk %.2e dv %.2e finite=%d\n",
               ok ? "ok  " : "FAIL", is_half ? "fp16" : "bf16", D, B, H, Nq, Nk, cs.density, cs.fused_qkv,
-              cs.odd_stride, cs.empty_sample, p.vec_ok, err_o, err_lse, err_dq, err_dk, err_dv, finite);
+              cs.odd_stride, cs.empty_sample, p.vec_ok, cs.scale_mul, err_o, err_lse, err_dq, err_dk, err_dv,
+              finite);
   return ok;
 }
 
@@ -223,6 +229,7 @@ bool run_d(const Case& c, std::mt19937& rng) {
 }
 
 int main(int argc, char** argv) {
+  emu::configure();
   std::mt19937 rng(argc > 1 ? std::atoi(argv[1]) : 1234);
   const Case cases[] = {
       {1, 1, 1, 1, 64, -1.0, false, false, false},
@@ -231,9 +238,25 @@ int main(int argc, char** argv) {
       {2, 1, 17, 150, 80, 0.25, true, false, false},
       {1, 1, 65, 65, 96, -1.0, false, true, false},
       {2, 1, 40, 70, 128, 0.5, false, true, true},
+      // cp.async at D=128 over several key tiles (fwd 3, dq 5) and query tiles (dkdv 4)
+      {1, 1, 100, 200, 128, 0.7, true, false, false},
+      // a negative scale (the softmax tracks the min of the raw scores), dense, 3 key tiles
+      {1, 2, 33, 140, 96, -1.0, false, false, false, -1.0},
+      // no key at all: zeros, lse 0, zero dq (dk/dv are empty)
+      {2, 1, 9, 0, 64, 0.5, false, false, false},
   };
+  // Optional second argument: the case numbers to run ("6" or "1,6"), default all.
+  std::vector<bool> chosen(sizeof(cases) / sizeof(cases[0]), argc <= 2);
+  for (const char* s = argc > 2 ? argv[2] : ""; *s; ++s)
+    if (std::isdigit(static_cast<unsigned char>(*s))) {
+      const int i = std::atoi(s);
+      if (i >= 0 && i < static_cast<int>(chosen.size())) chosen[i] = true;
+      while (std::isdigit(static_cast<unsigned char>(s[1]))) ++s;
+    }
   bool all = true;
-  for (const Case& c : cases) {
+  for (size_t i = 0; i < chosen.size(); ++i) {
+    if (!chosen[i]) continue;
+    const Case& c = cases[i];
     all = run_d<__half>(c, rng) && all;
     all = run_d<__nv_bfloat16>(c, rng) && all;
   }

@@ -1,9 +1,16 @@
 // Runs CUDA kernels on the CPU for checking without a GPU (tools/*_emulate.cpp).
 //
 // Every CUDA thread of a block runs as a std::thread. __syncthreads, __shfl_xor_sync,
-// mma.sync m16n8k16, ldmatrix .x4 (.trans) and cp.async are emulated from their PTX ISA
-// definitions; cp.async is a synchronous copy (with the zero fill of src-size < 16), so the
-// async-group accounting itself is not exercised. Shared memory is poisoned (0xFF) per block.
+// mma.sync m16n8k16, ldmatrix .x4 (.trans), ex2.approx.ftz and cp.async are emulated from their
+// PTX ISA definitions. cp.async is asynchronous as the ISA allows at its latest: a copy reads its
+// source when issued but lands in shared memory only when its thread's cp.async.wait_group lets
+// its group complete, so a kernel that reads a tile before waiting for it (or waits for too
+// little) reads the poison instead. Shared memory is poisoned (0xFF) per block.
+//
+// Planted-bug knobs (environment, read by emu::configure() at start-up), which tests use to show
+// that the checks catch a broken pipeline:
+//   DJEPA_EMU_WAIT_SLACK=n  every cp.async.wait_group N behaves as wait_group N + n
+//   DJEPA_EMU_SYNC_COPIES=1 cp.async copies land at once (the pre-async model)
 #pragma once
 
 #include <cuda_bf16.h>
@@ -11,6 +18,8 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstdlib>
 #include <condition_variable>
 #include <cstdio>
 #include <cstring>
@@ -84,11 +93,57 @@ inline float __shfl_xor_sync(unsigned, float v, int off) {
 
 namespace emu {
 
-inline void cp_async16(void* dst, const void* src) { std::memcpy(dst, src, 16); }
+struct PendingCopy {
+  void* dst;
+  unsigned char data[16];
+};
+thread_local std::vector<PendingCopy> t_open;                 // issued, not yet committed
+thread_local std::vector<std::vector<PendingCopy>> t_groups;  // committed groups, oldest first
+inline int g_wait_slack = 0;
+inline bool g_sync_copies = false;
+
+inline void configure() {
+  if (const char* v = std::getenv("DJEPA_EMU_WAIT_SLACK")) g_wait_slack = std::atoi(v);
+  if (const char* v = std::getenv("DJEPA_EMU_SYNC_COPIES")) g_sync_copies = std::atoi(v) != 0;
+  if (g_wait_slack || g_sync_copies)
+    std::printf("planted: wait_group slack %d, synchronous copies %d\n", g_wait_slack, int(g_sync_copies));
+}
+
 // cp.async.cg ... 16, src_bytes: copies src_bytes and zero-fills the rest of the 16 bytes.
 inline void cp_async16(void* dst, const void* src, int src_bytes) {
-  std::memset(dst, 0, 16);
-  if (src_bytes > 0) std::memcpy(dst, src, src_bytes);
+  PendingCopy c{dst, {}};
+  std::memset(c.data, 0, 16);
+  if (src_bytes > 0) std::memcpy(c.data, src, src_bytes);
+  if (g_sync_copies) {
+    std::memcpy(dst, c.data, 16);
+    return;
+  }
+  t_open.push_back(c);
+}
+inline void cp_async16(void* dst, const void* src) { cp_async16(dst, src, 16); }
+
+inline void cp_async_commit() {
+  t_groups.push_back(std::move(t_open));
+  t_open.clear();
+}
+
+// cp.async.wait_group N: every committed group but the N most recent has landed.
+inline void cp_async_wait_group(int n) {
+  n += g_wait_slack;
+  while (static_cast<int>(t_groups.size()) > n) {
+    for (const PendingCopy& c : t_groups.front()) std::memcpy(c.dst, c.data, 16);
+    t_groups.erase(t_groups.begin());
+  }
+}
+template <int N>
+inline void cp_async_wait() {
+  cp_async_wait_group(N);
+}
+
+// ex2.approx.ftz.f32: 2^x, subnormal results flushed to zero.
+inline float exp2_ftz(float x) {
+  const float y = std::exp2(x);
+  return std::fpclassify(y) == FP_SUBNORMAL ? 0.f : y;
 }
 
 // ldmatrix .x4: lane l gives the address of row (l & 7) of matrix (l >> 3); register i of

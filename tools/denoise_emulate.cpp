@@ -9,13 +9,14 @@
 // float64 reference computed from the same rounded inputs.
 //
 //   g++ -std=c++17 -O1 -pthread -DDJEPA_DENOISE_EMULATE -I/usr/local/cuda/include -I csrc \
-//       tools/denoise_emulate.cpp -o /tmp/denoise_emulate && /tmp/denoise_emulate [seed [ln|update|gemm]]
+//       tools/denoise_emulate.cpp -o /tmp/denoise_emulate && /tmp/denoise_emulate [seed [ln|update|gemm|pipeline]]
 //
 // Prints one "ok"/"FAIL" line per check and ALL OK (exit 0) or SOME FAILED (exit 1); tests/
-// test_emulators.py runs it. Not covered here (GPU only): the host code of csrc/denoise.cu
-// (argument checks, variant choice, cudaFuncSetAttribute), the asynchrony of cp.async (the
-// wait_group accounting: copies are synchronous here), hardware accumulation order in mma,
-// __expf/rsqrtf approximations, and performance.
+// test_emulators.py runs it. cp.async copies land only when their group is waited for (see
+// tools/cuda_emulate.h), so the stage ring's wait_group accounting is checked. Not covered here
+// (GPU only): the host code of csrc/denoise.cu (argument checks, variant choice,
+// cudaFuncSetAttribute; split_k_for is shared with the emulator), hardware accumulation order in
+// mma, __expf/rsqrtf approximations, and performance.
 #include "cuda_emulate.h"
 
 #include <cmath>
@@ -31,9 +32,8 @@ extern unsigned char smem_raw[];
 extern float red[];
 
 using emu::cp_async16;
-inline void cp_async_commit() {}
-template <int N>
-inline void cp_async_wait() {}
+using emu::cp_async_commit;
+using emu::cp_async_wait;
 template <bool TRANS>
 inline void ldmatrix_x4(unsigned (&r)[4], const void* p) {
   if constexpr (TRANS) emu::ldmatrix_x4_trans(r, p);
@@ -198,8 +198,10 @@ bool ln_all(std::mt19937& rng) {
 }
 
 // ------------------------------------------------------------------------------------- GEMM
+// sms > 0: split K as csrc/denoise.cu would on a GPU with that many SMs (split_k_for).
 template <typename T>
-bool gemm_case(int M, int N, int K, bool a_trans, bool b_trans, int epilogue, bool with_bias, std::mt19937& rng) {
+bool gemm_case(int M, int N, int K, bool a_trans, bool b_trans, int epilogue, bool with_bias, std::mt19937& rng,
+               int sms = 0) {
   const int ep = epilogue & 15;
   const bool f32 = (epilogue & kEpF32) != 0;
   // A is [M, K] (or [K, M] when a_trans), B is [N, K] when b_trans (nn.Linear weight), else [K, N].
@@ -231,7 +233,16 @@ bool gemm_case(int M, int N, int K, bool a_trans, bool b_trans, int epilogue, bo
   p.b_fast = aligned16(addr(p.b)) && (b_trans ? K : N) % 8 == 0;
   p.pair_ok = N % 2 == 0 && addr(p.c) % (2 * out_bytes) == 0 && addr(p.aux_out) % (2 * out_bytes) == 0 &&
               addr(p.aux1) % 4 == 0 && addr(p.bias) % 4 == 0;
-  const dim3 grid((N + kBN - 1) / kBN, (M + kBM - 1) / kBM);
+  p.splits = sms > 0 ? split_k_for(M, N, K, epilogue, with_bias, sms) : 1;
+  const int ktiles = (K + kBK - 1) / kBK;
+  p.ktiles_per_split = p.splits > 1 ? (ktiles + p.splits - 1) / p.splits : 0;
+  std::vector<float> ws(size_t(std::max(p.splits - 1, 0)) * nout, NAN);
+  p.workspace = ws.data();
+  if (sms > 0 && p.splits < 2) {
+    std::printf("FAIL gemm M=%d N=%d K=%d sms=%d: split_k_for chose no split\n", M, N, K, sms);
+    return false;
+  }
+  const dim3 grid((N + kBN - 1) / kBN, (M + kBM - 1) / kBM, p.splits);
   auto body = [&] {
     if (!a_trans && b_trans) gemm_kernel<T, true, true>(p);
     else if (!a_trans && !b_trans) gemm_kernel<T, true, false>(p);
@@ -239,6 +250,12 @@ bool gemm_case(int M, int N, int K, bool a_trans, bool b_trans, int epilogue, bo
     else gemm_kernel<T, false, true>(p);
   };
   run_grid(grid, kGemmThreads, smem_raw, sizeof(smem_raw), body);
+  if (p.splits > 1) {  // as launch_gemm: the in-order reduction of the partial products
+    const int64_t n = int64_t(M) * N;
+    const bool vec = n % 4 == 0;
+    run_grid(dim3(3), 256, red, sizeof(red),
+             [&] { splitk_reduce_kernel(c_f.data(), ws.data(), n, p.splits - 1, vec); });
+  }
 
   Err ec, ea;
   for (int i = 0; i < M; ++i) {
@@ -264,8 +281,9 @@ bool gemm_case(int M, int N, int K, bool a_trans, bool b_trans, int epilogue, bo
     }
   }
   char what[160];
-  std::snprintf(what, sizeof(what), "gemm %s M=%d N=%d K=%d a_t=%d b_t=%d ep=%d bias=%d fast=%d%d pair=%d",
-                name<T>(), M, N, K, a_trans, b_trans, epilogue, with_bias, p.a_fast, p.b_fast, p.pair_ok);
+  std::snprintf(what, sizeof(what), "gemm %s M=%d N=%d K=%d a_t=%d b_t=%d ep=%d bias=%d fast=%d%d pair=%d split=%d",
+                name<T>(), M, N, K, a_trans, b_trans, epilogue, with_bias, p.a_fast, p.b_fast, p.pair_ok,
+                p.splits);
   const double tol = (f32 ? 1e-5 : rel_tol<T>()) + 1e-5;
   bool ok = report(ec.ok(tol, 1e-4), what, ec);
   if (save) ok = report(ea.ok(tol, 1e-4), std::string(what) + " aux_out", ea) && ok;
@@ -289,6 +307,12 @@ bool gemm_all(std::mt19937& rng) {
     for (int layout = 0; layout < 4; ++layout)
       for (int epilogue : {int(kEpNone), int(kEpGate) | int(kEpF32)})
         ok = gemm_case<T>(s.M, s.N, s.K, layout & 1, layout >> 1, epilogue, true, rng) && ok;
+  // Split-K (float32 weight gradients, dW = dY^T X: a_t=1): 4 splits of 32 k-tiles on one
+  // output tile, 2 splits of 19 over two tiles (cp.async path), an odd K on the scalar path.
+  ok = gemm_case<T>(72, 80, 1000, true, false, int(kEpF32), false, rng, 2) && ok;
+  ok = gemm_case<T>(72, 80, 1000, false, true, int(kEpF32), false, rng, 2) && ok;
+  ok = gemm_case<T>(130, 72, 600, true, false, int(kEpF32), false, rng, 16) && ok;
+  ok = gemm_case<T>(66, 130, 611, true, false, int(kEpF32), false, rng, 16) && ok;
   return ok;
 }
 
@@ -358,8 +382,10 @@ bool update_all(std::mt19937& rng) {
 }
 
 int main(int argc, char** argv) {
+  emu::configure();
   std::mt19937 rng(argc > 1 ? std::atoi(argv[1]) : 1234);
-  const std::string only = argc > 2 ? argv[2] : "";  // optional: ln | update | gemm
+  // optional: ln | update | gemm | pipeline (the GEMMs that cycle the stage ring and split K)
+  const std::string only = argc > 2 ? argv[2] : "";
   auto run = [&](const char* section) { return only.empty() || only == section; };
   bool all = true;
   if (run("ln")) {
@@ -375,6 +401,10 @@ int main(int argc, char** argv) {
   if (run("gemm")) {
     all = gemm_all<__half>(rng) && all;
     all = gemm_all<__nv_bfloat16>(rng) && all;
+  }
+  if (only == "pipeline") {
+    all = gemm_case<__half>(40, 24, 200, false, true, int(kEpNone), true, rng) && all;
+    all = gemm_case<__half>(72, 80, 1000, true, false, int(kEpF32), false, rng, 2) && all;
   }
   std::printf(all ? "ALL OK\n" : "SOME FAILED\n");
   return all ? 0 : 1;

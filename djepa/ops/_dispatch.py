@@ -1,4 +1,8 @@
 """Backend choice and argument plumbing shared by every op in djepa.ops."""
+import contextlib
+import functools
+import inspect
+
 import torch
 
 from djepa import backends
@@ -7,13 +11,17 @@ from djepa import backends
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 
 
-def select_backend(op, backend, device, *, cuda_reason=None, triton_reason=None):
+def select_backend(op, backend, device, *, cuda_reason=None, triton_reason=None, dtype=None, bucket=None):
     """Pick the backend that serves one call of `op` on tensors on `device`.
 
     `backend` is "auto" | "cuda" | "triton" | "eager" or None (DJEPA_BACKEND, default auto).
     `cuda_reason` / `triton_reason` say why this particular call (dtype, head dim, ...) cannot
     go to that backend, or are None. An explicit backend that cannot serve the call raises a
     ValueError with the reason; it never falls back silently.
+
+    "auto" tries the backends in the order of djepa.backends.auto_order: the tuning table's
+    measurement for this `dtype` and shape `bucket` (djepa.tune.bucket, or a function returning
+    it) when one is active for the GPU, else the static rule; the first that serves the call wins.
     """
     requested = backends.default_backend() if backend is None else str(backend).lower()
     if requested not in backends.BACKENDS:
@@ -30,16 +38,38 @@ def select_backend(op, backend, device, *, cuda_reason=None, triton_reason=None)
         if triton_why:
             raise ValueError(f"{op}: backend='triton' cannot serve this call: {triton_why}")
         return "triton"
-    if device.type == "cuda":
-        if cuda_why is None:
-            return "cuda"
-        if triton_why is None:
-            return "triton"
-    return "eager"
+    if device.type != "cuda":
+        return "eager"
+    why = {"cuda": cuda_why, "triton": triton_why, "eager": None}
+    order, _ = backends.auto_order(op, device, dtype=dtype, bucket=bucket)
+    return next((b for b in order if why[b] is None), "eager")
 
 
 def dtype_code(dtype):
     return DTYPE_CODES[dtype]
+
+
+def on_device(device):
+    """Context in which a kernel for tensors on `device` is launched: that device current (so
+    djepa._C and Triton launch on it, on its current stream, and cudaFuncSetAttribute applies to
+    it), the previous device restored after. A no-op for CPU tensors."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
+
+
+def launches_on_device_of(name):
+    """Decorator: the function runs under on_device(<its tensor argument `name`>.device)."""
+    def wrap(fn):
+        index = list(inspect.signature(fn).parameters).index(name)
+
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            t = kwargs[name] if name in kwargs else args[index]
+            with on_device(t.device):
+                return fn(*args, **kwargs)
+        return run
+    return wrap
 
 
 def stream_handle(device):

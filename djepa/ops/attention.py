@@ -143,13 +143,19 @@ def _triton_reason(q, device=None):
 
 
 @torch.compiler.assume_constant_result
-def _choose_backend(backend, device, dtype, head_dim):
+def _choose_backend(backend, device, dtype, head_dim, num_keys=None, train=False):
     # A pure function of its (constant) arguments and the environment, so torch.compile can
     # evaluate it once at trace time instead of tracing the extension/Triton probes.
     probe = torch.empty((0, 0, 0, head_dim), dtype=dtype, device="meta")
+    bucket = None
+    if num_keys is not None:
+        from djepa import tune
+
+        bucket = tune.bucket(_OP, D=head_dim, Nk=num_keys, train=train)
     return _dispatch.select_backend(
         _OP, backend, device,
         cuda_reason=_cuda_reason(probe), triton_reason=_triton_reason(probe, device),
+        dtype=dtype, bucket=bucket,
     )
 
 
@@ -174,6 +180,8 @@ def _fwd_impl(q, k, v, kv_index, kv_count, scale, backend):
     lse = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
     if o.numel() == 0:
         return o, lse
+    if Nk == 0:  # no key at all: every row has no visible key (zeros, lse 0, as the kernels define)
+        return o.zero_(), lse.zero_()
     if backend == "cuda":
         ext = _dispatch.extension()
         ext.masked_attention_fwd(
@@ -234,7 +242,8 @@ def _masked_attention_op(
     scale: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _fwd_impl(q, k, v, kv_index, kv_count, scale, backend)
+    with _dispatch.on_device(q.device):
+        return _fwd_impl(q, k, v, kv_index, kv_count, scale, backend)
 
 
 @_masked_attention_op.register_fake
@@ -256,7 +265,8 @@ def _masked_attention_backward_op(
     scale: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _bwd_impl(do, q, k, v, o, lse, kv_index, kv_count, scale, backend)
+    with _dispatch.on_device(q.device):
+        return _bwd_impl(do, q, k, v, o, lse, kv_index, kv_count, scale, backend)
 
 
 @_masked_attention_backward_op.register_fake
@@ -318,7 +328,8 @@ def masked_attention(q, k, v, key_mask=None, *, scale=None, backend="auto"):
     """
     _validate(q, k, v, key_mask, scale)
     scale = _default_scale(q, scale)
-    chosen = _choose_backend(backend, q.device, q.dtype, q.shape[-1])
+    train = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    chosen = _choose_backend(backend, q.device, q.dtype, q.shape[-1], k.shape[2], train)
     if chosen == "eager":
         return _eager_attention(q, k, v, key_mask, scale)
     if key_mask is None:

@@ -198,6 +198,12 @@ class _Triton:
             BLOCK=BLOCK)
 
 
+def _tune_bucket(op, **dims):
+    from djepa import tune
+
+    return tune.bucket(op, **dims)
+
+
 def triton_cdiv(a, b):
     return (a + b - 1) // b
 
@@ -247,8 +253,16 @@ class _Cuda:
              aux1=None, aux2=None, aux2_ld=0, aux_out=None):
         if c.dtype == torch.float32 and a.dtype != torch.float32:
             epilogue |= 16
+        # Weight gradients (float32, no epilogue): _C may split K over more blocks than there are
+        # output tiles; the partial products go to a workspace it adds up in a fixed order.
+        split = ()
+        if hasattr(self.C, "gemm_splits"):  # (an older _C has neither it nor the arguments)
+            splits = int(self.C.gemm_splits(M, N, K, epilogue, bias is not None))
+            ws = torch.empty((splits - 1) * M * N, device=c.device, dtype=torch.float32) if splits > 1 else None
+            split = (_ptr(ws), splits)
         self.C.gemm(_ptr(a), _ptr(b), _ptr(c), _ptr(bias), M, N, K, int(a_trans), int(b_trans), epilogue,
-                    _ptr(aux1), _ptr(aux2), _ptr(aux_out), _dispatch.dtype_code(a.dtype), self._s(), aux2_ld)
+                    _ptr(aux1), _ptr(aux2), _ptr(aux_out), _dispatch.dtype_code(a.dtype), self._s(), aux2_ld,
+                    *split)
 
     def denoise_update(self, x, model_out, noise, out, xin, B, C, cfg, cfg_scale, coefs):
         coef_x, coef_eps, min_log, max_log, noise_scale = coefs
@@ -312,7 +326,8 @@ def _adaln_block_fwd_op(backend: str, x: torch.Tensor, mod: torch.Tensor, ln_w: 
                         ln_b: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
                         b2: torch.Tensor, eps: float, save: bool
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _block_fwd_impl(backend, x, mod, ln_w, ln_b, w1, b1, w2, b2, eps, save)
+    with _dispatch.on_device(x.device):
+        return _block_fwd_impl(backend, x, mod, ln_w, ln_b, w1, b1, w2, b2, eps, save)
 
 
 @_adaln_block_fwd_op.register_fake
@@ -328,7 +343,8 @@ def _adaln_block_bwd_op(backend: str, dout: torch.Tensor, x: torch.Tensor, mod: 
                         ln_w: torch.Tensor, ln_b: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
                         h: torch.Tensor, p: torch.Tensor, a: torch.Tensor, y2: torch.Tensor,
                         stats: torch.Tensor) -> list[torch.Tensor]:
-    return list(_block_bwd_impl(backend, dout, x, mod, ln_w, ln_b, w1, w2, h, p, a, y2, stats))
+    with _dispatch.on_device(x.device):
+        return list(_block_bwd_impl(backend, dout, x, mod, ln_w, ln_b, w1, w2, h, p, a, y2, stats))
 
 
 @_adaln_block_bwd_op.register_fake
@@ -388,8 +404,10 @@ def adaln_block(x, mod, ln_w, ln_b, w1, b1, w2, b2, *, eps=1e-6, backend="auto")
     _check_block(x, mod, ln_w, ln_b, w1, b1, w2, b2, eps)
     M, W = x.shape
     cuda_reason, triton_reason = _fast_reasons(x, W, "adaln_block")
+    train = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, mod, ln_w, ln_b, w1, b1, w2, b2))
     chosen = _dispatch.select_backend("adaln_block", backend, x.device,
-                                      cuda_reason=cuda_reason, triton_reason=triton_reason)
+                                      cuda_reason=cuda_reason, triton_reason=triton_reason,
+                                      dtype=x.dtype, bucket=_tune_bucket("adaln_block", W=W, M=M, train=train))
     if chosen == "eager" or M == 0:
         return adaln_block_reference(x, mod, ln_w, ln_b, w1, b1, w2, b2, eps)
     affine = ln_w is not None
@@ -501,6 +519,7 @@ def _cfg_scale_tensor(cfg_scale, device):
     return torch.full((), float(cfg_scale), dtype=torch.float32, device=device)
 
 
+@_dispatch.launches_on_device_of("x")
 def _fused_step(run, pk, x, xin, c_emb, temb_row, noise, coefs, cfg, cfg_scale, out, xin_next):
     """One step in 3 + 3 * depth + 3 launches; writes out (and xin_next, the next MLP input).
     cfg_scale: a float32 0-dim tensor on x's device (see _cfg_scale_tensor)."""
@@ -543,7 +562,8 @@ def denoise_step(mlp, x, c_emb, diffusion, t, *, noise=None, cfg_scale=1.0, temp
     B, cfg = _check_step(mlp, x, c_emb, diffusion, t, noise, cfg_scale, temperature)
     cuda_reason, triton_reason = _step_reasons(mlp, x, diffusion)
     chosen = _dispatch.select_backend("denoise_step", backend, x.device,
-                                      cuda_reason=cuda_reason, triton_reason=triton_reason)
+                                      cuda_reason=cuda_reason, triton_reason=triton_reason, dtype=c_emb.dtype,
+                                      bucket=_tune_bucket("denoise_step", W=mlp.model_channels, M=c_emb.shape[0]))
     if noise is None and t > 0:
         noise = torch.randn_like(x)
     with torch.no_grad():

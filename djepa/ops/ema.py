@@ -226,8 +226,15 @@ def ema_update_(ema_tensors: Sequence[torch.Tensor], tensors: Sequence[torch.Ten
     if device is None:
         return
     reason = _kernel_reason(ema_tensors, tensors, decay, device)
-    chosen = _dispatch.select_backend(OP, backend, device, cuda_reason=reason, triton_reason=reason)
+    chosen = _dispatch.select_backend(OP, backend, device, cuda_reason=reason, triton_reason=reason,
+                                      dtype=tensors[0].dtype, bucket=lambda: _tune_bucket(tensors))
     _ema_update_op(list(ema_tensors), list(tensors), *_op_decay(decay), chosen)
+
+
+def _tune_bucket(tensors):
+    from djepa import tune
+
+    return tune.bucket(OP, numel=sum(t.numel() for t in tensors))
 
 
 def _op_decay(decay):
@@ -245,7 +252,7 @@ def _ema_update_op(
     backend: str,
 ) -> None:
     value = decay_tensor if decay_tensor is not None else decay
-    with torch.no_grad():
+    with torch.no_grad(), _dispatch.on_device(ema_tensors[0].device):
         if backend == "cuda":
             _cuda(ema_tensors, tensors, value, ema_tensors[0].device)
         elif backend == "triton":
