@@ -1,9 +1,10 @@
 """The sm_90a kernels of csrc/hopper/ checked without a GPU: tools/hopper_emulate.h emulates wgmma
 (descriptors, swizzles, fragments), mbarriers, TMA, cp.async and the proxy-fence rule from the PTX
 ISA; tools/hopper_emulate_selftest.cpp checks the emulator itself, tools/<op>_sm90_emulate.cpp run
-the exact kernels against float64 references, and every planted bug (DJEPA_HOPPER_PLANT=n: a
-wrong swizzle, a wrong descriptor stride, a missing wait, an accumulator index off by one, a
-missing proxy fence, accumulators read before the wgmma wait) must make its driver fail.
+the exact kernels against float64 references, and every planted bug (--plant=n, csrc/hopper/
+ptx.cuh: a wrong swizzle, a wrong descriptor stride, a missing barrier wait, an accumulator index
+off by one, a missing proxy fence, accumulators read before the wgmma wait) must make its driver
+fail.
 Needs g++ and the CUDA headers (skipped without them, unless DJEPA_REQUIRE_C=1, as in CI)."""
 import os
 import shutil
@@ -38,16 +39,15 @@ def build(tmp_path_factory):
     out = tmp_path_factory.mktemp("hopper_emu")
     built = {}
 
-    def make(source, plant=0):
-        key = (source, plant)
-        if key not in built:
-            exe = out / f"{Path(source).stem}_p{plant}"
-            cmd = [gxx, "-std=c++17", "-O2", "-pthread", f"-DDJEPA_HOPPER_PLANT={plant}", f"-I{include}",
+    def make(source):
+        if source not in built:
+            exe = out / Path(source).stem
+            cmd = [gxx, "-std=c++17", "-O2", "-pthread", f"-I{include}",
                    f"-I{ROOT / 'csrc'}", f"-I{ROOT / 'tools'}", str(ROOT / "tools" / source), "-o", str(exe)]
             res = subprocess.run(cmd, capture_output=True, text=True)
             assert res.returncode == 0, res.stderr[-4000:]
-            built[key] = exe
-        return built[key]
+            built[source] = exe
+        return built[source]
 
     return make
 
@@ -67,3 +67,34 @@ def test_emulator_matches_the_ptx_isa(build, section):
 def test_emulator_reports_a_deadlock_instead_of_hanging(build):
     run = _run(build("hopper_emulate_selftest.cpp"), "deadlock", timeout=120, env={"DJEPA_EMU_DEADLOCK_S": "2"})
     assert run.returncode == 3 and "deadlock" in run.stdout, run.stdout[-2000:]
+
+
+PLANTS = {1: "swizzle", 2: "descriptor stride", 3: "missing full-barrier wait", 4: "fragment index",
+          5: "missing fence.proxy.async", 6: "accumulators read before wgmma.wait_group"}
+
+
+def _passed(run):
+    return run.returncode == 0 and run.stdout.rstrip().endswith("ALL OK")
+
+
+def _failures(run):
+    return "\n".join([line for line in run.stdout.splitlines() if line.startswith("FAIL")][:20]) or run.stdout[-3000:]
+
+
+def test_denoise_gemm_sm90_matches_float64(build):
+    run = _run(build("denoise_sm90_emulate.cpp"))
+    assert _passed(run), _failures(run)
+
+
+@pytest.fixture(scope="module")
+def denoise_quick(build):
+    exe = build("denoise_sm90_emulate.cpp")
+    clean = _run(exe, "quick")
+    assert _passed(clean), _failures(clean)  # the quick cases pass without a planted bug
+    return exe
+
+
+@pytest.mark.parametrize("plant", sorted(PLANTS), ids=[PLANTS[p] for p in sorted(PLANTS)])
+def test_denoise_gemm_sm90_planted_bug_is_caught(denoise_quick, plant):
+    run = _run(denoise_quick, "quick", f"--plant={plant}", timeout=300, env={"DJEPA_EMU_DEADLOCK_S": "10"})
+    assert not _passed(run) and "FAIL" in run.stdout, run.stdout[-3000:]

@@ -15,7 +15,8 @@
 //  * mbarrier: init / arrive / arrive.expect_tx / try_wait.parity with phases and transaction
 //    counts; too many arrivals is an error. TMA (cp.async.bulk.tensor 2-5d) and cp.async
 //    (16 B, zero fill, .mbarrier.arrive.noinc) are queued on their barrier and land only when a
-//    thread waits on it: data read without waiting is not there (0xFF poison or a stale tile).
+//    thread waits on it (or the barrier's next phase gets its first arrival): data read without
+//    waiting is not there (0xFF poison or a stale tile).
 //    The tensor map is emulated: encode_tiled() has cuTensorMapEncodeTiled's signature and checks
 //    (alignment, strides, box limits, inner box = swizzle span); OOB elements are zero filled;
 //    the destination must be aligned to the swizzle pattern.
@@ -194,6 +195,14 @@ inline Mbar& bar_at(uint32_t off, const char* what) {
     return g_bars[off];
   }
   return it->second;
+}
+
+inline void flush(Mbar& b);
+// A new arrival while the current phase only waits for bytes: its copies land first (a TMA
+// lands within microseconds, long before a producer comes round the ring again), so the arrival
+// opens the next phase, as on the GPU, instead of over-arriving a phase kept open by laziness.
+inline void settle(Mbar& b) {
+  if (b.pending == 0 && !b.deferred.empty()) flush(b);
 }
 
 // Lands every copy queued on the barrier (caller holds g_m).
@@ -555,12 +564,14 @@ inline void mbar_init_fence() {}
 inline void mbar_arrive(uint64_t* bar) {
   std::lock_guard<std::mutex> lk(hemu::g_m);
   hemu::Mbar& b = hemu::bar_at(hemu::smem_offset(bar), "mbarrier.arrive");
+  hemu::settle(b);
   b.pending--;
   hemu::check_phase(b);
 }
 inline void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
   std::lock_guard<std::mutex> lk(hemu::g_m);
   hemu::Mbar& b = hemu::bar_at(hemu::smem_offset(bar), "mbarrier.arrive.expect_tx");
+  hemu::settle(b);
   b.tx += bytes;
   b.pending--;
   hemu::check_phase(b);
@@ -607,6 +618,7 @@ inline void cp_async16(void* dst, const void* src, int src_bytes) {
 inline void cp_async_mbar_arrive(uint64_t* bar) {
   std::lock_guard<std::mutex> lk(hemu::g_m);
   hemu::Mbar& b = hemu::bar_at(hemu::smem_offset(bar), "cp.async.mbarrier.arrive");
+  hemu::settle(b);
   b.deferred.push_back(hemu::Deferred{{}, std::move(t_cp_pending)});
   t_cp_pending.clear();
   hemu::tick();

@@ -24,7 +24,9 @@
 //     8 k rows form an atom; the next 8 k at SBO, the next W / 2 M/N elements at LBO.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include <cuda.h>  // CUtensorMap (a 128-byte opaque value; no driver library is linked)
 #include <cuda_bf16.h>
@@ -39,17 +41,12 @@
 #define DJEPA_HOPPER_BODY 1
 #endif
 
-// Planted bugs (tests only): tools/*_sm90_emulate.cpp are also built with
-// -DDJEPA_HOPPER_PLANT=<n> to check that the emulator catches each class of bug. 0 in every
-// real build, where every `kPlant == ...` test folds away.
-#ifndef DJEPA_HOPPER_PLANT
-#define DJEPA_HOPPER_PLANT 0
-#endif
-
 namespace djepa {
 namespace hopper {
 
-constexpr int kPlant = DJEPA_HOPPER_PLANT;
+// Planted bugs (tests only): tools/*_sm90_emulate.cpp run with --plant=<n> to check that the
+// emulator catches each class of bug. On the GPU planted() is a constant false and every test of
+// it folds away.
 enum Plant : int {
   kPlantNone = 0,
   kPlantSwizzle = 1,     // the wgmma descriptors name the 64-byte swizzle for 128-byte tiles
@@ -58,7 +55,14 @@ enum Plant : int {
   kPlantFragment = 4,    // the epilogue takes accumulator column (i + 1) for column i
   kPlantFence = 5,       // no fence.proxy.async after the fallback path's ordinary smem stores
   kPlantWgmmaWait = 6,   // the accumulators are read before wgmma.wait_group 0
+  kPlantCount = 7,
 };
+#if defined(DJEPA_HOPPER_EMULATE)
+inline int g_plant = kPlantNone;
+inline bool planted(int bug) { return g_plant == bug; }
+#else
+__host__ __device__ constexpr bool planted(int) { return false; }
+#endif
 
 constexpr int kWarpGroup = 128;
 
@@ -212,6 +216,39 @@ __device__ __forceinline__ float ex2(float x) {
   return y;
 }
 __device__ __forceinline__ float shfl_xor(float v, int mask) { return __shfl_xor_sync(0xffffffffu, v, mask); }
+#else   // !DJEPA_SM90A: the host pass and the sm_80 / plain sm_90 device passes parse the kernels
+        // (whose bodies are compiled out there) against these never-called stand-ins.
+__device__ __forceinline__ void mbar_init(uint64_t*, int) {}
+__device__ __forceinline__ void mbar_init_fence() {}
+__device__ __forceinline__ void mbar_arrive(uint64_t*) {}
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t*, uint32_t) {}
+__device__ __forceinline__ bool mbar_try_wait(uint64_t*, uint32_t) { return true; }
+__device__ __forceinline__ void mbar_wait(uint64_t*, uint32_t) {}
+__device__ __forceinline__ void tma_prefetch(const CUtensorMap*) {}
+__device__ __forceinline__ void tma_load_2d(void*, const CUtensorMap*, int, int, uint64_t*) {}
+__device__ __forceinline__ void tma_load_4d(void*, const CUtensorMap*, int, int, int, int, uint64_t*) {}
+__device__ __forceinline__ void cp_async16(void*, const void*, int) {}
+__device__ __forceinline__ void cp_async_mbar_arrive(uint64_t*) {}
+__device__ __forceinline__ void fence_proxy_async() {}
+__device__ __forceinline__ void st_shared16(void* dst, uint4 v) { *reinterpret_cast<uint4*>(dst) = v; }
+__device__ __forceinline__ void named_bar_sync(int, int) {}
+__device__ __forceinline__ void named_bar_arrive(int, int) {}
+template <int R>
+__device__ __forceinline__ void setmaxnreg_inc() {}
+template <int R>
+__device__ __forceinline__ void setmaxnreg_dec() {}
+__device__ __forceinline__ void wgmma_fence() {}
+__device__ __forceinline__ void wgmma_commit() {}
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {}
+template <int R>
+__device__ __forceinline__ void fence_regs(float (&)[R]) {}
+__device__ __forceinline__ float ex2(float x) { return exp2f(x); }
+__device__ __forceinline__ float shfl_xor(float v, int) { return v; }
+template <typename T, int N, int TA, int TB>
+__device__ __forceinline__ void wgmma_ss(float (&)[N / 2], uint64_t, uint64_t, int) {}
+template <typename T, int N, int TB>
+__device__ __forceinline__ void wgmma_rs(float (&)[N / 2], const uint32_t (&)[4], uint64_t, int) {}
 #endif  // DJEPA_SM90A
 #endif  // !DJEPA_HOPPER_EMULATE
 
