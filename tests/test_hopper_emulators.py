@@ -98,3 +98,22 @@ def denoise_quick(build):
 def test_denoise_gemm_sm90_planted_bug_is_caught(denoise_quick, plant):
     run = _run(denoise_quick, "quick", f"--plant={plant}", timeout=300, env={"DJEPA_EMU_DEADLOCK_S": "10"})
     assert not _passed(run) and "FAIL" in run.stdout, run.stdout[-3000:]
+
+
+def test_attention_sm90_matches_float64(build):
+    run = _run(build("attention_sm90_emulate.cpp"))
+    assert _passed(run), _failures(run)
+
+
+@pytest.fixture(scope="module")
+def attention_quick(build):
+    exe = build("attention_sm90_emulate.cpp")
+    clean = _run(exe, "quick")
+    assert _passed(clean), _failures(clean)
+    return exe
+
+
+@pytest.mark.parametrize("plant", sorted(PLANTS), ids=[PLANTS[p] for p in sorted(PLANTS)])
+def test_attention_sm90_planted_bug_is_caught(attention_quick, plant):
+    run = _run(attention_quick, "quick", f"--plant={plant}", timeout=300, env={"DJEPA_EMU_DEADLOCK_S": "10"})
+    assert not _passed(run) and "FAIL" in run.stdout, run.stdout[-3000:]

@@ -84,6 +84,7 @@ inline size_t g_dyn_bytes = 0;
 inline std::mutex g_m;                  // guards everything below
 inline std::condition_variable g_cv;
 inline std::atomic<unsigned long> g_progress{0};
+inline unsigned g_block_id = 0;
 
 constexpr int kClean = -1, kAnyFence = -2;  // chunk owners (16-byte chunks of the window)
 inline std::unique_ptr<std::atomic<int>[]> g_owner(new std::atomic<int>[kWindowBytes / 16]);
@@ -477,6 +478,13 @@ inline void dump_waiters_and_exit() {
     if (shown++ >= 24) break;
     std::printf("  thread %u waits on %s (smem %u, parity %u)\n", tid, w.what, w.addr, w.parity);
   }
+  std::printf("  block %u; mbarriers (smem: phase, pending arrivals / count, tx bytes, queued copies):\n", g_block_id);
+  shown = 0;
+  for (auto& [off, b] : g_bars) {
+    if (shown++ >= 32) break;
+    std::printf("    %u: phase %lu, %d/%d, tx %lld, %zu queued\n", off, b.phase, b.pending, b.count, b.tx,
+                b.deferred.size());
+  }
   std::printf("SOME FAILED\n");
   std::fflush(stdout);
   std::_Exit(3);
@@ -491,6 +499,7 @@ inline bool launch(dim3 grid, int threads, size_t smem_bytes, const std::functio
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) {
+        g_block_id = x + grid.x * (y + grid.y * z);
         std::memset(g_window, 0xff, sizeof(g_window));
         for (size_t i = 0; i < kWindowBytes / 16; ++i) g_owner[i].store(kClean);
         g_any_dirty.clear();
@@ -499,6 +508,8 @@ inline bool launch(dim3 grid, int threads, size_t smem_bytes, const std::functio
         g_aex.clear();
         g_waiting.clear();
         g_block_bar.reset(threads);
+        for (auto& w : g_hwarps) w.bar.reset(32);  // a block cannot inherit a half-used collective
+        for (auto& w : g_wg_bar) w.bar.reset(128);
         std::atomic<bool> done{false};
         std::thread watchdog([&] {
           unsigned long last = g_progress.load();
