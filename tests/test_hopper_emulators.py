@@ -117,3 +117,21 @@ def attention_quick(build):
 def test_attention_sm90_planted_bug_is_caught(attention_quick, plant):
     run = _run(attention_quick, "quick", f"--plant={plant}", timeout=300, env={"DJEPA_EMU_DEADLOCK_S": "10"})
     assert not _passed(run) and "FAIL" in run.stdout, run.stdout[-3000:]
+
+
+# Producer threads 1, 45, 89, 127 sleep 300 ms after every barrier wait (the old code hung on
+# this schedule every time; a lagging consumer thread would slow its whole warpgroup instead).
+LAG = {"DJEPA_EMU_LAG": "1,45,89,127:300", "DJEPA_EMU_DEADLOCK_S": "20"}
+
+
+def test_attention_sm90_survives_lagging_threads(attention_quick):
+    # Producer threads that fall behind (DJEPA_EMU_LAG) must not hang the pipeline: before the
+    # fix, threads waiting on the empty barriers of a TMA stream they do not fill missed a phase
+    # and waited on the wrong parity for ever (first seen as a rare hang of the backward).
+    run = _run(attention_quick, "quick", timeout=900, env=LAG)
+    assert _passed(run), _failures(run)
+
+
+def test_denoise_gemm_sm90_survives_lagging_threads(denoise_quick):
+    run = _run(denoise_quick, "quick", timeout=900, env=LAG)
+    assert _passed(run), _failures(run)

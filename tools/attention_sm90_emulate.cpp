@@ -7,7 +7,7 @@
 // poisoned (NaN), shared memory is 0xFF, and results are compared with a float64 reference on
 // the same rounded inputs, over head dims 64 / 80 / 96 / 128, fp16 / bf16, dense and masked keys
 // (densities, a sample without visible keys, all samples empty), odd Nq != Nk, several key tiles
-// (forward: 128 keys; backward: 64 keys / queries per streamed tile, 32 at D = 128)
+// (forward: 128 keys; backward: 64 keys / queries per streamed tile, 32 at D >= 96)
 // (the K / V ring wraps inside and across work items of a persistent CTA), fused-QKV strided
 // views, and strides that are not 16-byte aligned (fallback path).
 //
@@ -260,6 +260,7 @@ int main(int argc, char** argv) {
       {1, 2, 130, 150, 64, -1.0, false, false, false},  // dense: TMA, 2 key tiles, 2 items
       {2, 1, 70, 200, 80, 0.6, true, false, true},      // masked: cp.async gather, fused QKV views
       {1, 1, 40, 90, 96, 0.5, false, true, false},      // odd token stride: ordinary loads
+      {2, 1, 256, 256, 64, 0.25, false, false, false},  // D-JEPA: gathered K/V, TMA Q / dO, 2 items per CTA
   };
   const Case cases[] = {
       {1, 2, 130, 150, 64, -1.0, false, false, false},

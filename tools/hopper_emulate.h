@@ -24,6 +24,8 @@
 //    setmaxnreg (no-op), ex2.approx.
 //  * a watchdog: no progress for DJEPA_EMU_DEADLOCK_S seconds (default 30) prints what every
 //    waiting thread waits on and exits with status 3 (a missing arrive hangs a GPU).
+//  * DJEPA_EMU_LAG="tids:ms": the given threads sleep after every barrier wait, to expose races
+//    that need one thread to lag behind the others.
 // Not emulated: clusters / multicast, the real concurrency of the copy engine with other work
 // (copies land lazily, at waits), register-count limits of setmaxnreg, timing.
 #pragma once
@@ -45,6 +47,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <tuple>
 #include <unordered_map>
 
 namespace hemu {
@@ -139,6 +142,40 @@ inline std::map<std::pair<int, long>, AExchange> g_aex;
 
 inline void tick() {
   g_progress.fetch_add(1, std::memory_order_relaxed);
+}
+
+// DJEPA_EMU_LAG="t1,t2,...:ms": threads t1, t2, ... of every block sleep `ms` after each barrier
+// wait, so they fall behind the others as a GPU's warp scheduler may let them. Races that need
+// one lagging thread (e.g. a thread waiting on a barrier of a stream it does not fill, which can
+// then miss a phase and wait on the wrong parity for ever) show up as a hang or wrong data.
+struct Lag {
+  std::vector<unsigned> tids;
+  int ms = 0;
+};
+inline const Lag& lag_config() {
+  static const Lag lag = [] {
+    Lag l;
+    const char* s = std::getenv("DJEPA_EMU_LAG");
+    if (!s) return l;
+    std::string v(s);
+    const size_t colon = v.find(':');
+    if (colon == std::string::npos) return l;
+    l.ms = std::atoi(v.c_str() + colon + 1);
+    size_t pos = 0;
+    while (pos < colon) {
+      const size_t comma = std::min(v.find(',', pos), colon);
+      l.tids.push_back(unsigned(std::atoi(v.substr(pos, comma - pos).c_str())));
+      pos = comma + 1;
+    }
+    return l;
+  }();
+  return lag;
+}
+inline void lag() {
+  const Lag& l = lag_config();
+  if (l.ms <= 0) return;
+  for (unsigned t : l.tids)
+    if (t == threadIdx.x) std::this_thread::sleep_for(std::chrono::milliseconds(l.ms));
 }
 
 // ------------------------------------------------------------------------------ addresses
@@ -473,11 +510,16 @@ inline void dump_waiters_and_exit() {
   std::unique_lock<std::mutex> state(g_m, std::try_to_lock);  // best effort: a waiter may hold it
   std::printf("FAIL emulator deadlock: no progress for %.0f s; threads waiting on mbarriers / named barriers "
               "(others wait in __syncthreads, a warp or warpgroup collective):\n", deadlock_seconds());
-  int shown = 0;
+  // Group the waiters by what they wait on: (kind, smem, parity) -> thread ranges.
+  std::map<std::tuple<std::string, uint32_t, unsigned>, std::string> groups;
   for (auto& [tid, w] : g_waiting) {
-    if (shown++ >= 24) break;
-    std::printf("  thread %u waits on %s (smem %u, parity %u)\n", tid, w.what, w.addr, w.parity);
+    std::string& r = groups[{w.what, w.addr, w.parity}];
+    if (r.size() < 160) r += (r.empty() ? "" : ",") + std::to_string(tid);
   }
+  for (auto& [key, tids] : groups)
+    std::printf("  %s (smem %u, parity %u): threads %s\n", std::get<0>(key).c_str(), std::get<1>(key),
+                std::get<2>(key), tids.c_str());
+  int shown = 0;
   std::printf("  block %u; mbarriers (smem: phase, pending arrivals / count, tx bytes, queued copies):\n", g_block_id);
   shown = 0;
   for (auto& [off, b] : g_bars) {
@@ -606,6 +648,8 @@ inline void mbar_wait(uint64_t* bar, uint32_t parity) {
   }
   hemu::g_waiting.erase(threadIdx.x);
   hemu::tick();
+  lk.unlock();
+  hemu::lag();
 }
 
 inline void tma_prefetch(const CUtensorMap*) {}

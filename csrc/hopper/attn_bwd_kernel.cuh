@@ -4,7 +4,7 @@
 // Both kernels share one structure: a work item keeps two 128-row tiles in shared memory (dk/dv:
 // the gathered K and V of 128 compacted keys; dq: Q and dO of 128 queries), double buffered so
 // the producer fetches the next item's while the consumers work, and streams pairs of 64-row
-// (D = 128: 32-row) tiles through a 2-3 stage ring (dk/dv: Q and dO over all queries; dq: the gathered K and V
+// (D >= 96: 32-row) tiles through a 2-3 stage ring (dk/dv: Q and dO over all queries; dq: the gathered K and V
 // over the visible keys). Loads follow the forward's paths (attn_producer.cuh): TMA for dense
 // streams and dO, cp.async gathers for masked keys, ordinary loads for unaligned views.
 // dk/dv items cover every key tile, also the invisible ones, whose rows are written as zeros
@@ -91,7 +91,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int count = visible_count(p, it.b);
       if (it.m0 >= count) continue;
       const int slot = n_f & 1;
-      mbar_wait(&sm.f_empty[slot], ((n_f >> 1) & 1) ^ 1);
+      if (fills(p.kv_path, ptid)) mbar_wait(&sm.f_empty[slot], ((n_f >> 1) & 1) ^ 1);
       ++n_f;
       const int* index = p.kv_index ? p.kv_index + static_cast<long long>(it.b) * p.Nk : nullptr;
       unsigned char* f = sm.fixed + slot * S::kFixedBytes;
@@ -101,8 +101,9 @@ __global__ void __launch_bounds__(kThreads, 1)
                              it.m0, count, it.h, it.b, &sm.f_full[2 * slot + 1], ptid);
       const T* qb = Q + it.b * p.qs[0] + it.h * p.qs[1];
       const T* db = dO + (static_cast<long long>(it.b) * p.H + it.h) * p.Nq * D;
+      const bool streams = fills(p.q_path, ptid) || fills(p.do_path, ptid);
       for (int m0 = 0; m0 < p.Nq; m0 += S::kStreamRows) {
-        mbar_wait(&sm.s_empty[stage], phase ^ 1);
+        if (streams) mbar_wait(&sm.s_empty[stage], phase ^ 1);
         unsigned char* st = sm.stages + stage * S::kStreamBytes;
         fill<T, D, S::kStreamRows>(p.q_path, st, maps.q, qb, p.qs[2], nullptr, m0, p.Nq, it.h, it.b, &sm.s_full[2 * stage],
                                 ptid);
@@ -181,7 +182,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int count = visible_count(p, it.b);
       if (count == 0) continue;
       const int slot = n_f & 1;
-      mbar_wait(&sm.f_empty[slot], ((n_f >> 1) & 1) ^ 1);
+      if (fills(p.q_path, ptid) || fills(p.do_path, ptid)) mbar_wait(&sm.f_empty[slot], ((n_f >> 1) & 1) ^ 1);
       ++n_f;
       unsigned char* f = sm.fixed + slot * S::kFixedBytes;
       fill<T, D, kFixedRows>(p.q_path, f, maps.q, Q + it.b * p.qs[0] + it.h * p.qs[1], p.qs[2], nullptr, it.m0, p.Nq,
@@ -193,7 +194,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       const T* kb = K + it.b * p.ks[0] + it.h * p.ks[1];
       const T* vb = V + it.b * p.vs[0] + it.h * p.vs[1];
       for (int j0 = 0; j0 < count; j0 += S::kStreamRows) {
-        mbar_wait(&sm.s_empty[stage], phase ^ 1);
+        if (fills(p.kv_path, ptid)) mbar_wait(&sm.s_empty[stage], phase ^ 1);
         unsigned char* st = sm.stages + stage * S::kStreamBytes;
         fill<T, D, S::kStreamRows>(p.kv_path, st, maps.k, kb, p.ks[2], index, j0, count, it.h, it.b, &sm.s_full[2 * stage],
                                 ptid);

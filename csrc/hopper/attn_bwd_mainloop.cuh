@@ -2,7 +2,7 @@
 // written once, by one thread, with no atomics).
 //
 // dK / dV, one warpgroup's 64 compacted keys of a 128-key work item, per R-query tile (R =
-// stream_rows<D>(): 64, 32 at D = 128):
+// stream_rows<D>(): 64, 32 at D >= 96):
 //   S^T = K Q^T and dP^T = V dO^T  (wgmma.m64nRk16, K and V from the item's fixed tiles as A,
 //                                   Q and dO from the stage as B, all K-major)
 //   P^T = exp(scale s - lse[q]), dS^T = P^T (dP^T - delta[q])   (in registers; rows = keys;

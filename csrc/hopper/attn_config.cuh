@@ -81,12 +81,12 @@ struct Params {
 
 // The backward kernels keep two 128-row tiles per work item (dk/dv: K and V of 128 compacted
 // keys; dq: Q and dO of 128 queries), double buffered across items, and stream pairs of 64-row
-// tiles (32 at D = 128, where dK + dV alone take 128 fp32 registers per consumer thread) through
-// a ring (dk/dv: Q and dO; dq: K and V).
+// tiles (32 at D >= 96, where dK + dV alone take 96-128 fp32 registers per consumer thread and
+// 64-row tiles spill) through a ring (dk/dv: Q and dO; dq: K and V).
 constexpr int kFixedRows = 128;
 template <int D>
 __host__ __device__ constexpr int stream_rows() {
-  return D == 128 ? 32 : 64;
+  return D >= 96 ? 32 : 64;
 }
 template <int D>
 struct BwdShape {

@@ -84,7 +84,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int count = visible_count(p, it.b);
       if (count == 0) continue;
       const int slot = n_q & 1;
-      mbar_wait(&q_empty[slot], ((n_q >> 1) & 1) ^ 1);
+      if (fills(p.q_path, ptid)) mbar_wait(&q_empty[slot], ((n_q >> 1) & 1) ^ 1);
       ++n_q;
       fill<T, D, kBM>(p.q_path, sq + slot * C::kQBytes, maps.q, Q + it.b * p.qs[0] + it.h * p.qs[1], p.qs[2],
                       nullptr, it.m0, p.Nq, it.h, it.b, &q_full[slot], ptid);
@@ -92,7 +92,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       const T* kb = K + it.b * p.ks[0] + it.h * p.ks[1];
       const T* vb = V + it.b * p.vs[0] + it.h * p.vs[1];
       for (int t = 0; t * kBN < count; ++t) {
-        mbar_wait(&kv_empty[stage], phase ^ 1);
+        if (fills(p.kv_path, ptid)) mbar_wait(&kv_empty[stage], phase ^ 1);
         unsigned char* kt = stages + stage * 2 * C::kKVBytes;
         fill<T, D, kBN>(p.kv_path, kt, maps.k, kb, p.ks[2], index, t * kBN, count, it.h, it.b, &k_full[stage], ptid);
         fill<T, D, kBN>(p.kv_path, kt + C::kKVBytes, maps.v, vb, p.vs[2], index, t * kBN, count, it.h, it.b,

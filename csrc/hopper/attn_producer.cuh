@@ -72,6 +72,12 @@ __device__ __forceinline__ void fill(int path, unsigned char* tile, const CUtens
 // Barrier counts of a stream's full barriers.
 __host__ __device__ inline int full_count(int path) { return path == kPathTma ? 1 : kWarpGroup; }
 
+// Whether producer thread ptid takes part in filling a tile loaded by `path`. Only those threads
+// may wait on the tile's empty barrier: a thread that waits on a stream it does not fill can
+// fall two phases behind it (the others fill and the consumers release without it) and then
+// waits on the wrong parity for ever. (The emulator found this hang in the backward.)
+__host__ __device__ inline bool fills(int path, int ptid) { return path != kPathTma || ptid == 0; }
+
 }  // namespace attn
 }  // namespace hopper
 }  // namespace djepa
