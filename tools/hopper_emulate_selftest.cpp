@@ -1,0 +1,642 @@
+// Self-test of tools/hopper_emulate.h: the emulated wgmma, descriptors, TMA, mbarrier, cp.async
+// and proxy-fence rules against the PTX ISA's own definitions, and against each other.
+//
+//   g++ -std=c++17 -O2 -pthread -I/usr/local/cuda/include -I csrc -I tools \
+//       tools/hopper_emulate_selftest.cpp -o /tmp/hopper_selftest && /tmp/hopper_selftest [section]
+//
+// Sections (all by default): desc | tma | wgmma | mbar | proxy | cpasync; `deadlock` (not in
+// the default run) must end the process with status 3 through the watchdog.
+//  desc    descriptor decode == the "exact layouts" the PTX ISA gives as examples for its LBO / SBO
+//          encodings (K-major none / 32 B, MN-major none / 32 B / 64 B), element by element.
+//  tma     TMA boxes land where the swizzle tables put 16-byte chunks (128 B: chunk c of row r at
+//          c ^ (r % 8); 64 B: c ^ (r / 2 % 4); 32 B: c ^ (r / 4 % 2)), OOB is zero, and the
+//          encoder refuses what cuTensorMapEncodeTiled refuses.
+//  wgmma   D = A * B (+ C) in float64 for f16/bf16, every swizzle mode, K- and MN-major A and B,
+//          A from registers, N = 8 .. 256, every k step inside a swizzle row, LBO and SBO each
+//          carrying the block pitch; results read through the ISA's accumulator layout.
+//  mbar    phases, parity, arrival counts, transaction bytes; arrivals beyond the count in a
+//          phase still waiting for bytes, and arrivals on an uninitialised barrier, are errors.
+//  proxy   wgmma on ordinary stores without fence.proxy.async is an error, with it is clean.
+//  cpasync a cp.async ring with .mbarrier.arrive.noinc feeding wgmma; the same ring whose
+//          consumer skips the full-barrier wait must give a wrong result (planted bug).
+#include "hopper_emulate.h"
+
+#include "hopper/ptx.cuh"
+
+#include <functional>
+
+using namespace djepa::hopper;
+
+static bool report(bool ok, const std::string& what, const std::string& detail = "") {
+  std::printf("%s %s%s%s\n", ok ? "ok  " : "FAIL", what.c_str(), detail.empty() ? "" : "  ", detail.c_str());
+  return ok;
+}
+
+template <typename T>
+static T to_t(float x) {
+  if constexpr (std::is_same_v<T, __half>) return __float2half_rn(x);
+  else return __float2bfloat16_rn(x);
+}
+template <typename T>
+static float to_f(T x) {
+  if constexpr (std::is_same_v<T, __half>) return __half2float(x);
+  else return __bfloat162float(x);
+}
+template <typename T>
+static uint16_t bits(T x) {
+  uint16_t b;
+  std::memcpy(&b, &x, 2);
+  return b;
+}
+template <typename T>
+static const char* tname() {
+  return std::is_same_v<T, __half> ? "f16" : "bf16";
+}
+
+// ----------------------------------------------------------------------------------- desc
+// CuTe layout ((s0,s1,..),(t0,t1,..)):((d0,d1,..),(e0,e1,..)) of element coordinates (mn, k),
+// offsets in elements, then the swizzle on byte addresses (as the ISA's examples state them).
+// CuTe's Swizzle<B, M=4, S=3> on a byte address: the B bits above M + S fold onto bits [M, M + B).
+static uint32_t cute_swizzle(int mode, uint32_t addr) {
+  const int B = mode == kSwizzle128 ? 3 : mode == kSwizzle64 ? 2 : mode == kSwizzle32 ? 1 : 0;
+  const uint32_t yyy = ((1u << B) - 1) << (4 + 3);
+  return addr ^ ((addr & yyy) >> 3);
+}
+
+struct Mode {
+  std::vector<int> shape, stride;
+  int at(int x) const {
+    int off = 0;
+    for (size_t i = 0; i < shape.size(); ++i) {
+      off += (x % shape[i]) * stride[i];
+      x /= shape[i];
+    }
+    return off;
+  }
+};
+
+static bool desc_case(const char* name, bool mn_major, int eb, int mode, Mode rows, Mode cols, int lbo, int sbo,
+                      int n_mn, int n_k) {
+  const uint32_t base = 4096;
+  const uint64_t desc = make_desc(base, lbo, sbo, mode);
+  const hemu::DescFields f = hemu::decode_desc(desc);
+  bool ok = f.start == base && f.lbo == uint32_t(lbo) && f.sbo == uint32_t(sbo) && f.mode == mode && f.base_offset == 0;
+  int bad = 0;
+  for (int mn = 0; mn < n_mn; ++mn)
+    for (int k = 0; k < n_k; ++k) {
+      const uint32_t want = cute_swizzle(mode, base + uint32_t((rows.at(mn) + cols.at(k)) * eb));
+      if (hemu::operand_addr(f, mn_major, mn, k, eb) != want) ++bad;
+    }
+  return report(ok && bad == 0, std::string("desc ") + name,
+                bad ? std::to_string(bad) + " elements misplaced" : "");
+}
+
+static bool test_desc() {
+  bool ok = true;
+  // The five examples of the PTX ISA section "Canonical Layouts" (tf32: 4-byte, bf16: 2-byte),
+  // restricted to one instruction's K (32 bytes of K per row).
+  ok = desc_case("K-major none tf32 ((8,2),(4,4)):((4,32),(1,64)) LBO=256 SBO=128", false, 4, kSwizzleNone,
+                 {{8, 2}, {4, 32}}, {{4, 4}, {1, 64}}, 64 * 4, 32 * 4, 16, 8) && ok;
+  ok = desc_case("K-major 32B tf32 ((8,2),(4,4)):((8,64),(1,4)) SBO=256", false, 4, kSwizzle32, {{8, 2}, {8, 64}},
+                 {{4, 4}, {1, 4}}, 16, 64 * 4, 16, 8) && ok;
+  ok = desc_case("MN-major none bf16 ((8,1,2),(8,2)):((1,8,64),(8,128)) LBO=256 SBO=128", true, 2, kSwizzleNone,
+                 {{8, 1, 2}, {1, 8, 64}}, {{8, 2}, {8, 128}}, 128 * 2, 64 * 2, 16, 16) && ok;
+  ok = desc_case("MN-major 32B bf16 ((8,2,2),(8,2)):((1,8,128),(16,256)) LBO=256 SBO=512", true, 2, kSwizzle32,
+                 {{8, 2, 2}, {1, 8, 128}}, {{8, 2}, {16, 256}}, 128 * 2, 256 * 2, 32, 16) && ok;
+  ok = desc_case("MN-major 64B bf16 ((8,4,2),(8,2)):((1,8,256),(32,512)) LBO=512 SBO=1024", true, 2, kSwizzle64,
+                 {{8, 4, 2}, {1, 8, 256}}, {{8, 2}, {32, 512}}, 256 * 2, 512 * 2, 64, 16) && ok;
+  // 128 B by the ISA's table: K-major ((8,m),(T,2)):((8T,SBO),(1,T)), MN-major ((T,8,m),(8,k)):((1,T,LBO),(8T,SBO)).
+  ok = desc_case("K-major 128B bf16 ((8,2),(8,2)):((64,512),(1,8)) SBO=1024", false, 2, kSwizzle128,
+                 {{8, 2}, {64, 512}}, {{8, 2}, {1, 8}}, 16, 1024, 16, 16) && ok;
+  ok = desc_case("MN-major 128B bf16 ((8,8,2),(8,2)):((1,8,1024),(64,4096)) LBO=2048 SBO=8192", true, 2, kSwizzle128,
+                 {{8, 8, 2}, {1, 8, 1024}}, {{8, 2}, {64, 4096}}, 2048, 8192, 128, 16) && ok;
+  // A wrong field must move elements (what the planted-bug tests rely on).
+  {
+    const hemu::DescFields f = hemu::decode_desc(make_desc(4096, 16, 1024, kSwizzle128));
+    hemu::DescFields g = f;
+    g.mode = kSwizzle64;
+    int moved = 0;
+    for (int r = 0; r < 16; ++r)
+      for (int k = 0; k < 16; ++k) moved += hemu::operand_addr(f, false, r, k, 2) != hemu::operand_addr(g, false, r, k, 2);
+    ok = report(moved > 0, "desc: 64B instead of 128B swizzle moves elements", std::to_string(moved)) && ok;
+  }
+  return ok;
+}
+
+// ----------------------------------------------------------------------------------- tma
+static bool test_tma() {
+  bool ok = true;
+  alignas(64) CUtensorMap map;
+  std::vector<uint16_t> g(40 * 200);
+  for (size_t i = 0; i < g.size(); ++i) g[i] = uint16_t(i * 7 + 1);
+  const cuuint32_t es[2] = {1, 1};
+  for (int mode : {kSwizzle128, kSwizzle64, kSwizzle32, kSwizzleNone}) {
+    const int span = mode == kSwizzleNone ? 64 : swizzle_bytes(mode);
+    const int inner = span / 2, rows = 24;
+    const cuuint64_t dims[2] = {200, 40}, strides[1] = {400};
+    const cuuint32_t box[2] = {cuuint32_t(inner), cuuint32_t(rows)};
+    const CUtensorMapSwizzle sw = mode == kSwizzle128 ? CU_TENSOR_MAP_SWIZZLE_128B
+                                  : mode == kSwizzle64 ? CU_TENSOR_MAP_SWIZZLE_64B
+                                  : mode == kSwizzle32 ? CU_TENSOR_MAP_SWIZZLE_32B
+                                                       : CU_TENSOR_MAP_SWIZZLE_NONE;
+    CUresult r = hemu::encode_tiled(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, g.data(), dims, strides, box, es,
+                                    CU_TENSOR_MAP_INTERLEAVE_NONE, sw, CU_TENSOR_MAP_L2_PROMOTION_NONE,
+                                    CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    const int c0 = 200 - inner / 2, c1 = -3;  // crosses the inner end and starts above row 0
+    std::vector<uint16_t> got(inner * rows);
+    const bool run = hemu::launch(dim3(1), 32, 8192, [&] {
+      unsigned char* s = dynamic_smem();
+      unsigned char* tile = s + ((1024 - (smem_u32(s) & 1023)) & 1023) + 1024;
+      uint64_t* bar = reinterpret_cast<uint64_t*>(tile - 64);
+      if (threadIdx.x == 0) {
+        mbar_init(bar, 1);
+        mbar_arrive_expect_tx(bar, inner * rows * 2);
+        tma_load_2d(tile, &map, c0, c1, bar);
+        mbar_wait(bar, 0);
+        std::memcpy(got.data(), tile, got.size() * 2);
+      }
+    });
+    int bad = 0;
+    for (int rr = 0; rr < rows; ++rr)
+      for (int i = 0; i < inner; ++i) {
+        const int chunk = i / 8, in = i % 8, cpr = span / 16;
+        int phys = chunk;
+        if (mode == kSwizzle128) phys = chunk ^ (rr % 8);
+        if (mode == kSwizzle64) phys = chunk ^ ((rr / 2) % 4);
+        if (mode == kSwizzle32) phys = chunk ^ ((rr / 4) % 2);
+        const int gr = c1 + rr, gc = c0 + i;
+        const uint16_t want = (gr < 0 || gr >= 40 || gc >= 200) ? 0 : g[gr * 200 + gc];
+        if (got[rr * inner + phys * 8 + in] != want) ++bad;
+        (void)cpr;
+      }
+    ok = report(r == CUDA_SUCCESS && run && bad == 0, "tma 2d box " + std::to_string(span) + "B rows, swizzle mode " +
+                                                          std::to_string(mode) + " with OOB fill",
+                bad ? std::to_string(bad) + " elements wrong" : "") && ok;
+  }
+  // The encoder refuses what the driver refuses (misaligned base, stride not a multiple of 16,
+  // box > 256, inner box wider than the swizzle).
+  {
+    const cuuint64_t dims[2] = {200, 40};
+    const cuuint64_t good_s[1] = {400}, bad_s[1] = {402};
+    const cuuint32_t box[2] = {64, 24}, big[2] = {64, 300}, wide[2] = {128, 8};
+    auto enc = [&](void* base, const cuuint64_t* s, const cuuint32_t* b, CUtensorMapSwizzle sw) {
+      return hemu::encode_tiled(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, base, dims, s, b, es,
+                                CU_TENSOR_MAP_INTERLEAVE_NONE, sw, CU_TENSOR_MAP_L2_PROMOTION_NONE,
+                                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    };
+    const bool refused = enc(g.data() + 1, good_s, box, CU_TENSOR_MAP_SWIZZLE_128B) != CUDA_SUCCESS &&
+                         enc(g.data(), bad_s, box, CU_TENSOR_MAP_SWIZZLE_128B) != CUDA_SUCCESS &&
+                         enc(g.data(), good_s, big, CU_TENSOR_MAP_SWIZZLE_128B) != CUDA_SUCCESS &&
+                         enc(g.data(), good_s, wide, CU_TENSOR_MAP_SWIZZLE_128B) != CUDA_SUCCESS &&
+                         enc(g.data(), good_s, box, CU_TENSOR_MAP_SWIZZLE_128B) == CUDA_SUCCESS;
+    ok = report(refused, "tma encoder refuses misaligned base / stride, box > 256, inner box > swizzle") && ok;
+  }
+  // A misaligned swizzled destination is an emulator error.
+  {
+    const cuuint64_t dims[2] = {200, 40}, s[1] = {400};
+    const cuuint32_t box[2] = {64, 8};
+    hemu::encode_tiled(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, g.data(), dims, s, box, es,
+                       CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_NONE,
+                       CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    std::printf("     (one EMU-ERROR expected next)\n");
+    const bool run = hemu::launch(dim3(1), 32, 8192, [&] {
+      unsigned char* s = dynamic_smem();
+      unsigned char* tile = s + ((1024 - (smem_u32(s) & 1023)) & 1023) + 1024 + 512;
+      uint64_t* bar = reinterpret_cast<uint64_t*>(tile - 64);
+      if (threadIdx.x == 0) {
+        mbar_init(bar, 1);
+        mbar_arrive_expect_tx(bar, 64 * 8 * 2);
+        tma_load_2d(tile, &map, 0, 0, bar);
+        mbar_wait(bar, 0);
+      }
+    });
+    ok = report(!run, "tma: 128B-swizzled box to a 512-byte aligned destination is an error") && ok;
+  }
+  return ok;
+}
+
+// ----------------------------------------------------------------------------------- wgmma
+// The ISA's m64nNk16 fragments (CuTe's CLayout_64xN = ((4,8,4),(2,2,N/8)):((128,1,16),(64,8,512))
+// and ALayout_64x16 = ((4,8,4),(2,2,2)):((128,1,16),(64,8,512)), column-major (m + 64 n)).
+static void c_coord(int t, int i, int& row, int& col) {
+  const int idx = (t % 4) * 128 + ((t / 4) % 8) * 1 + (t / 32) * 16 + (i % 2) * 64 + ((i / 2) % 2) * 8 + (i / 4) * 512;
+  row = idx % 64;
+  col = idx / 64;
+}
+static void a_coord(int t, int v, int& row, int& k) { c_coord(t, v, row, k); }  // same layout for 16 columns
+
+// Writes a [rows][cols] matrix (row-major, `rows` = the M/N extent when mn_major is false) into
+// shared memory in the layout `desc` describes. Swizzled K-major tiles and MN-major tiles go
+// through TMA boxes (an independent path); unswizzled ones through the ISA's example formula.
+struct Operand {
+  int mode;
+  bool mn_major;
+  int ext;         // M or N extent
+  bool lbo_major;  // MN-major: blocks along MN are the outer (LBO > SBO) arrangement
+  uint32_t lbo, sbo;
+  uint32_t bytes;
+};
+
+static Operand plan(int mode, bool mn_major, int ext, bool lbo_major) {
+  Operand o{mode, mn_major, ext, lbo_major, 0, 0, 0};
+  const int W = swizzle_bytes(mode);
+  if (!mn_major) {
+    if (mode == kSwizzleNone) {  // core matrices: 8 rows x 16 B; k chunks at LBO, row groups at SBO
+      o.lbo = 128;
+      o.sbo = 256;
+      o.bytes = (ext / 8) * 256;
+    } else {
+      o.sbo = 8 * W;
+      o.lbo = 16;
+      o.bytes = ext * W;
+    }
+  } else {
+    const int nb = mode == kSwizzleNone ? ext / 8 : std::max(1, ext / (W / 2));  // blocks along MN
+    const uint32_t atom = mode == kSwizzleNone ? 128 : 8 * W;       // one block x 8 k
+    if (lbo_major) {
+      o.sbo = atom;
+      o.lbo = 2 * atom;
+    } else {
+      o.lbo = atom;
+      o.sbo = nb * atom;
+    }
+    if (mode == kSwizzleNone) std::swap(o.lbo, o.sbo);  // none: SBO steps along MN, LBO along k
+    o.bytes = nb * 2 * atom;
+  }
+  return o;
+}
+
+struct Keep {  // tensor maps and transposed sources: the copies land later, at the wait
+  std::vector<std::unique_ptr<CUtensorMap>> maps;
+  std::vector<std::vector<uint16_t>> bufs;
+};
+
+template <typename T>
+static void place(const Operand& o, unsigned char* tile, const std::vector<T>& m, int kcols, uint64_t* bar,
+                  Keep& keep) {
+  auto& maps = keep.maps;
+  // m: [ext][kcols] row-major (element (mn, k)).
+  const int W = swizzle_bytes(o.mode);
+  const cuuint32_t es[2] = {1, 1};
+  const CUtensorMapSwizzle sw = o.mode == kSwizzle128 ? CU_TENSOR_MAP_SWIZZLE_128B
+                                : o.mode == kSwizzle64 ? CU_TENSOR_MAP_SWIZZLE_64B
+                                                       : CU_TENSOR_MAP_SWIZZLE_32B;
+  if (o.mode == kSwizzleNone) {
+    const uint32_t base = smem_u32(tile);
+    const hemu::DescFields f = hemu::decode_desc(make_desc(base, o.lbo, o.sbo, o.mode));
+    for (int mn = 0; mn < o.ext; ++mn)
+      for (int k = 0; k < 16; ++k) {
+        const uint32_t a = hemu::operand_addr(f, o.mn_major, mn, k, 2);
+        std::memcpy(hemu::g_window + a, &m[mn * kcols + k], 2);
+      }
+    return;
+  }
+  if (!o.mn_major) {
+    maps.emplace_back(new CUtensorMap);
+    const cuuint64_t dims[2] = {cuuint64_t(kcols), cuuint64_t(o.ext)}, strides[1] = {cuuint64_t(kcols) * 2};
+    const cuuint32_t box[2] = {cuuint32_t(W / 2), cuuint32_t(o.ext)};
+    hemu::encode_tiled(maps.back().get(), CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<T*>(m.data()), dims, strides,
+                       box, es, CU_TENSOR_MAP_INTERLEAVE_NONE, sw, CU_TENSOR_MAP_L2_PROMOTION_NONE,
+                       CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    mbar_arrive_expect_tx(bar, o.ext * W);
+    tma_load_2d(tile, maps.back().get(), 0, 0, bar);
+  } else {
+    keep.bufs.emplace_back(16 * o.ext);
+    std::vector<uint16_t>& tr = keep.bufs.back();  // [16 k][ext]
+    for (int mn = 0; mn < o.ext; ++mn)
+      for (int k = 0; k < 16; ++k) tr[k * o.ext + mn] = bits(m[mn * kcols + k]);
+    maps.emplace_back(new CUtensorMap);
+    const cuuint64_t dims[2] = {cuuint64_t(o.ext), 16}, strides[1] = {cuuint64_t(o.ext) * 2};
+    const cuuint32_t box[2] = {cuuint32_t(W / 2), 8};
+    hemu::encode_tiled(maps.back().get(), CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, tr.data(), dims, strides, box, es,
+                       CU_TENSOR_MAP_INTERLEAVE_NONE, sw, CU_TENSOR_MAP_L2_PROMOTION_NONE,
+                       CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    const int nb = std::max(1, o.ext / (W / 2));
+    mbar_arrive_expect_tx(bar, nb * 2 * 8 * W);
+    for (int b = 0; b < nb; ++b)
+      for (int q = 0; q < 2; ++q) tma_load_2d(tile + b * o.lbo + q * o.sbo, maps.back().get(), b * (W / 2), q * 8, bar);
+  }
+}
+
+template <typename T, int N>
+static bool wgmma_case(int mode_a, bool a_mn, int mode_b, bool b_mn, bool lbo_major, bool rs, bool accumulate,
+                       int kstep, std::mt19937& rng) {
+  std::normal_distribution<float> nd(0.f, 1.f);
+  const int W = swizzle_bytes(mode_b);
+  const int kcols_a = (!a_mn && mode_a != kSwizzleNone) ? swizzle_bytes(mode_a) / 2 : 16;
+  const int kcols_b = (!b_mn && mode_b != kSwizzleNone) ? W / 2 : 16;
+  std::vector<T> A(64 * kcols_a), B(N * kcols_b);
+  for (auto& x : A) x = to_t<T>(nd(rng));
+  for (auto& x : B) x = to_t<T>(nd(rng));
+  std::vector<float> C(64 * N);
+  for (auto& x : C) x = nd(rng);
+  // k step j of a K-major swizzled tile reads columns 16j .. 16j + 15 (start address + 32 j).
+  const int ja = (!a_mn && mode_a != kSwizzleNone) ? kstep % (kcols_a / 16) : 0;
+  const int jb = (!b_mn && mode_b != kSwizzleNone) ? kstep % (kcols_b / 16) : 0;
+  const Operand oa = plan(mode_a, a_mn, 64, lbo_major), ob = plan(mode_b, b_mn, N, lbo_major);
+  std::vector<float> D(64 * N, NAN);
+  Keep keep;
+  const bool run = hemu::launch(dim3(1), 128, 200 * 1024, [&] {
+    unsigned char* s = dynamic_smem();
+    unsigned char* base = s + ((1024 - (smem_u32(s) & 1023)) & 1023);
+    uint64_t* bar = reinterpret_cast<uint64_t*>(base);
+    unsigned char* ta = base + 1024;
+    unsigned char* tb = ta + ((oa.bytes + 1023) / 1024) * 1024;
+    const int t = threadIdx.x;
+    if (t == 0) {
+      const int n_tma = (!rs && oa.mode != kSwizzleNone) + (ob.mode != kSwizzleNone);
+      mbar_init(bar, std::max(n_tma, 1));
+      if (!rs) place<T>(oa, ta, A, kcols_a, bar, keep);
+      place<T>(ob, tb, B, kcols_b, bar, keep);
+      if (n_tma == 0) mbar_arrive(bar);
+    }
+    __syncthreads();
+    mbar_wait(bar, 0);
+    float d[N / 2];
+    for (int i = 0; i < N / 2; ++i) {
+      int r, c;
+      c_coord(t, i, r, c);
+      d[i] = C[r * N + c];
+    }
+    uint32_t af[4];
+    for (int v = 0; v < 4; ++v) {
+      int r0, k0, r1, k1;
+      a_coord(t, 2 * v, r0, k0);
+      a_coord(t, 2 * v + 1, r1, k1);
+      af[v] = uint32_t(bits(A[r0 * kcols_a + k0 + 16 * ja])) | (uint32_t(bits(A[r1 * kcols_a + k1 + 16 * ja])) << 16);
+    }
+    const uint64_t da = make_desc(smem_u32(ta) + 32 * ja, oa.lbo, oa.sbo, oa.mode);
+    const uint64_t db = make_desc(smem_u32(tb) + 32 * jb, ob.lbo, ob.sbo, ob.mode);
+    wgmma_fence();
+    if (rs) {
+      if (b_mn) wgmma_rs<T, N, 1>(d, af, db, accumulate);
+      else wgmma_rs<T, N, 0>(d, af, db, accumulate);
+    } else if (a_mn) {
+      if (b_mn) wgmma_ss<T, N, 1, 1>(d, da, db, accumulate);
+      else wgmma_ss<T, N, 1, 0>(d, da, db, accumulate);
+    } else {
+      if (b_mn) wgmma_ss<T, N, 0, 1>(d, da, db, accumulate);
+      else wgmma_ss<T, N, 0, 0>(d, da, db, accumulate);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    for (int i = 0; i < N / 2; ++i) {
+      int r, c;
+      c_coord(t, i, r, c);
+      D[r * N + c] = d[i];
+    }
+  });
+  double max_err = 0;
+  bool finite = true;
+  for (int r = 0; r < 64; ++r)
+    for (int c = 0; c < N; ++c) {
+      double ref = accumulate ? C[r * N + c] : 0.0;
+      for (int k = 0; k < 16; ++k)
+        ref += double(to_f(A[r * kcols_a + k + 16 * ja])) * double(to_f(B[c * kcols_b + k + 16 * jb]));
+      finite = finite && std::isfinite(D[r * N + c]);
+      max_err = std::max(max_err, std::fabs(D[r * N + c] - ref) / (1.0 + std::fabs(ref)));
+    }
+  char what[200];
+  std::snprintf(what, sizeof(what), "wgmma %s m64n%dk16 A %s%s B %s/%s%s%s%s kstep %d", tname<T>(), N,
+                rs ? "regs" : (a_mn ? "MN/" : "K/"), rs ? "" : std::to_string(swizzle_bytes(mode_a)).c_str(),
+                b_mn ? "MN" : "K", std::to_string(swizzle_bytes(mode_b)).c_str(), mode_b == kSwizzleNone ? "(none)" : "B",
+                lbo_major ? " lbo-outer" : "", accumulate ? " +C" : "", kstep);
+  char detail[64];
+  std::snprintf(detail, sizeof(detail), "max rel err %.2e", max_err);
+  return report(run && finite && max_err < 1e-5, what, detail);
+}
+
+template <typename T>
+static bool wgmma_all(std::mt19937& rng) {
+  bool ok = true;
+  const int modes[] = {kSwizzle128, kSwizzle64, kSwizzle32, kSwizzleNone};
+  int ks = 0;
+  for (int ma : modes)
+    for (int mb : modes)
+      for (int am = 0; am < 2; ++am)
+        for (int bm = 0; bm < 2; ++bm) {
+          if (ma != mb && (am || bm)) continue;  // mixed modes: K-major pairs only (keeps the run short)
+          ++ks;
+          ok = wgmma_case<T, 64>(ma, am, mb, bm, ks % 2, false, ks % 3 == 0, ks, rng) && ok;
+        }
+  for (int mb : modes)
+    for (int bm = 0; bm < 2; ++bm) {
+      ok = wgmma_case<T, 128>(kSwizzle128, false, mb, bm, bm, true, true, ++ks, rng) && ok;
+      ok = wgmma_case<T, 16>(mb, bm, mb, bm, !bm, false, false, ++ks, rng) && ok;
+    }
+  ok = wgmma_case<T, 256>(kSwizzle128, false, kSwizzle128, true, true, false, true, 1, rng) && ok;
+  ok = wgmma_case<T, 256>(kSwizzle64, true, kSwizzle128, false, false, false, false, 3, rng) && ok;
+  ok = wgmma_case<T, 80>(kSwizzle128, false, kSwizzle32, true, false, true, true, 0, rng) && ok;
+  ok = wgmma_case<T, 96>(kSwizzle128, false, kSwizzle32, false, false, false, true, 1, rng) && ok;
+  ok = wgmma_case<T, 8>(kSwizzleNone, false, kSwizzleNone, false, false, false, true, 0, rng) && ok;
+  return ok;
+}
+
+// ----------------------------------------------------------------------------------- mbar
+static bool test_mbar() {
+  bool ok = true;
+  bool seen[8] = {};
+  const bool run = hemu::launch(dim3(1), 32, 4096, [&] {
+    uint64_t* bar = reinterpret_cast<uint64_t*>(dynamic_smem() + 48);
+    if (threadIdx.x != 0) return;
+    mbar_init(bar, 2);
+    seen[0] = mbar_try_wait(bar, 1) && !mbar_try_wait(bar, 0);  // the "previous" phase counts as done
+    mbar_arrive(bar);
+    seen[1] = !mbar_try_wait(bar, 0);                            // one of two arrivals
+    mbar_arrive_expect_tx(bar, 64);
+    seen[2] = !mbar_try_wait(bar, 0);                            // arrivals done, 64 bytes pending
+    {
+      std::lock_guard<std::mutex> lk(hemu::g_m);
+      hemu::Mbar& b = hemu::g_bars[smem_u32(bar)];
+      b.tx -= 64;
+      hemu::check_phase(b);
+    }
+    seen[3] = mbar_try_wait(bar, 0) && !mbar_try_wait(bar, 1);   // phase 0 complete, phase 1 open
+    mbar_arrive(bar);
+    mbar_arrive(bar);
+    seen[4] = mbar_try_wait(bar, 1) && !mbar_try_wait(bar, 0);   // phase 1 complete
+  });
+  for (int i = 0; i < 5; ++i) ok = report(run && seen[i], "mbar step " + std::to_string(i)) && ok;
+  std::printf("     (one EMU-ERROR expected next)\n");
+  const bool over = hemu::launch(dim3(1), 32, 4096, [&] {
+    uint64_t* bar = reinterpret_cast<uint64_t*>(dynamic_smem() + 48);
+    if (threadIdx.x == 0) mbar_init(bar, 1);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      mbar_arrive_expect_tx(bar, 64);  // count 1: the phase now waits for 64 bytes only
+      mbar_arrive(bar);                // a second arrival in the same phase
+    }
+  });
+  ok = report(!over, "mbar: an arrival beyond the count while bytes are pending is an error") && ok;
+  std::printf("     (one EMU-ERROR expected next)\n");
+  const bool uninit = hemu::launch(dim3(1), 32, 4096, [&] {
+    if (threadIdx.x == 0) mbar_arrive(reinterpret_cast<uint64_t*>(dynamic_smem() + 48));
+  });
+  ok = report(!uninit, "mbar: arriving on an uninitialised barrier is an error") && ok;
+  return ok;
+}
+
+// ----------------------------------------------------------------------------------- proxy
+template <typename T>
+static bool proxy_case(bool fenced) {
+  std::vector<float> D(64 * 64, NAN);
+  const bool run = hemu::launch(dim3(1), 128, 64 * 1024, [&] {
+    unsigned char* s = dynamic_smem();
+    unsigned char* base = s + ((1024 - (smem_u32(s) & 1023)) & 1023);
+    unsigned char* ta = base;
+    unsigned char* tb = base + 16384;
+    const int t = threadIdx.x;
+    // A and B: 64 rows x 64 elements, K-major 128B swizzle, value 1 (ordinary 16-byte stores).
+    const uint16_t one = bits(to_t<T>(1.f));
+    uint4 v;
+    uint16_t e[8];
+    for (auto& x : e) x = one;
+    std::memcpy(&v, e, 16);
+    for (int i = t; i < 2 * 64 * 8; i += 128) st_shared16((i < 512 ? ta : tb) + (i % 512) * 16, v);
+    if (fenced) fence_proxy_async();
+    __syncthreads();
+    float d[32] = {};
+    wgmma_fence();
+    wgmma_ss<T, 64, 0, 0>(d, make_desc(smem_u32(ta), 16, 1024, kSwizzle128), make_desc(smem_u32(tb), 16, 1024, kSwizzle128), 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+    for (int i = 0; i < 32; ++i) {
+      int r, c;
+      c_coord(t, i, r, c);
+      D[r * 64 + c] = d[i];
+    }
+  });
+  bool right = true;
+  for (float x : D) right = right && x == 16.f;
+  return fenced ? report(run && right, std::string("proxy: ordinary stores + fence.proxy.async + wgmma ") + tname<T>())
+                : report(!run, std::string("proxy: ordinary stores without fence.proxy.async before wgmma is an error ") +
+                                   tname<T>());
+}
+
+// ----------------------------------------------------------------------------------- cp.async ring
+// 1 consumer warpgroup (threads 0..127) + 1 producer warp (128..159): the producer gathers the
+// rows perm[j] of a [rows][64] bf16 matrix into a 2-stage ring (K-major 128B swizzle, 64-row
+// tiles) with cp.async, each lane arriving (noinc) on the stage's full barrier (count 32); the
+// consumer multiplies each tile by a fixed B and accumulates; `skip_wait` plants the bug (the
+// first tile is read without waiting: its copies have not landed, the tile is 0xFF = NaN).
+static bool cpasync_case(bool skip_wait) {
+  const int rows = 64 * 5;
+  std::mt19937 rng(7);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  std::vector<__nv_bfloat16> X(rows * 64), Bm(16 * 64);
+  for (auto& x : X) x = to_t<__nv_bfloat16>(nd(rng));
+  for (auto& x : Bm) x = to_t<__nv_bfloat16>(nd(rng));
+  std::vector<int> perm(rows);
+  for (int i = 0; i < rows; ++i) perm[i] = (i * 37 + 11) % rows;
+  std::vector<float> D(64 * 16, NAN);
+  const bool run = hemu::launch(dim3(1), 160, 64 * 1024, [&] {
+    unsigned char* s = dynamic_smem();
+    unsigned char* base = s + ((1024 - (smem_u32(s) & 1023)) & 1023);
+    uint64_t* full = reinterpret_cast<uint64_t*>(base);
+    uint64_t* empty = full + 2;
+    unsigned char* stage[2] = {base + 1024, base + 1024 + 8192};
+    unsigned char* sb = base + 1024 + 16384;  // B: 16 rows (n) x 64 k, K-major 128B
+    const int t = threadIdx.x;
+    if (t == 0) {
+      for (int i = 0; i < 2; ++i) {
+        mbar_init(full + i, 32);
+        mbar_init(empty + i, 1);
+      }
+      for (int n = 0; n < 16; ++n)
+        for (int c = 0; c < 8; ++c) {
+          uint4 v;
+          std::memcpy(&v, &Bm[n * 64 + c * 8], 16);
+          st_shared16(sb + n * 128 + ((c ^ (n % 8)) * 16), v);
+        }
+      fence_proxy_async();
+    }
+    __syncthreads();
+    const int tiles = rows / 64;
+    if (t >= 128) {  // producer warp
+      const int lane = t - 128;
+      for (int it = 0; it < tiles; ++it) {
+        const int st = it % 2;
+        mbar_wait(empty + st, ((it / 2) & 1) ^ 1);
+        for (int q = lane; q < 64 * 8; q += 32) {
+          const int r = q / 8, c = q % 8;
+          cp_async16(stage[st] + r * 128 + ((c ^ (r % 8)) * 16), &X[perm[it * 64 + r] * 64 + c * 8], 16);
+        }
+        cp_async_mbar_arrive(full + st);
+      }
+      return;
+    }
+    float d[8] = {};
+    for (int it = 0; it < tiles; ++it) {
+      const int st = it % 2;
+      // The planted bug skips the first wait only: skipping them all lets the consumer run two
+      // phases ahead of the producer, whose parity wait then never returns (a hang, not data).
+      if (!(skip_wait && it == 0)) mbar_wait(full + st, (it / 2) & 1);
+      fence_proxy_async();
+      wgmma_fence();
+      for (int kk = 0; kk < 4; ++kk)
+        wgmma_ss<__nv_bfloat16, 16, 0, 0>(d, make_desc(smem_u32(stage[st]) + 32 * kk, 16, 1024, kSwizzle128),
+                                          make_desc(smem_u32(sb) + 32 * kk, 16, 1024, kSwizzle128), 1);
+      wgmma_commit();
+      wgmma_wait<0>();
+      if (t == 0) mbar_arrive(empty + st);
+    }
+    for (int i = 0; i < 8; ++i) {
+      int r, c;
+      c_coord(t, i, r, c);
+      D[r * 16 + c] = d[i];
+    }
+  });
+  double max_err = 0;
+  for (int r = 0; r < 64; ++r)
+    for (int c = 0; c < 16; ++c) {
+      double ref = 0;
+      for (int it = 0; it < rows / 64; ++it)
+        for (int k = 0; k < 64; ++k) ref += double(to_f(X[perm[it * 64 + r] * 64 + k])) * to_f(Bm[c * 64 + k]);
+      const double e = std::fabs(D[r * 16 + c] - ref) / (1 + std::fabs(ref));
+      max_err = std::isfinite(e) ? std::max(max_err, e) : 1e30;
+    }
+  char detail[64];
+  std::snprintf(detail, sizeof(detail), "max rel err %.2e", max_err);
+  if (skip_wait)
+    return report(!(run && max_err < 1e-4), "cpasync ring: consumer skipping the full-barrier wait is caught", detail);
+  return report(run && max_err < 1e-4, "cpasync ring (gathered rows, noinc arrivals, 2 stages, 5 tiles)", detail);
+}
+
+// ----------------------------------------------------------------------------------- deadlock
+static void deadlock() {
+  hemu::launch(dim3(1), 32, 4096, [&] {
+    uint64_t* bar = reinterpret_cast<uint64_t*>(dynamic_smem() + 48);
+    if (threadIdx.x == 0) mbar_init(bar, 2);
+    __syncthreads();
+    mbar_wait(bar, 0);  // nobody arrives
+  });
+}
+
+int main(int argc, char** argv) {
+  const std::string only = argc > 1 ? argv[1] : "";
+  if (only == "deadlock") {
+    deadlock();
+    std::printf("no deadlock detected\n");
+    return 0;
+  }
+  auto run = [&](const char* s) { return only.empty() || only == s; };
+  std::mt19937 rng(1234);
+  bool all = true;
+  if (run("desc")) all = test_desc() && all;
+  if (run("tma")) all = test_tma() && all;
+  if (run("wgmma")) {
+    all = wgmma_all<__half>(rng) && all;
+    all = wgmma_all<__nv_bfloat16>(rng) && all;
+  }
+  if (run("mbar")) all = test_mbar() && all;
+  if (run("proxy")) {
+    all = proxy_case<__nv_bfloat16>(true) && all;
+    all = proxy_case<__half>(false) && all;
+  }
+  if (run("cpasync")) {
+    all = cpasync_case(false) && all;
+    all = cpasync_case(true) && all;
+  }
+  std::printf(all ? "ALL OK\n" : "SOME FAILED\n");
+  return all ? 0 : 1;
+}
