@@ -98,7 +98,8 @@ def _add_sampling(p, n_default, cfg_default):
                    help="classifier-free guidance scale, 1 = none (default: %(default)s)")
     p.add_argument("--cfg-schedule", choices=["linear", "constant"], default="linear",
                    help="guidance ramps up as tokens are revealed, or stays constant (default: %(default)s)")
-    p.add_argument("--temperature", type=float, default=1.0, help="noise temperature (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="noise temperature (default: the model's, official D-JEPA 0.95)")
     p.add_argument("--num-iter", type=int, default=None,
                    help="masked-autoregressive iterations (default: the sequence length, at most 64)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampler (default: %(default)s)")
@@ -166,7 +167,7 @@ def _num_iter(args, model):
 
 
 def _check_sampling_args(args):
-    if args.temperature <= 0:
+    if args.temperature is not None and args.temperature <= 0:
         raise CLIError(f"--temperature must be > 0, got {args.temperature}")
     if args.cfg < 1.0:
         raise CLIError(f"--cfg must be >= 1 (1 = no guidance), got {args.cfg}")
@@ -503,7 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train (or --resume) a model; torchrun runs it on many processes",
                        description="Train D-JEPA. Unset options take the defaults (or, with --resume, "
                                    "the checkpoint's settings).")
-    t.add_argument("--preset", default=None, help="model size: tiny, B, L, H (default tiny)")
+    t.add_argument("--preset", default=None, help="model size: tiny, B, L, H, or MAR's mar-B, mar-L, mar-H (default tiny)")
     t.add_argument("--data", default=None,
                    help="'digits' (default, embedded), folder:PATH (class subfolders), latents:PATH, or a path")
     t.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, loss.png")

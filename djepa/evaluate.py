@@ -8,7 +8,10 @@
   feature space (the digits' analogue of FID), beside the same distance between the real
   training and held-out images as its floor.
 """
+from typing import Optional
+
 import numpy as np
+
 import torch
 
 
@@ -94,7 +97,7 @@ def encode_features(model, tokenizer, images: torch.Tensor, batch_size: int = 25
 
 @torch.no_grad()
 def generate(model, tokenizer, labels: torch.Tensor, image_size, *, num_iter: int, cfg: float = 1.0,
-             cfg_schedule: str = "linear", temperature: float = 1.0, seed: int = 0,
+             cfg_schedule: str = "linear", temperature: Optional[float] = None, seed: int = 0,
              batch_size: int = 256, use_ema: bool = True, progress: bool = False) -> torch.Tensor:
     """Model-scale images `[N, C, H, W]` (CPU) drawn for `labels`, in batches."""
     from tqdm.auto import tqdm
@@ -111,7 +114,7 @@ def generate(model, tokenizer, labels: torch.Tensor, image_size, *, num_iter: in
 
 
 def evaluate(model, tokenizer, train_set, test_set, *, n_per_class: int = 50, num_iter: int = 16,
-             cfg: float = 1.0, cfg_schedule: str = "linear", temperature: float = 1.0, seed: int = 0,
+             cfg: float = 1.0, cfg_schedule: str = "linear", temperature: Optional[float] = None, seed: int = 0,
              batch_size: int = 256, progress: bool = False) -> dict:
     """All the numbers of `djepa eval` as a dict (accuracies in [0, 1])."""
     if n_per_class < 2:

@@ -66,9 +66,9 @@ def test_build_rejects_unknown_preset_and_override():
     assert (t.seq_len, t.token_channels, t.num_classes, t.loss) == (16, 4, 10, "flow")
 
 
-# Official counts (D-JEPA repo: djepa_base/large/huge). Ours add the learned positional
-# embeddings the official count omits (2 x seq_len x width) and the diffusion positional
-# embedding of MAR, and qk-norm LayerNorms carry a bias: all well inside 0.5%.
+# Official counts (D-JEPA repo: djepa_base/large/huge). Ours add only the two learned positional
+# embeddings the official count omits (2 x seq_len x width; RMSNorm q/k has no bias and the
+# D-JEPA presets have no diffusion positional embedding): well inside 0.5%.
 @pytest.mark.parametrize("preset,official", [("B", 212_017_440), ("L", 687_421_984), ("H", 1_426_730_784)])
 def test_preset_parameter_counts_on_meta(preset, official):
     with torch.device("meta"):
