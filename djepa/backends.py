@@ -295,7 +295,8 @@ def describe() -> str:
     else:
         lines.append(
             f"djepa._C     built with CUDA {ext.cuda_version} for archs {ext.cuda_archs}; "
-            f"kernels: {', '.join(ext.registered) or 'none'}"
+            f"kernels: {', '.join(ext.registered) or 'none'}; sm_90a wgmma kernels for: "
+            f"{', '.join(getattr(ext, 'wgmma_ops', ())) or 'none'}"
         )
     if gpu_available():
         names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]

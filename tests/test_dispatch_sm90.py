@@ -233,6 +233,7 @@ def test_static_rule_prefers_the_wgmma_kernels_on_sm90_and_info_says_so(faked, m
         line = next(ln for ln in text.splitlines() if ln.strip().startswith(op))
         assert "auto -> cuda" in line and "wgmma" in line, line
     assert "available (sm_90a wgmma kernels)" in text
+    assert "sm_90a wgmma kernels for: masked_attention, adaln_block, denoise_step" in text
     # the switch turns them off, and the rule goes back to Triton first
     monkeypatch.setenv("DJEPA_SM90_KERNELS", "0")
     backends.reset_caches()
