@@ -408,8 +408,9 @@ def test_sm90_adaln_block_matches_reference(kernels, dtype, M, W):
 def test_gemm_sm90_layouts_and_forced_splits(kernels, a_trans, b_trans, M, N, K, splits):
     ext = backends.cuda_extension()
     gen = torch.Generator().manual_seed(M * N + K)
-    a64 = torch.randn(M, K, generator=gen, dtype=torch.float64)
-    b64 = torch.randn(K, N, generator=gen, dtype=torch.float64) * K ** -0.5
+    # the reference multiplies the bf16 values the kernel gets, in float64
+    a64 = torch.randn(M, K, generator=gen, dtype=torch.float64).bfloat16().double()
+    b64 = (torch.randn(K, N, generator=gen, dtype=torch.float64) * K ** -0.5).bfloat16().double()
     a = (a64.t().contiguous() if a_trans else a64).to("cuda", torch.bfloat16)
     b = (b64.t().contiguous() if b_trans else b64).to("cuda", torch.bfloat16)
     ref = a64 @ b64
