@@ -4,7 +4,9 @@
 //
 // It runs only on sm_90 devices from a build that has sm_90a code (DJEPA_CUDA_ARCHS with "90a");
 // anywhere else it raises RuntimeError before launching. `splits` (default 0 = automatic) forces
-// the K split of each output tile (1 = none), for tests and tuning.
+// the K split of each output tile (1 = none), for tests and tuning. With more than one split the
+// fp32 partials go to `workspace` (splits * M * N floats, 16-byte aligned; gemm_sm90_splits says
+// how many splits a call runs), or, when it is 0, to a stream-ordered allocation of the call.
 #include <climits>
 #include <string>
 
@@ -58,7 +60,7 @@ EncodeFn tensor_map_encoder() {
 }
 
 template <typename T, bool A_K, bool B_K>
-void launch(Params& p, cudaStream_t stream, int sms, int splits_arg) {
+void launch(Params& p, cudaStream_t stream, int sms, int splits_arg, std::uintptr_t workspace) {
   auto kernel = gemm_sm90_kernel<T, A_K, B_K>;
   EncodeFn enc = tensor_map_encoder();
   CUtensorMap ma{}, mb{};
@@ -66,8 +68,10 @@ void launch(Params& p, cudaStream_t stream, int sms, int splits_arg) {
   p.a_tma = p.K > 0 && make_operand_map(enc, &ma, p.a, bf16, A_K, p.M, p.K);
   p.b_tma = p.K > 0 && make_operand_map(enc, &mb, p.b, bf16, B_K, p.N, p.K);
   plan_units(p, sms, splits_arg);
-  float* ws = nullptr;
-  if (p.splits > 1) {
+  float* ws = nullptr;  // allocated here (workspace == 0), freed after the reduction
+  if (p.splits > 1 && workspace != 0) {
+    p.partial = reinterpret_cast<float*>(workspace);
+  } else if (p.splits > 1) {
     check_cuda(cudaMallocAsync(reinterpret_cast<void**>(&ws),
                                size_t(p.splits) * size_t(p.M) * size_t(p.N) * sizeof(float), stream),
                "gemm_sm90 (split-K workspace)");
@@ -83,21 +87,46 @@ void launch(Params& p, cudaStream_t stream, int sms, int splits_arg) {
     const int blocks = int(std::min<int64_t>((pairs + 255) / 256, int64_t(sms) * 8));
     splitk_reduce_kernel<T><<<blocks, 256, 0, stream>>>(p);
     check_launch("gemm_sm90 (splitk_reduce_kernel)");
-    check_cuda(cudaFreeAsync(ws, stream), "gemm_sm90 (split-K workspace)");
+    if (ws) check_cuda(cudaFreeAsync(ws, stream), "gemm_sm90 (split-K workspace)");
   }
 }
 
 template <typename T>
-void dispatch(Params& p, bool a_trans, bool b_trans, cudaStream_t s, int sms, int splits) {
-  if (!a_trans && b_trans) return launch<T, true, true>(p, s, sms, splits);
-  if (!a_trans && !b_trans) return launch<T, true, false>(p, s, sms, splits);
-  if (a_trans && !b_trans) return launch<T, false, false>(p, s, sms, splits);
-  return launch<T, false, true>(p, s, sms, splits);
+void dispatch(Params& p, bool a_trans, bool b_trans, cudaStream_t s, int sms, int splits, std::uintptr_t ws) {
+  if (!a_trans && b_trans) return launch<T, true, true>(p, s, sms, splits, ws);
+  if (!a_trans && !b_trans) return launch<T, true, false>(p, s, sms, splits, ws);
+  if (a_trans && !b_trans) return launch<T, false, false>(p, s, sms, splits, ws);
+  return launch<T, false, true>(p, s, sms, splits, ws);
+}
+
+// The K splits gemm_sm90 runs for (M, N, K) with `splits` requested (0 = automatic) on the current
+// GPU, or on one with `sms` multiprocessors: its workspace holds that many M x N fp32 partials.
+int gemm_sm90_splits(int64_t M, int64_t N, int64_t K, int splits, int sms) {
+  const char* what = "gemm_sm90_splits";
+  if (M < 0 || N < 0 || K < 0 || M > INT_MAX || N > INT_MAX || K > INT_MAX || splits < 0 || splits > 64) {
+    throw std::invalid_argument("djepa._C.gemm_sm90_splits: bad sizes M=" + std::to_string(M) + ", N=" +
+                                std::to_string(N) + ", K=" + std::to_string(K) + " or splits=" +
+                                std::to_string(splits) + " (0 = automatic .. 64)");
+  }
+  if (sms <= 0) {
+    require_device(what);
+    int dev = 0;
+    check_cuda(cudaGetDevice(&dev), what);
+    check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), what);
+  }
+  if (M == 0 || N == 0) return 1;
+  Params p{};
+  p.M = int(M);
+  p.N = int(N);
+  p.K = int(K);
+  plan_units(p, sms, splits);
+  return p.splits;
 }
 
 void gemm_sm90(std::uintptr_t a, std::uintptr_t b, std::uintptr_t c, std::uintptr_t bias, int64_t M, int64_t N,
                int64_t K, int a_trans, int b_trans, int epilogue, std::uintptr_t aux1, std::uintptr_t aux2,
-               std::uintptr_t aux_out, int dtype, std::uintptr_t stream, int64_t aux2_ld, int splits) {
+               std::uintptr_t aux_out, int dtype, std::uintptr_t stream, int64_t aux2_ld, std::uintptr_t workspace,
+               int splits) {
   const char* what = "gemm_sm90";
   require_device(what);
   const int sms = require_sm90(what, gemm_sm90_kernel<__nv_bfloat16, true, true>);
@@ -120,6 +149,7 @@ void gemm_sm90(std::uintptr_t a, std::uintptr_t b, std::uintptr_t c, std::uintpt
   if (!aligned_to(a, 2) || !aligned_to(b, 2) || !aligned_to(aux1, 2) || !aligned_to(aux2, 2) || !aligned_to(bias, 2)) {
     bad("a, b, bias, aux1 and aux2 must be aligned to their element size");
   }
+  if (!aligned_to(workspace, 16)) bad("workspace must be 16-byte aligned float32");
   const int out_bytes = (epilogue & kEpF32) ? 4 : 2;
   if (!aligned_to(c, out_bytes) || !aligned_to(aux_out, out_bytes)) bad("c and aux_out must be aligned to their element size");
 
@@ -139,18 +169,24 @@ void gemm_sm90(std::uintptr_t a, std::uintptr_t b, std::uintptr_t c, std::uintpt
   p.pair_ok = N % 2 == 0 && c % (2 * out_bytes) == 0 && aux_out % (2 * out_bytes) == 0 && aux1 % 4 == 0 &&
               bias % 4 == 0;
   cudaStream_t s = as_stream(stream);
-  if (dtype == kFloat16) dispatch<__half>(p, a_trans, b_trans, s, sms, splits);
-  else dispatch<__nv_bfloat16>(p, a_trans, b_trans, s, sms, splits);
+  if (dtype == kFloat16) dispatch<__half>(p, a_trans, b_trans, s, sms, splits, workspace);
+  else dispatch<__nv_bfloat16>(p, a_trans, b_trans, s, sms, splits, workspace);
 }
 
 void register_denoise_sm90(py::module_& m) {
   using py::arg;
   m.def("gemm_sm90", &gemm_sm90,
-        "gemm for sm_90 (wgmma, TMA, persistent, split-K): the arguments and results of gemm, plus splits "
-        "(0 = automatic, 1 = no split-K); RuntimeError on other GPUs or builds without sm_90a",
+        "gemm for sm_90 (wgmma, TMA, persistent, split-K): the arguments and results of gemm (aux2_ld, "
+        "workspace, splits), but splits = 0 (the default) chooses the split itself, any epilogue may split, and "
+        "the workspace holds all splits * M * N fp32 partials (gemm_sm90_splits; 0: allocated per call); "
+        "RuntimeError on other GPUs or builds without sm_90a",
         arg("a"), arg("b"), arg("c"), arg("bias"), arg("M"), arg("N"), arg("K"), arg("a_trans"), arg("b_trans"),
         arg("epilogue"), arg("aux1"), arg("aux2"), arg("aux_out"), arg("dtype"), arg("stream"), arg("aux2_ld") = 0,
-        arg("splits") = 0);
+        arg("workspace") = 0, arg("splits") = 0);
+  m.def("gemm_sm90_splits", &gemm_sm90_splits,
+        "How many K splits gemm_sm90 runs for (M, N, K) with `splits` requested (0 = automatic) on the current "
+        "GPU, or on one with `sms` multiprocessors; above 1 its workspace needs splits * M * N float32",
+        arg("M"), arg("N"), arg("K"), arg("splits") = 0, arg("sms") = 0);
 }
 
 }  // namespace

@@ -174,18 +174,37 @@ def triton_mma(capability) -> str:
     return {9: "wgmma", 10: "tcgen05"}.get(capability[0], "mma.sync")
 
 
+def sm90_kernels_enabled() -> bool:
+    """False when DJEPA_SM90_KERNELS=0: djepa._C then runs its mma.sync kernels on sm_90 as well
+    (A/B timings, the sanitizer's cases of those kernels on a Hopper GPU)."""
+    return os.environ.get("DJEPA_SM90_KERNELS", "1").strip() != "0"
+
+
 def cuda_mma(op: str, capability) -> str:
     """The tensor-core instruction djepa._C's kernels of `op` use on `capability`: mma.sync,
-    unless the extension lists the op in `wgmma_ops` (its Hopper kernels) and runs sm_90a code."""
+    unless the extension lists the op in `wgmma_ops` (its Hopper kernels) and runs sm_90a code
+    (and DJEPA_SM90_KERNELS=0 does not turn them off)."""
     ext = cuda_extension()
     if (ext is not None and tuple(capability) == (9, 0) and op in getattr(ext, "wgmma_ops", ())
-            and "90a" in parse_archs(getattr(ext, "cuda_archs", ""))):
+            and "90a" in parse_archs(getattr(ext, "cuda_archs", "")) and sm90_kernels_enabled()):
         return "wgmma"
     return "mma.sync"
 
 
-def static_rule(op: str, device: torch.device):
-    """(backend order, why) of the static rule for `op` on `device` (no measurement)."""
+def uses_wgmma(op: str, device: torch.device) -> bool:
+    """Whether djepa._C launches its sm_90a (wgmma) kernels for `op` on `device` (the ops ask at
+    each launch; a call whose case those kernels do not serve, e.g. a head dim, still goes to
+    the mma.sync ones)."""
+    if device.type != "cuda":
+        return False
+    return cuda_mma(op, device_info(device)["capability"]) == "wgmma"
+
+
+def static_rule(op: str, device: torch.device, wgmma_reason=None):
+    """(backend order, why) of the static rule for `op` on `device` (no measurement).
+
+    wgmma_reason: why this call's djepa._C kernel is the mma.sync one even where the op has
+    wgmma kernels (e.g. a head dim they do not serve), or None."""
     if device.type != "cuda":
         return ("eager",), f"the tensors are on {device.type}: eager (the kernels run on a GPU)"
     cap = tuple(device_info(device)["capability"])
@@ -193,10 +212,20 @@ def static_rule(op: str, device: torch.device):
     if op not in MATMUL_BOUND:
         return ("cuda", "triton", "eager"), f"static rule, {sm}: memory-bound op, djepa._C first, then Triton"
     tri, cu = triton_mma(cap), cuda_mma(op, cap)
+    if cu == "wgmma" and wgmma_reason:
+        cu = "mma.sync"
+        if tri != "mma.sync":
+            return ("triton", "cuda", "eager"), (
+                f"static rule, {sm}: matmul-bound op; Triton's tl.dot emits {tri}, djepa._C has no wgmma "
+                f"kernel for this call ({wgmma_reason}): Triton first")
     if tri != "mma.sync" and cu == "mma.sync":
         return ("triton", "cuda", "eager"), (
             f"static rule, {sm}: matmul-bound op; Triton's tl.dot emits {tri}, djepa._C's kernels are "
             f"mma.sync: Triton first")
+    if cu == "wgmma":
+        return ("cuda", "triton", "eager"), (
+            f"static rule, {sm}: matmul-bound op; djepa._C's sm_90a kernels use wgmma (warp-specialised, "
+            f"TMA), Triton {tri}: djepa._C first")
     return ("cuda", "triton", "eager"), (
         f"static rule, {sm}: matmul-bound op; djepa._C uses {cu}, Triton {tri}: djepa._C first")
 
@@ -212,12 +241,13 @@ def reset_caches():
     tune.reset()
 
 
-def auto_order(op: str, device: torch.device, dtype=None, bucket=None):
+def auto_order(op: str, device: torch.device, dtype=None, bucket=None, wgmma_reason=None):
     """(backend order, why) that backend="auto" tries for one call of `op` on `device`.
 
     dtype: the call's dtype (torch.dtype or its name); bucket: its shape bucket
     (djepa.tune.bucket(op, ...), or a function returning it, called only when a tuning table for
-    this GPU is active). Without both, or without a measurement near the bucket, the static rule.
+    this GPU is active). Without both, or without a measurement near the bucket, the static rule
+    (wgmma_reason: see static_rule).
     """
     if device.type != "cuda":
         return static_rule(op, device)
@@ -225,14 +255,14 @@ def auto_order(op: str, device: torch.device, dtype=None, bucket=None):
 
     table = tune.active_table(device)
     if table is None or dtype is None or bucket is None:
-        key = (op, device, None, None, None)
+        key = (op, device, None, None, None, wgmma_reason)
     else:
         if callable(bucket):
             bucket = bucket()
-        key = (op, device, tune.dtype_name(dtype), tuple(bucket), id(table))
+        key = (op, device, tune.dtype_name(dtype), tuple(bucket), id(table), wgmma_reason)
     hit = _AUTO_CACHE.get(key)
     if hit is None:
-        order, why = static_rule(op, device)
+        order, why = static_rule(op, device, wgmma_reason)
         if key[2] is not None:
             entry, dist = table.lookup(op, key[2], key[3])
             if entry is not None:
@@ -265,7 +295,8 @@ def describe() -> str:
     else:
         lines.append(
             f"djepa._C     built with CUDA {ext.cuda_version} for archs {ext.cuda_archs}; "
-            f"kernels: {', '.join(ext.registered) or 'none'}"
+            f"kernels: {', '.join(ext.registered) or 'none'}; sm_90a wgmma kernels for: "
+            f"{', '.join(getattr(ext, 'wgmma_ops', ())) or 'none'}"
         )
     if gpu_available():
         names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
@@ -305,7 +336,10 @@ def _describe_ops(device):
             ("cuda", cuda_unavailable_reason(op, device)),
             ("triton", triton_unavailable_reason(op, device)),
         ):
-            lines.append(f"    {name:7s} {'available' if reason is None else 'unavailable: ' + reason}")
+            state = "available" if reason is None else "unavailable: " + reason
+            if name == "cuda" and reason is None and device.type == "cuda":
+                state += (" (sm_90a wgmma kernels)" if uses_wgmma(op, device) else " (mma.sync kernels)")
+            lines.append(f"    {name:7s} {state}")
     return lines
 
 

@@ -90,3 +90,47 @@ def test_a_90a_build_carries_wgmma_code(ext):
     for kernel in ("gemm_sm90_kernel", "attn_fwd_sm90_kernel", "attn_dkdv_sm90_kernel", "attn_dq_sm90_kernel"):
         assert kernel in sass, f"{kernel} is missing from the sm_90a code"
     assert "HGMMA" in sass and "UTMALDG" in sass
+
+
+# ----------------------------------------------------------------------------- the static gate
+def _static_check():
+    import importlib.util
+    from pathlib import Path
+
+    tool = Path(__file__).resolve().parent.parent / "tools" / "static_check.py"
+    spec = importlib.util.spec_from_file_location("static_check_sm90", tool)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _sm90_record(sc, kernel="attn_fwd_sm90_kernel", variant="<__nv_bfloat16, 128>", arch=90, **kw):
+    base = dict(regs=168, wgmma=96, mma_sync=0, hot=True)
+    base.update(kw)
+    return sc.record("cuda", kernel, variant, arch, **base)
+
+
+def test_static_gate_fails_an_sm90_kernel_without_wgmma_spills_stack_or_too_much_smem():
+    sc = _static_check()
+    for kernel in ("attn_fwd_sm90_kernel", "attn_dkdv_sm90_kernel", "attn_dq_sm90_kernel", "gemm_sm90_kernel"):
+        assert sc.violations(_sm90_record(sc, kernel)) == []
+        assert any("wgmma" in v for v in sc.violations(_sm90_record(sc, kernel, wgmma=0)))
+        assert any("wgmma" in v for v in sc.violations(_sm90_record(sc, kernel, wgmma=0, hot=False)))
+    assert sc.violations(_sm90_record(sc, arch=80, wgmma=0)) == []            # sm_80 pass: empty bodies
+    assert sc.violations(_sm90_record(sc, "delta_sm90_kernel", wgmma=0)) == []  # not a matmul
+    assert any("spills" in v for v in sc.violations(_sm90_record(sc, spill_bytes=8)))
+    assert any("stack" in v for v in sc.violations(_sm90_record(sc, stack_bytes=16)))
+    assert any("shared memory" in v for v in sc.violations(_sm90_record(sc, smem_bytes=232448 + 1024)))
+
+
+def test_static_gate_knows_the_sm90_kernels_shared_memory_and_hot_head_dims():
+    sc = _static_check()
+    for kernel in ("attn_fwd_sm90_kernel", "attn_dkdv_sm90_kernel", "attn_dq_sm90_kernel"):
+        name = f"djepa::hopper::attn::{kernel}"
+        assert name in sc.CUDA_DYNAMIC_SMEM and name in sc.CUDA_ATTENTION_KERNELS
+        assert sc.cuda_hot(name, ["__nv_bfloat16", "64"], {64, 80}, set())
+        assert not sc.cuda_hot(name, ["__nv_bfloat16", "96"], {64, 80}, set())
+    assert "djepa::hopper::gemm::gemm_sm90_kernel" in sc.CUDA_DYNAMIC_SMEM
+    assert sc.split_template("void djepa::hopper::attn::attn_fwd_sm90_kernel<__half, 80>(djepa::hopper::attn::"
+                             "Params, djepa::hopper::attn::Maps)") == (
+        "djepa::hopper::attn::attn_fwd_sm90_kernel", ["__half", "80"])

@@ -35,6 +35,8 @@ def fake_gpu(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.delenv(tune.ENV_VAR, raising=False)
     monkeypatch.setattr(tune, "SHIPPED_DIR", tmp_path / "shipped")
+    # djepa._C as built here, less its sm_90a kernels (tests/test_dispatch_sm90.py has them)
+    monkeypatch.setenv("DJEPA_SM90_KERNELS", "0")
     backends.reset_caches()
     yield state
     backends.reset_caches()
@@ -95,6 +97,7 @@ def test_static_rule_keeps_c_first_for_memory_bound_ema(fake_gpu):
 
 
 def test_static_rule_prefers_c_once_it_ships_wgmma_kernels(fake_gpu, monkeypatch):
+    monkeypatch.delenv("DJEPA_SM90_KERNELS")
     class Ext:
         cuda_archs = "80,90a"
         wgmma_ops = ("masked_attention",)

@@ -19,9 +19,10 @@
 #                    CPU machine by tools/prepare_gpu_run.sh); without it _C is built here for this
 #                    GPU's arch; if that fails djepa is installed without _C (Triton needs none)
 #                    and the run goes on; then `djepa info`
-#   tests-gpu        pytest -m gpu tests: CUDA and Triton kernels against the references, bf16 too
+#   tests-gpu        pytest -m gpu tests: CUDA and Triton kernels against the references, bf16 too;
+#                    on sm_90 the sm_90a wgmma kernels and the mma.sync ones (tests/test_dispatch_sm90.py)
 #   sanitize         compute-sanitizer memcheck and racecheck on one small case of every CUDA
-#                    kernel (tools/sanitize_cases.py)
+#                    kernel, the sm_90a ones included (tools/sanitize_cases.py)
 #   bench-ema, bench-attention, bench-denoise, bench-model
 #                    the benchmark suites at the preset shapes, each its own pytest session, its
 #                    JSON in $OUT as soon as it ends (and rewritten after every case, so a suite cut
@@ -71,8 +72,8 @@ export PYTHONUNBUFFERED=1
 STAGE_TABLE="
 env|10|30|1|nvidia-smi, versions, the GPU's arch
 install|30|90|1|djepa + the prebuilt _C (DJEPA_PREBUILT_C), then djepa info
-tests-gpu|140|200|2|pytest -m gpu tests: CUDA + Triton kernels vs the references, bf16
-sanitize|50|90|4|compute-sanitizer memcheck + racecheck, one small case per CUDA kernel
+tests-gpu|140|200|2|pytest -m gpu tests: CUDA (sm_90a + mma.sync) + Triton kernels vs the references, bf16
+sanitize|60|120|4|compute-sanitizer memcheck + racecheck, one small case per CUDA kernel (sm_90a too)
 bench-ema|30|60|8|EMA suite: B, L parameter lists
 bench-attention|80|120|8|attention suite: djepa-B, djepa-H; dense, 25% random; fwd, fwd+bwd
 bench-denoise|120|160|8|denoise suite: B head, M=2048: step, 100-step loop, training

@@ -4,6 +4,9 @@ for compute-sanitizer (tools/gpu_run.sh runs it under memcheck and racecheck):
     compute-sanitizer --tool memcheck --error-exitcode 99 python3 tools/sanitize_cases.py
 
 Shapes are small and odd (tails in every tiled dimension) so the masked edges of each kernel run.
+The cases named for an op run the mma.sync kernels (DJEPA_SM90_KERNELS=0, so on a Hopper GPU
+too); the *_sm90 cases run the sm_90a wgmma kernels (TMA and gathered loads, split-K) and are
+skipped, said so, on a GPU or a build without them.
 `--list` prints the cases and exits (the dry run of tools/gpu_run.sh); `--only NAME` runs one.
 Exits non-zero when a case raises; the sanitizer's own exit code reports what it found.
 """
@@ -31,13 +34,34 @@ def _attention(torch, dev):
         out.float().square().sum().backward()
 
 
-def _adaln_block(torch, dev):
+def _attention_sm90(torch, dev):
+    from djepa.ops import masked_attention
+
+    # masked (cp.async gathers) with an empty sample at D = 64 and 80; dense (TMA) over two
+    # query and key tiles at D = 128
+    for D, N, masked in ((64, 37, True), (80, 37, True), (128, 150, False)):
+        q, k, v = (torch.randn(2, 2, N, D, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        mask = None
+        if masked:
+            mask = torch.rand(2, N, device=dev) < 0.6
+            mask[1] = False
+        out = masked_attention(q, k, v, mask, backend="cuda")
+        out.float().square().sum().backward()
+
+
+def _adaln_block(torch, dev, shapes=((45, 64),)):
     from djepa.ops import adaln_block
 
-    M, W = 45, 64
-    t = lambda *s: torch.randn(*s, device=dev, dtype=torch.bfloat16).mul_(0.1).requires_grad_()  # noqa: E731
-    out = adaln_block(t(M, W), t(M, 3 * W), t(W), t(W), t(W, W), t(W), t(W, W), t(W), backend="cuda")
-    out.float().square().sum().backward()
+    for M, W in shapes:
+        t = lambda *s: torch.randn(*s, device=dev, dtype=torch.bfloat16).mul_(0.1).requires_grad_()  # noqa: E731
+        out = adaln_block(t(M, W), t(M, 3 * W), t(W), t(W), t(W, W), t(W), t(W, W), t(W), backend="cuda")
+        out.float().square().sum().backward()
+
+
+def _gemm_sm90(torch, dev):
+    # M = 600 tokens: the weight gradients split K (and run the split-K reduction); W = 36: rows
+    # of 72 bytes, which TMA cannot load (the producer's ordinary loads)
+    _adaln_block(torch, dev, shapes=((600, 64), (45, 36)))
 
 
 def _denoise_step(torch, dev):
@@ -56,8 +80,11 @@ def _denoise_step(torch, dev):
         denoise_step(mlp, x, c_emb, d, t, noise=torch.randn_like(x), cfg_scale=2.0, backend="cuda")
 
 
-CASES = {"ema_update_": _ema, "masked_attention": _attention, "adaln_block": _adaln_block,
-         "denoise_step": _denoise_step}
+# name -> (op, case, the sm_90a kernels)
+CASES = {"ema_update_": ("ema_update_", _ema, False), "masked_attention": ("masked_attention", _attention, False),
+         "adaln_block": ("adaln_block", _adaln_block, False), "denoise_step": ("denoise_step", _denoise_step, False),
+         "masked_attention_sm90": ("masked_attention", _attention_sm90, True),
+         "gemm_sm90": ("adaln_block", _gemm_sm90, True)}
 
 
 def main(argv=None):
@@ -68,19 +95,26 @@ def main(argv=None):
     if args.list:
         print("\n".join(CASES))
         return 0
+    import os
+
     import torch
 
     from djepa import backends
 
-    for name, case in CASES.items():
+    dev = torch.device("cuda", torch.cuda.current_device())
+    for name, (op, case, sm90) in CASES.items():
         if args.only and name != args.only:
             continue
-        why = backends.cuda_unavailable_reason(name, torch.device("cuda"))
+        why = backends.cuda_unavailable_reason(op, dev)
         if why:
             print(f"{name}: cannot run on djepa._C: {why}", file=sys.stderr)
             return 2
+        os.environ["DJEPA_SM90_KERNELS"] = "1" if sm90 else "0"
+        if sm90 and not backends.uses_wgmma(op, dev):
+            print(f"{name}: skipped: no sm_90a kernels for {op} here (sm_90 GPU and a 90a build needed)", flush=True)
+            continue
         torch.manual_seed(0)
-        case(torch, torch.device("cuda"))
+        case(torch, dev)
         torch.cuda.synchronize()
         print(f"{name}: ran", flush=True)
     return 0

@@ -20,6 +20,7 @@ One JSON record per variant (a list), and a Markdown table beside it (OUT with .
   - a hot variant spills or has a stack frame,
   - a variant needs more shared memory than one block may have (232448 B sm_90, 166912 B sm_80),
   - a matmul-bound Triton kernel (fp16/bf16) on sm_90 compiles to no wgmma,
+  - a sm_90a CUDA matmul kernel (csrc/*_sm90.cu: CUDA_WGMMA_KERNELS) compiles to no wgmma,
   - a hot memory-bound vector kernel (the EMA) issues no 16-byte global load or store,
   - a variant does not compile.
 Without --full a small subset runs (the one the test suite runs); --full writes
@@ -86,6 +87,9 @@ def violations(rec):
     if (rec["backend"] == "triton" and rec["arch"] == "sm_90" and rec["kernel"] in MATMUL_KERNELS
             and rec.get("dtype") in HOT_DTYPES and rec["tensor_core"]["wgmma"] == 0):
         out.append("matmul-bound kernel without wgmma on sm_90")
+    if (rec["backend"] == "cuda" and rec["arch"] == "sm_90" and rec["kernel"] in CUDA_WGMMA_KERNELS
+            and rec["tensor_core"]["wgmma"] == 0):
+        out.append("sm_90a CUDA matmul kernel without wgmma (HGMMA)")
     if rec["backend"] == "triton" and rec["hot"] and rec["kernel"] in VECTOR_KERNELS:
         vec = rec.get("vector_ldst", {})
         if not vec.get("ld128") or not vec.get("st128"):
@@ -561,9 +565,20 @@ CUDA_DYNAMIC_SMEM = {
     "djepa::denoise::gemm_kernel": ("denoise_kernels.cuh", "djepa::denoise::kGemmSmem"),
     # launch_ln: 2 * W floats with W <= NC * 32 * VEC (NC = 0: none)
     "djepa::denoise::adaln_bwd_kernel": ("denoise_kernels.cuh", "2 * {2} * 32 * {1} * sizeof(float)"),
+    # csrc/*_sm90.cu (sm_90a): the shared-memory plans of csrc/hopper/*_config.cuh
+    "djepa::hopper::attn::attn_fwd_sm90_kernel": ("hopper/attn_config.cuh",
+                                                  "djepa::hopper::attn::Chunks<{1}>::kSmemBytes"),
+    "djepa::hopper::attn::attn_dkdv_sm90_kernel": ("hopper/attn_config.cuh",
+                                                   "djepa::hopper::attn::BwdShape<{1}>::kSmemBytes"),
+    "djepa::hopper::attn::attn_dq_sm90_kernel": ("hopper/attn_config.cuh",
+                                                 "djepa::hopper::attn::BwdShape<{1}>::kSmemBytes"),
+    "djepa::hopper::gemm::gemm_sm90_kernel": ("hopper/gemm_config.cuh", "djepa::hopper::gemm::kSmemBytes"),
 }
+# The sm_90a matmul kernels: on sm_90 each must compile to wgmma (HGMMA).
+CUDA_WGMMA_KERNELS = {"attn_fwd_sm90_kernel", "attn_dkdv_sm90_kernel", "attn_dq_sm90_kernel", "gemm_sm90_kernel"}
 CUDA_ATTENTION_KERNELS = {"djepa::attention::fwd_kernel", "djepa::attention::dkdv_kernel",
-                          "djepa::attention::dq_kernel"}
+                          "djepa::attention::dq_kernel", "djepa::hopper::attn::attn_fwd_sm90_kernel",
+                          "djepa::hopper::attn::attn_dkdv_sm90_kernel", "djepa::hopper::attn::attn_dq_sm90_kernel"}
 CUDA_LN_KERNELS = {"djepa::denoise::adaln_fwd_kernel", "djepa::denoise::adaln_bwd_kernel"}
 _SIXTEEN_BIT = {"__half": 2, "__nv_bfloat16": 2}
 

@@ -9,7 +9,7 @@
 //                                   P^T as its 16-bit A fragments, dS^T formed from them)
 //   dV += P^T dO, dK += dS^T Q     (wgmma with A = P^T / dS^T from registers, B = dO / Q of the
 //                                   stage, N-major: one n64 (+ n16 / n32 / n64) per 16 queries)
-// Register budget at D = 128 (232 per consumer thread): dK + dV 128, S^T 16, dP^T 16, fragments.
+// Register budget at D = 128 (224 per consumer thread): dK + dV 128, S^T 16, dP^T 16, fragments.
 // dQ, one warpgroup's 64 queries of a 128-query work item, per R-key tile:
 //   S = Q K^T, dP = dO V^T; P = exp(scale s - lse), dS = P (dP - delta); dQ += dS K.
 // Scales: dK and dQ are multiplied by `scale` once at the end.

@@ -20,7 +20,7 @@ constexpr int kBM = 128;  // query rows per work item: 2 consumer warpgroups x 6
 constexpr int kBN = 128;  // keys per K / V tile
 constexpr int kConsumers = 2;
 constexpr int kThreads = kWarpGroup * (1 + kConsumers);
-constexpr int kProducerRegs = 40, kConsumerRegs = 232;  // 128 * 40 + 256 * 232 = 64512 <= 65536
+constexpr int kProducerRegs = 48, kConsumerRegs = 224;  // 128 * 48 + 256 * 224 = 63488 <= 65536
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 

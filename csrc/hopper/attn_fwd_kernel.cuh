@@ -1,8 +1,9 @@
 // The sm_90a masked-attention forward: warp-specialised, persistent, wgmma + TMA / cp.async.
 //
 // Structure (after FlashAttention-3's, simplified):
-//  * 384 threads: warpgroup 0 produces (attn_producer.cuh; 40 registers), warpgroups 1 and 2
-//    consume (attn_fwd_mainloop.cuh; 232 registers), 64 query rows each of a 128-row work item.
+//  * 384 threads: warpgroup 0 produces (attn_producer.cuh; 48 registers: at 40 ptxas spilled its
+//    loop state to the stack), warpgroups 1 and 2 consume (attn_fwd_mainloop.cuh; 224 registers),
+//    64 query rows each of a 128-row work item.
 //  * Work items (b, h, 128 query rows) are spread over a persistent grid of min(#items, #SMs)
 //    CTAs; Q is double buffered and the K / V ring (2-3 stages of 128 keys) runs across items, so
 //    the producer fetches the next item's Q and first keys while the consumers finish this one.

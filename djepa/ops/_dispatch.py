@@ -11,7 +11,8 @@ from djepa import backends
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 
 
-def select_backend(op, backend, device, *, cuda_reason=None, triton_reason=None, dtype=None, bucket=None):
+def select_backend(op, backend, device, *, cuda_reason=None, triton_reason=None, dtype=None, bucket=None,
+                   wgmma_reason=None):
     """Pick the backend that serves one call of `op` on tensors on `device`.
 
     `backend` is "auto" | "cuda" | "triton" | "eager" or None (DJEPA_BACKEND, default auto).
@@ -22,6 +23,8 @@ def select_backend(op, backend, device, *, cuda_reason=None, triton_reason=None,
     "auto" tries the backends in the order of djepa.backends.auto_order: the tuning table's
     measurement for this `dtype` and shape `bucket` (djepa.tune.bucket, or a function returning
     it) when one is active for the GPU, else the static rule; the first that serves the call wins.
+    `wgmma_reason`: why djepa._C serves this call with its mma.sync kernels even where it has
+    wgmma ones for the op (backends.static_rule), or None.
     """
     requested = backends.default_backend() if backend is None else str(backend).lower()
     if requested not in backends.BACKENDS:
@@ -41,7 +44,7 @@ def select_backend(op, backend, device, *, cuda_reason=None, triton_reason=None,
     if device.type != "cuda":
         return "eager"
     why = {"cuda": cuda_why, "triton": triton_why, "eager": None}
-    order, _ = backends.auto_order(op, device, dtype=dtype, bucket=bucket)
+    order, _ = backends.auto_order(op, device, dtype=dtype, bucket=bucket, wgmma_reason=wgmma_reason)
     return next((b for b in order if why[b] is None), "eager")
 
 

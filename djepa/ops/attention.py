@@ -7,7 +7,10 @@
 Backends:
   eager   the reference below (float32 math, float64 for float64 inputs), differentiated by autograd;
   triton  djepa.kernels.attention (forward, and a deterministic two-kernel backward);
-  cuda    djepa._C.masked_attention_fwd / masked_attention_bwd (fp16/bf16, head dims 32..128).
+  cuda    djepa._C.masked_attention_fwd / masked_attention_bwd (fp16/bf16, head dims 32..128;
+          mma.sync), or on an sm_90 GPU, where the build has sm_90a code, their wgmma versions
+          masked_attention_fwd_sm90 / _bwd_sm90 (head dims 64, 80, 96, 128; the others stay on
+          the mma.sync kernels). Chosen per launch by the device (DJEPA_SM90_KERNELS=0: never).
 
 The kernel backends compact the mask once per call (visible key indices first) and iterate only
 over the visible keys, so the work follows the number of visible keys, wherever they are.
@@ -24,6 +27,7 @@ __all__ = ["masked_attention", "masked_attention_reference"]
 _OP = "masked_attention"
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 CUDA_HEAD_DIMS = (32, 64, 80, 96, 128)
+SM90_HEAD_DIMS = (64, 80, 96, 128)  # djepa._C's sm_90a (wgmma) kernels
 TRITON_MAX_HEAD_DIM = 256
 
 
@@ -155,8 +159,27 @@ def _choose_backend(backend, device, dtype, head_dim, num_keys=None, train=False
     return _dispatch.select_backend(
         _OP, backend, device,
         cuda_reason=_cuda_reason(probe), triton_reason=_triton_reason(probe, device),
-        dtype=dtype, bucket=bucket,
+        dtype=dtype, bucket=bucket, wgmma_reason=_wgmma_reason(head_dim),
     )
+
+
+def _wgmma_reason(head_dim):
+    """Why the CUDA backend serves this head dim with the mma.sync kernels on sm_90 (None: the
+    sm_90a wgmma kernels serve it)."""
+    if head_dim in SM90_HEAD_DIMS:
+        return None
+    return f"the sm_90a kernels serve head dims {SM90_HEAD_DIMS}, not {head_dim}"
+
+
+def cuda_kernels(device, head_dim):
+    """The names of the djepa._C (forward, backward) functions that backend="cuda" launches for
+    tensors on `device` with this head dim: the sm_90a wgmma kernels on an sm_90 GPU where the
+    build has them (djepa.backends.uses_wgmma) and they serve the head dim, else mma.sync."""
+    from djepa import backends
+
+    if _wgmma_reason(head_dim) is None and backends.uses_wgmma(_OP, device):
+        return "masked_attention_fwd_sm90", "masked_attention_bwd_sm90"
+    return "masked_attention_fwd", "masked_attention_bwd"
 
 
 def _compact(key_mask):
@@ -183,8 +206,8 @@ def _fwd_impl(q, k, v, kv_index, kv_count, scale, backend):
     if Nk == 0:  # no key at all: every row has no visible key (zeros, lse 0, as the kernels define)
         return o.zero_(), lse.zero_()
     if backend == "cuda":
-        ext = _dispatch.extension()
-        ext.masked_attention_fwd(
+        fwd = getattr(_dispatch.extension(), cuda_kernels(q.device, D)[0])
+        fwd(
             q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr(),
             0 if kv_index is None else kv_index.data_ptr(),
             0 if kv_count is None else kv_count.data_ptr(),
@@ -211,8 +234,8 @@ def _bwd_impl(do, q, k, v, o, lse, kv_index, kv_count, scale, backend):
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
     if backend == "cuda":
-        ext = _dispatch.extension()
-        ext.masked_attention_bwd(
+        bwd = getattr(_dispatch.extension(), cuda_kernels(q.device, D)[1])
+        bwd(
             q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), do.data_ptr(), lse.data_ptr(),
             0 if kv_index is None else kv_index.data_ptr(),
             0 if kv_count is None else kv_count.data_ptr(),

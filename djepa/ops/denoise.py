@@ -58,6 +58,10 @@ _C.gemm(a, b, c, bias, M, N, K, a_trans, b_trans, epilogue, aux1, aux2, aux_out,
                         (pre-activation), s = sigmoid(p)   (the MLP's dSiLU, fused)
     epilogue & 16: c (and aux_out) are float32 (weight gradients); else the input dtype.
     aux tensors have the input dtype; bias has the input dtype.
+_C.gemm_sm90(a, b, c, bias, M, N, K, a_trans, b_trans, epilogue, aux1, aux2, aux_out, dtype,
+             stream, aux2_ld, workspace, splits)     (builds with sm_90a code; _Cuda picks it on sm_90)
+    gemm's contract with wgmma/TMA kernels; any epilogue may split K: with
+    splits = _C.gemm_sm90_splits(M, N, K) > 1, workspace holds splits * M * N float32.
 _C.denoise_update(x, model_out, noise, out, xin_out, B, C, out_ld, cfg, cfg_scale, coef_x,
                   coef_eps, min_log, max_log, noise_scale, dtype, stream)
     The elementwise tail of one reverse step, for r < B, j < C (f32 math):
@@ -213,12 +217,18 @@ def _ptr(t):
 
 
 class _Cuda:
-    """djepa._C per the contract in this module's docstring."""
+    """djepa._C per the contract in this module's docstring. Its GEMMs go to gemm_sm90 (wgmma,
+    TMA) on an sm_90 GPU where the build has sm_90a code (djepa.backends.uses_wgmma; adaln_block
+    and denoise_step share it), else to gemm (mma.sync); the LayerNorm and update kernels are
+    the same everywhere."""
     name = "cuda"
 
     def __init__(self, device):
+        from djepa import backends
+
         self.C = _dispatch.extension()
         self.device = device
+        self.sm90 = backends.uses_wgmma("adaln_block", device)
 
     def _s(self):
         return _dispatch.stream_handle(self.device)
@@ -253,6 +263,14 @@ class _Cuda:
              aux1=None, aux2=None, aux2_ld=0, aux_out=None):
         if c.dtype == torch.float32 and a.dtype != torch.float32:
             epilogue |= 16
+        if self.sm90:
+            # gemm_sm90 may split K under any epilogue; its workspace holds every split's partial.
+            splits = int(self.C.gemm_sm90_splits(M, N, K))
+            ws = torch.empty(splits * M * N, device=c.device, dtype=torch.float32) if splits > 1 else None
+            self.C.gemm_sm90(_ptr(a), _ptr(b), _ptr(c), _ptr(bias), M, N, K, int(a_trans), int(b_trans), epilogue,
+                             _ptr(aux1), _ptr(aux2), _ptr(aux_out), _dispatch.dtype_code(a.dtype), self._s(),
+                             aux2_ld, _ptr(ws), splits)
+            return
         # Weight gradients (float32, no epilogue): _C may split K over more blocks than there are
         # output tiles; the partial products go to a workspace it adds up in a fixed order.
         split = ()
