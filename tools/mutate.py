@@ -60,7 +60,7 @@ def _apply(tree: Path, m) -> str:
     path = tree / m.file
     if not path.is_file():
         return f"{m.file} does not exist"
-    missing = [t for t in m.tests if not (tree / t.split("::")[0]).exists()]
+    missing = [t for t in m.tests if not t.startswith("-") and not (tree / t.split("::")[0]).exists()]
     if missing:
         return f"its tests do not exist: {' '.join(missing)}"
     text = path.read_text()
