@@ -330,12 +330,14 @@ def test_module_params_are_views_of_one_flat_float32_buffer():
 def test_module_average_buffers_option():
     torch.manual_seed(2)
     model = _Net()
-    ema = EMA(model, decay=0.5, average_buffers=True)
-    before = ema.module.norm.running_var.clone()
-    for _ in _train_steps(model, 1):
+    ema = EMA(model, decay=0.75, average_buffers=True)  # not 0.5: a swap of the weights must show
+    want = ema.module.norm.running_var.double().clone()
+    for _ in _train_steps(model, 2):
         ema.update(model)
-    torch.testing.assert_close(ema.module.norm.running_var, 0.5 * before + 0.5 * model.norm.running_var)
-    assert int(ema.module.counter) == 1  # integer buffers are copied
+        want = 0.75 * want + 0.25 * model.norm.running_var.double()
+    assert (ema.module.norm.running_var.double() - model.norm.running_var.double()).abs().max() > 1e-3
+    torch.testing.assert_close(ema.module.norm.running_var.double(), want, rtol=1e-6, atol=1e-7)
+    assert int(ema.module.counter) == 2  # integer buffers are copied
 
 
 def test_module_is_frozen_and_usable_as_target_encoder():
