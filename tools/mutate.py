@@ -57,8 +57,9 @@ def _copy_tree(dst: Path):
         kernels_link.symlink_to(Path("..") / "kernels", target_is_directory=True)
 
 
-def _apply(tree: Path, m) -> str:
-    """Apply `m` in `tree`; '' on success, else why it is stale."""
+def _apply(tree: Path, m, write: bool = True) -> str:
+    """Apply `m` in `tree` (with write=False: only check that it would apply); '' on
+    success, else why it is stale."""
     path = tree / m.file
     if not path.is_file():
         return f"{m.file} does not exist"
@@ -69,7 +70,8 @@ def _apply(tree: Path, m) -> str:
     count = text.count(m.find)
     if count != 1:
         return f"snippet found {count} times in {m.file}"
-    path.write_text(text.replace(m.find, m.replace))
+    if write:
+        path.write_text(text.replace(m.find, m.replace))
     return ""
 
 
@@ -100,6 +102,12 @@ def _probe_imports_copy(tree: Path) -> str:
 
 
 def run(selected, timeout, check_only=False, keep=False):
+    if check_only:  # the checkout itself, read only
+        results = []
+        for m in selected:
+            stale = _apply(ROOT, m, write=False)
+            results.append(Result(m.name, "stale" if stale else "applies", 0.0, stale))
+        return results
     results = []
     with tempfile.TemporaryDirectory(prefix="djepa-mutate-") as tmp:
         base = Path(tmp) / "base"
@@ -107,10 +115,9 @@ def run(selected, timeout, check_only=False, keep=False):
         _copy_tree(base)
         for so in (ROOT / "djepa").glob("_C*.so"):
             shutil.copy2(so, base / "djepa" / so.name)
-        if not check_only:
-            why = _probe_imports_copy(base)
-            if why:
-                raise SystemExit(f"mutate: {why}")
+        why = _probe_imports_copy(base)
+        if why:
+            raise SystemExit(f"mutate: {why}")
         for i, m in enumerate(selected, 1):
             tree = Path(tmp) / "tree"
             if tree.exists():
@@ -122,8 +129,6 @@ def run(selected, timeout, check_only=False, keep=False):
             stale = _apply(tree, m)
             if stale:
                 results.append(Result(m.name, "stale", 0.0, stale))
-            elif check_only:
-                results.append(Result(m.name, "applies", 0.0))
             else:
                 rc, tail = _run_tests(tree, m, timeout)
                 dt = time.time() - t0
