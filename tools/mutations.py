@@ -1,7 +1,9 @@
 """The curated planted bugs of tools/mutate.py: each one exact snippet of one file, replaced.
 
 Keep each mutation small and realistic (a swapped weight, an off-by-one, a dropped term, a
-wrong constant), name the tests that cover its file, and say what it breaks. A survivor that
+wrong constant), name the tests that cover its file (a file, a node id, or a pytest option
+such as -kEXPR; one test that covers the line is enough where the whole file is slow), and say
+what it breaks. A survivor that
 is behaviour-preserving gets `equivalent="why"`; any other survivor needs a new test.
 """
 from dataclasses import dataclass
@@ -192,26 +194,26 @@ MUTATIONS = [
     M("train-grad-clip", "djepa/train.py",
       "[p for g in optimizer.param_groups for p in g[\"params\"]], settings.grad_clip)",
       "[p for g in optimizer.param_groups for p in g[\"params\"]], settings.grad_clip * 1e6)",
-      "tests/test_train.py", "gradients clipped at 1e6x the setting"),
+      "tests/test_train.py::test_gradients_are_clipped_to_the_setting", "gradients clipped at 1e6x the setting"),
     M("train-weight-decay-groups", "djepa/train.py",
       "(decay if p.ndim >= 2 else no_decay).append(p)", "(decay if p.ndim >= 1 else no_decay).append(p)",
-      "tests/test_train.py", "biases and norms get weight decay"),
+      "tests/test_train.py::test_weight_decay_groups_and_learning_rate", "biases and norms get weight decay"),
     M("train-no-decay-value", "djepa/train.py",
       "{\"params\": no_decay, \"weight_decay\": 0.0}]", "{\"params\": no_decay, \"weight_decay\": weight_decay}]",
-      "tests/test_train.py", "the no-decay group decays"),
+      "tests/test_train.py::test_weight_decay_groups_and_learning_rate", "the no-decay group decays"),
     M("train-warmup", "djepa/train.py",
       "return self.lr * (step + 1) / self.warmup_steps", "return self.lr * step / self.warmup_steps",
-      "tests/test_train.py", "warm-up starts at lr 0"),
+      "tests/test_train.py::test_lr_schedule", "warm-up starts at lr 0"),
     M("train-cosine", "djepa/train.py",
       "return low + (self.lr - low) * 0.5 * (1.0 + math.cos(math.pi * progress))",
       "return low + (self.lr - low) * 0.5 * (1.0 + math.cos(0.5 * math.pi * progress))",
-      "tests/test_train.py", "cosine decay over half a period"),
+      "tests/test_train.py::test_lr_schedule", "cosine decay over half a period"),
     M("train-lr-not-set", "djepa/train.py",
       "            group[\"lr\"] = lr\n", "            group[\"lr\"] = settings.lr\n",
-      "tests/test_train.py", "the schedule's lr never reaches the optimizer"),
+      "tests/test_train.py::test_weight_decay_groups_and_learning_rate", "the schedule's lr never reaches the optimizer"),
     M("train-rank-slice", "djepa/train.py",
       "lo = k * self.global_batch + self.rank * self.per_rank", "lo = k * self.global_batch",
-      "tests/test_train.py", "every rank trains on the first slice of the batch"),
+      "tests/test_train.py::test_step_batches_split_the_global_batch_over_ranks", "every rank trains on the first slice of the batch"),
     # --- evaluation -----------------------------------------------------------------------------
     M("fd-half-cross-term", "djepa/evaluate.py",
       "+ np.trace(s_a) + np.trace(s_b) - 2 * cross)", "+ np.trace(s_a) + np.trace(s_b) - cross)",
