@@ -9,6 +9,13 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from hypothesis import settings as _hypothesis_settings  # noqa: E402
+
+# The same examples on every machine and run (a failure prints its reproducing blob); set
+# HYPOTHESIS_PROFILE=explore to draw fresh examples instead.
+_hypothesis_settings.register_profile("djepa", derandomize=True, print_blob=True, database=None)
+_hypothesis_settings.register_profile("explore", print_blob=True)
+_hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "djepa"))
 
 from djepa import backends  # noqa: E402
 

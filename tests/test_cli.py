@@ -75,6 +75,42 @@ def test_sample_writes_grid_and_npz_in_pixel_scale(run_dir, tmp_path, capsys):
     assert z["images"].min() >= 0 and z["images"].max() <= 16 and np.isfinite(z["images"]).all()
     assert z["images"].std() > 0
     assert list(z["pixel_range"]) == [0, 16]
+    # the samples are the model's for these labels and this --cfg (the sampler itself is
+    # value-tested in test_sampler): drawn again through the library, they are equal
+    from djepa.evaluate import generate
+    from djepa.train import load_checkpoint, make_tokenizer
+
+    model, state = load_checkpoint(str(run_dir))
+    tok = make_tokenizer(state["data"]["channels"], state["data"]["patch_size"])
+    y = torch.tensor([1, 1, 3, 3])
+
+    def draw(labels, cfg):
+        img = generate(model, tok, labels, state["data"]["image_size"], num_iter=4, cfg=cfg, seed=0)
+        return ((img + 1) * 8).clamp(0, 16).numpy()  # digits: model scale [-1, 1] -> 0..16
+
+    np.testing.assert_allclose(z["images"], draw(y, 2.0), rtol=0, atol=1e-5)
+
+
+def test_sample_passes_labels_and_sampling_flags_to_the_sampler(run_dir, tmp_path, monkeypatch):
+    """A 3-step model barely depends on its class yet, so the link of --labels / --cfg /
+    --temperature / --seed to the sampler is checked on what the sampler is asked for."""
+    import djepa.evaluate
+
+    seen = {}
+    real = djepa.evaluate.generate
+
+    def spy(model, tokenizer, labels, image_size, **kw):
+        seen.update(kw, labels=labels.tolist())
+        return real(model, tokenizer, labels, image_size, **kw)
+
+    monkeypatch.setattr(djepa.evaluate, "generate", spy)
+    assert main(["sample", "--ckpt", str(run_dir), "--labels", "0,2-3", "--n", "2", "--num-iter", "3", "--cfg", "2.5",
+                 "--cfg-schedule", "constant", "--temperature", "0.7", "--seed", "4",
+                 "--out", str(tmp_path / "s.png"), "--no-progress"]) == 0
+    assert seen["labels"] == [0, 0, 2, 2, 3, 3]
+    assert (seen["cfg"], seen["cfg_schedule"], seen["temperature"], seen["seed"], seen["num_iter"]) == \
+        (2.5, "constant", 0.7, 4, 3)
+    assert np.load(tmp_path / "s.npz")["labels"].tolist() == [0, 0, 2, 2, 3, 3]
 
 
 def test_eval_prints_table_and_writes_json(run_dir, tmp_path, capsys):

@@ -328,7 +328,17 @@ def test_sample_eager_reproduces_p_sample_loop_and_is_deterministic():
                                             generator=torch.Generator().manual_seed(3))
     assert a.shape == (6, 4) and a.dtype == torch.float32
     torch.testing.assert_close(a, b, rtol=0, atol=0)
-    torch.testing.assert_close(a, d, rtol=1e-6, atol=1e-6)
+    # the float64 loop on the same noise (x_T, then one draw per step) is the reference; the
+    # tolerance is the rule's (values reach ~1e4 here: a fixed atol would only pass bit-equality)
+    import copy
+
+    g = torch.Generator().manual_seed(3)
+    x_T = torch.randn(6, 4, generator=g)
+    step_noise = torch.stack([torch.randn(6, 4, generator=g) for _ in range(8)])
+    m64 = copy.deepcopy(m).double()
+    ref = create_diffusion("8").p_sample_loop(m64.forward, (6, 4), noise=x_T.double(), model_kwargs=dict(c=z.double()),
+                                              temperature=0.9, step_noise=step_noise.double(), dtype=torch.float64)
+    assert_close_to_reference(a, d, ref, atol=1e-6 * max(1.0, ref.abs().max().item()), what="sample")
     assert (a - c).abs().max() > 1e-2
 
 
@@ -451,7 +461,12 @@ def test_autocast_float32_weights_with_low_precision_activations():
         out.float().square().mean().backward()
     assert out.dtype == torch.bfloat16
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in mlp.parameters())
-    assert (out.float() - ref).abs().max() < 0.1 * ref.abs().max()
+    # the rule, with the whole head in bf16 as the low-precision eager path
+    import copy
+
+    ref64 = copy.deepcopy(mlp).double()(x.double(), t, c.double())
+    lowp = copy.deepcopy(mlp).bfloat16()(x.bfloat16(), t, c.bfloat16())
+    assert_close_to_reference(out, lowp, ref64, atol=1e-3 * ref64.abs().max().item(), what="autocast forward")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         z = torch.nn.functional.linear(torch.randn(3, 6), torch.randn(6, 6))  # bf16 under autocast
         assert z.dtype == torch.bfloat16

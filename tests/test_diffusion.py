@@ -382,3 +382,18 @@ def test_sampler_bad_input():
     a = sample(mlp, torch.randn(3, 3), steps=1, temperature=0.0, backend="eager",
                generator=torch.Generator().manual_seed(0))
     assert a.shape == (3, 2) and torch.isfinite(a).all()
+
+
+def test_flow_temperature_scales_the_initial_noise():
+    """On v(x, t) = a * x the Euler result is linear in x_0: temperature tau gives tau times the
+    tau = 1 result; tau = 0 starts (and stays) at 0; a bad tau is refused."""
+    fm = FlowMatching()
+    a = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+    x0 = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    factor = torch.as_tensor(np.prod([1 + a.numpy() / 8] * 8, axis=0))
+    for tau in (1.0, 0.1, 0.0):
+        x = fm.sample(lambda x, t: a * x, x0.shape, 8, noise=x0, temperature=tau)
+        torch.testing.assert_close(x, factor * tau * x0, rtol=1e-12, atol=1e-15)
+    for bad in (-0.5, float("nan")):
+        with pytest.raises(ValueError, match="temperature"):
+            fm.sample(lambda x, t: a * x, x0.shape, 8, noise=x0, temperature=bad)

@@ -1,7 +1,7 @@
-"""DistributedDataParallel on the CPU (gloo): two processes on a free localhost port."""
+"""DistributedDataParallel on the CPU (gloo): two processes that meet through a file store
+(no port to race for), and torchrun's --standalone rendezvous (it binds its own free port)."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -13,27 +13,68 @@ SMALL = {"embed_dim": 32, "depth": 1, "num_heads": 2, "diffloss_depth": 1, "diff
          "num_sampling_steps": "4", "class_tokens": 2}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _join(rank, world, result_dir):
+    """The process group of a file store in `result_dir`: setup_distributed finds it joined."""
+    import torch.distributed as dist
 
-
-def _worker(rank, world, port, out, result_dir):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    from djepa.train import TrainSettings, train
+    dist.init_process_group("gloo", init_method="file://" + os.path.join(result_dir, "rendezvous"),
+                            rank=rank, world_size=world)
 
-    s = TrainSettings(steps=3, batch_size=16, lr=1e-3, warmup_steps=1, overrides=SMALL, seed=5)
-    res = train(s, out, ckpt_every=3, log_every=1, progress=False, plot=False, device="cpu")
+
+def _settings():
+    from djepa.train import TrainSettings
+
+    return TrainSettings(steps=3, batch_size=16, lr=1e-3, warmup_steps=1, overrides=SMALL, seed=5)
+
+
+def _worker(rank, world, out, result_dir):
+    _join(rank, world, result_dir)
+    from djepa.train import train
+
+    res = train(_settings(), out, ckpt_every=3, log_every=1, progress=False, plot=False, device="cpu")
     torch.save({"state": res.model.state_dict(), "losses": res.losses, "checkpoint": res.checkpoint},
                os.path.join(result_dir, f"rank{rank}.pt"))
+    torch.distributed.destroy_process_group()
 
 
-def test_two_cpu_processes_stay_identical(tmp_path):
+def _single_process_reference(s, world):
+    """The same training written out in one process on the whole global batch: each step, the
+    mean of the `world` half-batch losses (each with that rank's generator: the ranks' masks
+    and noise), one backward, clip, AdamW, EMA."""
+    from djepa.data import build_dataset
+    from djepa.models import build
+    from djepa.train import StepBatches, _param_groups, data_overrides, make_tokenizer
+
+    dataset = build_dataset(s.data, "train", **s.data_options)
+    patch = s.patch_size or dataset.default_patch_size
+    torch.manual_seed(s.seed)
+    model = build(s.preset, **{**s.overrides, **data_overrides(dataset, patch), "backend": None})
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    tokenizer = make_tokenizer(dataset.channels, patch)
+    opt = torch.optim.AdamW(_param_groups(model, s.weight_decay), lr=s.lr, betas=s.betas, weight_decay=s.weight_decay)
+    gens = [torch.Generator().manual_seed(s.seed * 7919 + r + 1) for r in range(world)]
+    batches = [StepBatches(len(dataset), s.batch_size, s.seed, r, world) for r in range(world)]
+    model.train()
+    for step in range(s.steps):
+        for g in opt.param_groups:
+            g["lr"] = s.lr_at(step)
+        loss = 0.0
+        for r in range(world):
+            images, labels = dataset.get_batch(batches[r].indices(step))
+            loss = loss + model(tokenizer.encode(images), labels, generator=gens[r])["loss"] / world
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], s.grad_clip)
+        opt.step()
+        model.update_ema()
+    return init, model.state_dict()
+
+
+def test_two_cpu_processes_match_single_process_training(tmp_path):
     out, results = str(tmp_path / "run"), str(tmp_path)
-    mp.start_processes(_worker, args=(2, _free_port(), out, results), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(_worker, args=(2, out, results), nprocs=2, join=True, start_method="spawn")
     r0 = torch.load(os.path.join(results, "rank0.pt"))
     r1 = torch.load(os.path.join(results, "rank1.pt"))
     assert r0["state"].keys() == r1["state"].keys()
@@ -54,6 +95,14 @@ def test_two_cpu_processes_stay_identical(tmp_path):
     # the logged loss is the mean over the ranks of their local losses
     for r, a, b in zip(records, r0["losses"], r1["losses"]):
         assert r["loss"] == pytest.approx((a["loss"] + b["loss"]) / 2, rel=1e-6)
+    # and the ranks' weights are those of one process training on the whole batch: the
+    # difference (summation order only) is far below what the training moved them
+    torch.set_num_threads(1)
+    init, ref = _single_process_reference(_settings(), 2)
+    assert ref.keys() == r0["state"].keys()
+    moved = max((ref[k].double() - init[k].double()).abs().max().item() for k in ref if ref[k].is_floating_point())
+    off = max((ref[k].double() - r0["state"][k].double()).abs().max().item() for k in ref if ref[k].is_floating_point())
+    assert moved > 1e-4 and off <= 1e-2 * moved, (off, moved)
 
 
 def test_torchrun_cli(tmp_path):
@@ -63,8 +112,7 @@ def test_torchrun_cli(tmp_path):
         fake = os.path.join(os.path.dirname(__file__), "..", "tools", "fake_gpu")
         env.update(DJEPA_FAKE_GPU="1", DJEPA_FAKE_GPU_COUNT="1",
                    PYTHONPATH=os.pathsep.join(filter(None, [fake, env.get("PYTHONPATH")])))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", "-m", "djepa", "train", "--out", str(out), "--steps", "2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "djepa", "train", "--out", str(out), "--steps", "2",
            "--batch-size", "8", "--ckpt-every", "2", "--no-progress",
            "--device", "cpu"]  # gloo on the CPU: a one-GPU machine has no cuda:1 for rank 1
     for k, v in SMALL.items():
@@ -76,14 +124,12 @@ def test_torchrun_cli(tmp_path):
     assert r.stdout.count("trained to step 2") == 1  # only rank 0 reports
 
 
-def _signal_worker(rank, world, port, out, result_dir):
+def _signal_worker(rank, world, out, result_dir):
     """Rank 1 alone gets SIGTERM while fetching its third batch; both ranks must stop after
     that step with one checkpoint."""
     import signal
 
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+    _join(rank, world, result_dir)
     from djepa.train import StepBatches, TrainInterrupted, TrainSettings, train
 
     if rank == 1:
@@ -102,13 +148,14 @@ def _signal_worker(rank, world, port, out, result_dir):
     except TrainInterrupted as exc:
         got = {"step": exc.step, "checkpoint": exc.checkpoint, "signal": exc.signal, "main": exc.main}
     torch.save(got, os.path.join(result_dir, f"stop{rank}.pt"))
+    torch.distributed.destroy_process_group()
 
 
 def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     import signal
 
     out, results = str(tmp_path / "run"), str(tmp_path)
-    mp.start_processes(_signal_worker, args=(2, _free_port(), out, results), nprocs=2, join=True,
+    mp.start_processes(_signal_worker, args=(2, out, results), nprocs=2, join=True,
                        start_method="spawn")
     stops = [torch.load(os.path.join(results, f"stop{r}.pt")) for r in range(2)]
     assert all(s is not None for s in stops), stops

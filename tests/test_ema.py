@@ -22,8 +22,28 @@ def _pairs(sizes, ema_dtype, x_dtype, device, seed):
     return emas, xs
 
 
+def _formula(e, x, decay):
+    """The update written out in float64, independent of djepa: (value, elementwise bound on
+    the rounding of one update in e's dtype: two units of its precision per term, for the
+    rounding of decay, of 1 - decay, of the product and of the sum)."""
+    d = float(decay)
+    e64, x64 = e.detach().double().cpu(), x.detach().double().cpu()
+    eps = torch.finfo(e.dtype).eps
+    return d * e64 + (1.0 - d) * x64, 2 * eps * (d * e64.abs() + (1.0 - d) * x64.abs()) + 1e-300
+
+
+def _check_formula(out, e, x, decay, what, slack=1.0):
+    want, bound = _formula(e, x, decay)
+    err = (out.detach().double().cpu() - want).abs()
+    assert torch.isfinite(err).all(), f"{what}: non-finite values"
+    worst = (err / bound).max().item() if err.numel() else 0.0
+    assert worst <= slack, f"{what}: off the float64 formula by {worst:.2f} units of rounding"
+
+
 def _check(emas, xs, decay, backend):
-    """Run `backend` on copies; compare each tensor with the float64 reference under the rule."""
+    """Run `backend` on copies; compare each tensor with the float64 reference under the rule,
+    and both the eager result and `backend`'s with the formula written above (the rule alone
+    would accept a wrong eager path: it widens the bound)."""
     ref = ema_update_reference(emas, xs, decay)
     low = [e.clone() for e in emas]
     ema_update_(low, xs, decay, backend="eager")
@@ -32,6 +52,8 @@ def _check(emas, xs, decay, backend):
     ema_update_(fast, xs, decay, backend=backend)
     for i, (f, lo, r) in enumerate(zip(fast, low, ref)):
         assert f.dtype == emas[i].dtype and f.shape == emas[i].shape
+        _check_formula(lo, emas[i], xs[i], decay, f"eager pair {i}")
+        _check_formula(f, emas[i], xs[i], decay, f"{backend} pair {i}", slack=2.0)
         assert_close_to_reference(f, lo, r, atol=ATOL[f.dtype], what=f"{backend} pair {i}")
     for x, x0 in zip(xs, x_before):
         assert torch.equal(x, x0), "the source tensors must not be written"
@@ -135,8 +157,12 @@ def test_gpu_more_than_2_pow_31_elements(backend):
 
 # ------------------------------------------------------------------------------------ the op
 def test_empty_list_is_a_noop():
-    for backend in ("auto", "eager", "triton", "cuda"):
-        ema_update_([], [], 0.9, backend=backend)
+    for backend in ("auto", "eager", "triton", "cuda"):  # no device: no backend is asked to run
+        assert ema_update_([], [], 0.9, backend=backend) is None
+    # pairs with no elements are skipped, the others still updated
+    emas, xs = [torch.zeros(0), torch.zeros(2)], [torch.ones(0), torch.ones(2)]
+    assert ema_update_(emas, xs, 0.25, backend="eager") is None
+    assert emas[0].shape == (0,) and torch.equal(emas[1], torch.full((2,), 0.75))
 
 
 def test_registered_as_a_mutating_torch_library_op():
@@ -304,12 +330,14 @@ def test_module_params_are_views_of_one_flat_float32_buffer():
 def test_module_average_buffers_option():
     torch.manual_seed(2)
     model = _Net()
-    ema = EMA(model, decay=0.5, average_buffers=True)
-    before = ema.module.norm.running_var.clone()
-    for _ in _train_steps(model, 1):
+    ema = EMA(model, decay=0.75, average_buffers=True)  # not 0.5: a swap of the weights must show
+    want = ema.module.norm.running_var.double().clone()
+    for _ in _train_steps(model, 2):
         ema.update(model)
-    torch.testing.assert_close(ema.module.norm.running_var, 0.5 * before + 0.5 * model.norm.running_var)
-    assert int(ema.module.counter) == 1  # integer buffers are copied
+        want = 0.75 * want + 0.25 * model.norm.running_var.double()
+    assert (ema.module.norm.running_var.double() - model.norm.running_var.double()).abs().max() > 1e-3
+    torch.testing.assert_close(ema.module.norm.running_var.double(), want, rtol=1e-6, atol=1e-7)
+    assert int(ema.module.counter) == 2  # integer buffers are copied
 
 
 def test_module_is_frozen_and_usable_as_target_encoder():

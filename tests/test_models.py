@@ -189,11 +189,27 @@ def test_mask_ratio_law():
     assert abs(r.mean().item() - mean) < 3e-3
 
 
+def test_random_mask_hides_the_first_positions_of_each_order():
+    orders = torch.stack([torch.randperm(10, generator=gen(20 + b)) for b in range(4)])
+    num = torch.tensor([0, 3, 7, 10])
+    mask = masking.random_mask(orders, num)
+    for b in range(4):
+        want = torch.zeros(10, dtype=torch.bool)
+        want[orders[b, :num[b]]] = True  # written out: the first num[b] positions of the order
+        assert torch.equal(mask[b], want), b
+
+
 @pytest.mark.parametrize("per_sample", [False, True])
 def test_training_mask_counts(per_sample):
     mask = masking.training_mask(64, 16, 0.7, per_sample, generator=gen(9))
     counts = mask.sum(1)
     assert counts.min() >= math.ceil(16 * 0.7) and counts.max() <= 16
+    # the count is ceil(16 * ratio) of the ratios the same generator draws after the orders
+    g = gen(9)
+    masking.sample_orders(64, 16, g)
+    ratios = masking.sample_mask_ratio(64 if per_sample else 1, 0.7, g)
+    want = torch.ceil(16 * ratios - 1e-9).long().expand(64)
+    assert torch.equal(counts, want)
     if per_sample:
         assert len(set(counts.tolist())) > 1
     else:

@@ -41,9 +41,9 @@ def test_fills_every_token_once_and_follows_the_cosine_schedule():
     model = tiny()
     L = model.config.seq_len
     num_iter = 5
-    seen = []
+    seen, states = [], []
     out = model.sample(LABELS, num_iter=num_iter, generator=gen(0),
-                       callback=lambda step, tokens, pred: seen.append(pred.clone()))
+                       callback=lambda step, tokens, pred: (seen.append(pred.clone()), states.append(tokens.clone())))
     assert out.shape == (3, L, model.config.token_channels) and torch.isfinite(out).all()
     assert len(seen) == num_iter
     stacked = torch.stack(seen)  # [iter, B, L]
@@ -58,8 +58,13 @@ def test_fills_every_token_once_and_follows_the_cosine_schedule():
         remaining -= n
     assert stacked.sum(2).tolist() == [[n] * 3 for n in expected]
     assert expected == [n for _, n in masking.mask_len_schedule(L, num_iter)]
-    # tokens predicted at an iteration are unchanged afterwards
-    assert (out != 0).all()
+    # tokens predicted at an iteration are unchanged afterwards; the others are still empty
+    done = torch.zeros_like(stacked[0])
+    for pred, state in zip(seen, states):
+        done |= pred
+        assert torch.equal(state[done], out[done])
+        assert (state[~done] == 0).all() and (state[pred] != 0).all()
+    assert torch.equal(states[-1], out)
 
 
 def test_deterministic_for_a_seed():
@@ -157,10 +162,49 @@ def test_uses_ema_weights_by_default():
     assert not model.training and not model.net.training
 
 
+def _flow_euler(head, z, x0, steps, cfg_scale=1.0):
+    """Flow matching's Euler loop written out (float64): v = net(x, 1000 t, c), guided
+    v = v_u + s (v_c - v_u) with both halves evaluated at the conditional state."""
+    x, n = x0.clone(), x0.shape[0]
+    for i in range(steps):
+        t0, t1 = i / steps, (i + 1) / steps
+        t = torch.full((n,), t0 * 1000.0, dtype=x.dtype)
+        v = head.net(x, t, z[:n])
+        if cfg_scale != 1.0:
+            v_u = head.net(x, t, z[n:])
+            v = v_u + cfg_scale * (v - v_u)
+        x = x + (t1 - t0) * v
+    return x
+
+
+def test_flow_head_sampling_values_with_temperature_and_cfg():
+    model = tiny(loss="flow")
+    head = model.net.diffloss.double()
+    steps, C = head.num_sampling_steps, head.token_channels
+    z = torch.randn(6, model.config.pred_embed_dim, generator=gen(13), dtype=torch.float64)
+    x0 = torch.randn(3, C, generator=gen(14), dtype=torch.float64)
+    for tau in (1.0, 0.3):
+        plain = head.sample(z[:3], temperature=tau, noise=x0)
+        torch.testing.assert_close(plain, _flow_euler(head, z[:3], tau * x0, steps), rtol=1e-10, atol=1e-12)
+        guided = head.sample(z, cfg_scale=2.5, temperature=tau, noise=x0)
+        want = _flow_euler(head, z, tau * x0, steps, cfg_scale=2.5)
+        torch.testing.assert_close(guided, want, rtol=1e-10, atol=1e-12)
+        assert (guided - plain).abs().max() > 1e-3  # the unconditional half differs here
+    # drawn noise (float32 head): the generator's first randn(M, C), scaled the same way
+    head32 = tiny(loss="flow").net.diffloss
+    drawn = head32.sample(z[:3].float(), temperature=0.5, generator=gen(15))
+    given = head32.sample(z[:3].float(), temperature=0.5, noise=torch.randn(3, C, generator=gen(15)))
+    assert torch.equal(drawn, given)
+
+
 def test_flow_sampler_with_cfg():
     model = tiny(loss="flow")
     out = model.sample(LABELS, num_iter=3, cfg_scale=2.0, generator=gen(7))
     assert out.shape == (3, 16, 4) and torch.isfinite(out).all()
+    plain = model.sample(LABELS, num_iter=3, generator=gen(7))
+    assert (out - plain).abs().max() > 1e-4
+    cold = model.sample(LABELS, num_iter=3, temperature=0.1, generator=gen(7))
+    assert (cold - plain).abs().max() > 1e-4  # temperature is not ignored
 
 
 def test_one_iteration_and_seq_len_iterations():

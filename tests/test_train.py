@@ -368,3 +368,69 @@ def test_settings_errors_are_train_errors():
         with pytest.raises(TrainError) as info:
             TrainSettings(**bad)
         assert info.value.field == next(iter(bad))
+
+
+def _record_optimizer_steps(monkeypatch):
+    """Wrap AdamW.step: for each step, the optimizer's groups and the gradients it is given."""
+    steps = []
+    real = torch.optim.AdamW.step
+
+    def step(self, *a, **kw):
+        grads = [p.grad.detach().double().clone() for g in self.param_groups for p in g["params"] if p.grad is not None]
+        steps.append({"groups": [(g["weight_decay"], g["lr"], [p for p in g["params"]]) for g in self.param_groups],
+                      "norm": torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x) for x in grads])).item(),
+                      "optimizer": self})
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    return steps
+
+
+@pytest.mark.parametrize("clip", [1e-3, 1e6])
+def test_gradients_are_clipped_to_the_setting(tmp_path, monkeypatch, clip):
+    """The optimizer sees gradients of total norm min(clip, raw norm); the logged grad_norm is
+    the raw one."""
+    steps = _record_optimizer_steps(monkeypatch)
+    run(tmp_path / "a", settings(steps=3, grad_clip=clip))
+    raw = [json.loads(line)["grad_norm"] for line in open(tmp_path / "a" / "metrics.jsonl")]
+    assert len(steps) == 3 and all(r > 1e-2 for r in raw)
+    for s, r in zip(steps, raw):
+        assert s["norm"] == pytest.approx(min(clip, r), rel=1e-4)
+
+
+def test_weight_decay_groups_and_learning_rate(tmp_path, monkeypatch):
+    """Matrices decay with the setting, vectors (biases, norms, embeddings' 1-D) do not; every
+    trainable parameter is in exactly one group, the EMA copy in none; each group's lr is the
+    schedule's."""
+    steps = _record_optimizer_steps(monkeypatch)
+    s = settings(steps=3, weight_decay=0.25, warmup_steps=2, lr=1e-3)
+    model = run(tmp_path / "a", s).model
+
+    for i, rec in enumerate(steps):
+        (wd_a, lr_a, decay), (wd_b, lr_b, no_decay) = rec["groups"]
+        assert (wd_a, wd_b) == (0.25, 0.0)
+        assert lr_a == lr_b == pytest.approx(s.lr_at(i))
+        assert decay and no_decay
+        assert all(p.ndim >= 2 for p in decay) and all(p.ndim < 2 for p in no_decay)
+    opt = steps[0]["optimizer"]
+    ids = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert len(ids) == len(set(ids))
+    assert set(ids) == {id(p) for p in model.trainable_parameters()}
+    assert not set(ids) & {id(p) for p in model.ema.parameters()}
+    # AdamW's decoupled decay on a decayed matrix: with its gradient and moments zeroed, one
+    # step multiplies it by exactly 1 - lr * wd; an undecayed vector stays put
+    (wd_a, _, decay), (_, _, no_decay) = steps[-1]["groups"]
+    w, v = decay[0], no_decay[0]
+    for p in (w, v):
+        p.grad = torch.zeros_like(p)
+        st = opt.state[p]
+        st["exp_avg"].zero_()
+        st["exp_avg_sq"].zero_()
+    w0, v0 = w.detach().clone(), v.detach().clone()
+    for g in opt.param_groups:
+        g["params"] = [p for p in g["params"] if p is w or p is v]
+    monkeypatch.undo()
+    opt.step()
+    lr = opt.param_groups[0]["lr"]
+    assert torch.allclose(w.detach().double(), w0.double() * (1 - lr * 0.25), rtol=1e-6, atol=0)
+    assert torch.equal(v.detach(), v0)

@@ -5,6 +5,7 @@
     python tools/mutate.py --list          # the curated list, nothing run
     python tools/mutate.py --only NAME ... # some of them (names or fnmatch patterns)
     python tools/mutate.py --check         # only that every mutation still applies (fast)
+    python tools/mutate.py --only NAME --update-report  # rerun some, keep the report's other rows
 
 Each mutation replaces one exact snippet of one file (it must occur exactly once: a mutation
 whose snippet has moved is "stale" and fails the run, so the list cannot silently rot). The
@@ -50,24 +51,27 @@ def _copy_tree(dst: Path):
         else:
             shutil.copy2(entry, dst / entry.name)
     # the installed layout: djepa.kernels is kernels/ (package_dir), djepa._C sits in djepa/
+    # (relative, so that a copy of the copy links to its own kernels/)
     kernels_link = dst / "djepa" / "kernels"
     if not kernels_link.exists():
-        kernels_link.symlink_to(dst / "kernels", target_is_directory=True)
+        kernels_link.symlink_to(Path("..") / "kernels", target_is_directory=True)
 
 
-def _apply(tree: Path, m) -> str:
-    """Apply `m` in `tree`; '' on success, else why it is stale."""
+def _apply(tree: Path, m, write: bool = True) -> str:
+    """Apply `m` in `tree` (with write=False: only check that it would apply); '' on
+    success, else why it is stale."""
     path = tree / m.file
     if not path.is_file():
         return f"{m.file} does not exist"
-    missing = [t for t in m.tests if not (tree / t.split("::")[0]).exists()]
+    missing = [t for t in m.tests if not t.startswith("-") and not (tree / t.split("::")[0]).exists()]
     if missing:
         return f"its tests do not exist: {' '.join(missing)}"
     text = path.read_text()
     count = text.count(m.find)
     if count != 1:
         return f"snippet found {count} times in {m.file}"
-    path.write_text(text.replace(m.find, m.replace))
+    if write:
+        path.write_text(text.replace(m.find, m.replace))
     return ""
 
 
@@ -98,6 +102,12 @@ def _probe_imports_copy(tree: Path) -> str:
 
 
 def run(selected, timeout, check_only=False, keep=False):
+    if check_only:  # the checkout itself, read only
+        results = []
+        for m in selected:
+            stale = _apply(ROOT, m, write=False)
+            results.append(Result(m.name, "stale" if stale else "applies", 0.0, stale))
+        return results
     results = []
     with tempfile.TemporaryDirectory(prefix="djepa-mutate-") as tmp:
         base = Path(tmp) / "base"
@@ -105,21 +115,20 @@ def run(selected, timeout, check_only=False, keep=False):
         _copy_tree(base)
         for so in (ROOT / "djepa").glob("_C*.so"):
             shutil.copy2(so, base / "djepa" / so.name)
-        if not check_only:
-            why = _probe_imports_copy(base)
-            if why:
-                raise SystemExit(f"mutate: {why}")
+        why = _probe_imports_copy(base)
+        if why:
+            raise SystemExit(f"mutate: {why}")
         for i, m in enumerate(selected, 1):
             tree = Path(tmp) / "tree"
             if tree.exists():
                 shutil.rmtree(tree)
             shutil.copytree(base, tree, symlinks=True)
+            if not os.path.realpath(tree / "djepa" / "kernels").startswith(str(tree) + os.sep):
+                raise SystemExit("mutate: the scratch tree's djepa/kernels does not lead to its own kernels/")
             t0 = time.time()
             stale = _apply(tree, m)
             if stale:
                 results.append(Result(m.name, "stale", 0.0, stale))
-            elif check_only:
-                results.append(Result(m.name, "applies", 0.0))
             else:
                 rc, tail = _run_tests(tree, m, timeout)
                 dt = time.time() - t0
@@ -135,6 +144,29 @@ def run(selected, timeout, check_only=False, keep=False):
             r = results[-1]
             print(f"[{i}/{len(selected)}] {r.status:10s} {r.seconds:6.1f}s  {m.name}  {r.detail[:100]}", flush=True)
     return results
+
+
+def _report_rows(path: Path):
+    """{mutation name: (status, seconds, detail)} of an existing report's table."""
+    rows = {}
+    if not path.is_file():
+        return rows
+    for line in path.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+        if len(cells) != 6 or not cells[0].startswith("`"):
+            continue
+        status, _, detail = cells[4].partition(": ")
+        rows[cells[0].strip("`")] = Result(cells[0].strip("`"), status.strip("*"), float(cells[5] or 0), detail)
+    return rows
+
+
+def merge_results(path: Path, results):
+    """The report's rows for every curated mutation, with `results` replacing theirs; a
+    mutation the report lacks and that was not run now is listed as not run."""
+    old = _report_rows(path)
+    new = {r.name: r for r in results}
+    return [new.get(m.name) or old.get(m.name) or Result(m.name, "not run", 0.0, "run tools/mutate.py")
+            for m in MUTATIONS]
 
 
 def write_report(path: Path, results, selected):
@@ -168,6 +200,8 @@ def main(argv=None):
     ap.add_argument("--check", action="store_true", help="only check that every mutation applies")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per mutation's test run")
     ap.add_argument("--report", type=Path, default=ROOT / "tests" / "mutation_report.md")
+    ap.add_argument("--update-report", action="store_true",
+                    help="with --only: replace those mutations' rows of the existing report")
     args = ap.parse_args(argv)
     names = [m.name for m in MUTATIONS]
     if len(set(names)) != len(names):
@@ -186,6 +220,9 @@ def main(argv=None):
     if not args.check and not args.only:
         write_report(args.report, results, selected)
         print(f"report: {args.report}")
+    elif not args.check and args.update_report:
+        write_report(args.report, merge_results(args.report, results), MUTATIONS)
+        print(f"report updated: {args.report}")
     print(f"{len(results)} mutations: " + ", ".join(
         f"{sum(r.status == s for r in results)} {s}" for s in sorted({r.status for r in results})))
     for r in bad:

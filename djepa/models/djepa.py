@@ -324,7 +324,7 @@ class DJEPA(nn.Module):
         with the denoising head's full loop. `cfg_scale` != 1 guides with the fake class
         (doubled batch), `cfg_schedule` "linear" (ramps from 1 as tokens are revealed) or
         "constant". `temperature` (default: the config's, official D-JEPA 0.95) scales the
-        denoiser's noise. `callback(step, tokens, predicted_mask)` is called after every iteration.
+        denoiser's noise (diffusion: each step's noise; flow: the initial noise). `callback(step, tokens, predicted_mask)` is called after every iteration.
         The orders come from `generator`, or from `order_generator` (numpy, as the official code
         draws them); the noise from `generator` (None: torch's default generator).
         """

@@ -116,7 +116,8 @@ class DenoisingHead(nn.Module):
 
         Diffusion noise, unless given (x_T `noise` [M, C], `step_noise` [steps, M, C]), is drawn
         from `generator` as MAR's p_sample_loop draws it: x_T, then one draw per step of the whole
-        carried batch ([2M, C] with CFG, of which the conditional half is used)."""
+        carried batch ([2M, C] with CFG, of which the conditional half is used). Flow: x0 = `noise`
+        [M, C] (else drawn from `generator`), times `temperature`, then Euler steps."""
         cfg = float(cfg_scale) != 1.0
         rows = z.shape[0] // 2 if cfg else z.shape[0]
         if self.kind == "diffusion":
@@ -135,13 +136,15 @@ class DenoisingHead(nn.Module):
                          backend="auto" if self.backend is None else self.backend)
         else:
             gen_device = generator.device if generator is not None else z.device
-            noise = torch.randn(rows, self.token_channels, generator=generator, device=gen_device,
-                                dtype=torch.float32).to(z.device)
+            if noise is None:
+                noise = torch.randn(rows, self.token_channels, generator=generator, device=gen_device,
+                                    dtype=torch.float32)
+            noise = noise.to(z.device)
             if cfg:
                 out = self.flow.sample(self._flow_model_cfg, (2 * rows, self.token_channels),
                                        self.num_sampling_steps, model_kwargs=dict(c=z, cfg_scale=cfg_scale),
-                                       noise=torch.cat([noise, noise]))
+                                       noise=torch.cat([noise, noise]), temperature=temperature)
             else:
                 out = self.flow.sample(self._flow_model, (rows, self.token_channels), self.num_sampling_steps,
-                                       model_kwargs=dict(c=z), noise=noise)
+                                       model_kwargs=dict(c=z), noise=noise, temperature=temperature)
         return out[:rows]
