@@ -12,6 +12,7 @@
 #include "common.h"
 #include "hopper/attn_bwd_kernel.cuh"
 #include "hopper/attn_fwd_kernel.cuh"
+#include "hopper/host.cuh"
 
 namespace djepa {
 namespace {
@@ -23,41 +24,6 @@ using namespace hopper::attn;
 }
 
 bool aligned(std::uintptr_t ptr, std::uintptr_t bytes) { return ptr % bytes == 0; }
-
-template <typename Kernel>
-int require_sm90(const char* what, Kernel kernel) {
-  int dev = 0, major = 0, minor = 0, sms = 0;
-  check_cuda(cudaGetDevice(&dev), what);
-  check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), what);
-  check_cuda(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev), what);
-  if (major != 9 || minor != 0) {
-    throw std::runtime_error(std::string("djepa._C.") + what + ": needs an sm_90 (Hopper) GPU, device " +
-                             std::to_string(dev) + " is sm_" + std::to_string(major) + std::to_string(minor) +
-                             " (use the sm_80 kernels)");
-  }
-  cudaFuncAttributes attr{};
-  check_cuda(cudaFuncGetAttributes(&attr, kernel), what);
-  if (attr.binaryVersion != 90) {
-    throw std::runtime_error(std::string("djepa._C.") + what + ": this build has no sm_90a code (built for " +
-                             DJEPA_CUDA_ARCHS + "); rebuild with DJEPA_CUDA_ARCHS containing 90a");
-  }
-  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), what);
-  return sms;
-}
-
-EncodeFn tensor_map_encoder() {
-  static EncodeFn fn = [] {
-    void* f = nullptr;
-    cudaDriverEntryPointQueryResult q{};
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q) != cudaSuccess ||
-        q != cudaDriverEntryPointSuccess) {
-      cudaGetLastError();
-      return EncodeFn(nullptr);
-    }
-    return reinterpret_cast<EncodeFn>(f);
-  }();
-  return fn;
-}
 
 // Validates the arguments shared by forward and backward; fills p (everything but the plan).
 Params make_params(const char* fn, std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr_t kv_index,
@@ -116,7 +82,7 @@ template <typename T, int D>
 void run_fwd(Params& p, bool vec_ok, cudaStream_t stream, int sms) {
   auto kernel = attn_fwd_sm90_kernel<T, D>;
   Maps maps{};
-  plan<D>(p, maps, tensor_map_encoder(), std::is_same_v<T, __nv_bfloat16>, vec_ok);
+  plan<D>(p, maps, hopper::tensor_map_encoder<EncodeFn>(), std::is_same_v<T, __nv_bfloat16>, vec_ok);
   constexpr int smem = Chunks<D>::kSmemBytes;
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
              "masked_attention_fwd_sm90 (shared memory size)");
@@ -141,7 +107,7 @@ void masked_attention_fwd_sm90(std::uintptr_t q, std::uintptr_t k, std::uintptr_
                                std::uintptr_t stream) {
   const char* fn = "masked_attention_fwd_sm90";
   require_device(fn);
-  const int sms = require_sm90(fn, attn_fwd_sm90_kernel<__nv_bfloat16, 64>);
+  const int sms = hopper::require_sm90(fn, attn_fwd_sm90_kernel<__nv_bfloat16, 64>);
   bool vec_ok = false;
   Params p = make_params(fn, q, k, v, kv_index, kv_count, B, H, Nq, Nk, D, q_strides, k_strides, v_strides, scale,
                          dtype, vec_ok);
@@ -165,7 +131,7 @@ void run_bwd(Params& p, bool vec_ok, cudaStream_t stream, int sms) {
     auto kernel = attn_dkdv_sm90_kernel<T, D>;
     Params pk = p;
     Maps maps{};
-    plan_bwd<D>(pk, maps, tensor_map_encoder(), bf16, vec_ok, true);
+    plan_bwd<D>(pk, maps, hopper::tensor_map_encoder<EncodeFn>(), bf16, vec_ok, true);
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
                "masked_attention_bwd_sm90 (shared memory size)");
     kernel<<<std::max(1, std::min(pk.items, sms)), kThreads, smem, stream>>>(pk, maps);
@@ -175,7 +141,7 @@ void run_bwd(Params& p, bool vec_ok, cudaStream_t stream, int sms) {
     auto kernel = attn_dq_sm90_kernel<T, D>;
     Params pq = p;
     Maps maps{};
-    plan_bwd<D>(pq, maps, tensor_map_encoder(), bf16, vec_ok, false);
+    plan_bwd<D>(pq, maps, hopper::tensor_map_encoder<EncodeFn>(), bf16, vec_ok, false);
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
                "masked_attention_bwd_sm90 (shared memory size)");
     kernel<<<std::max(1, std::min(pq.items, sms)), kThreads, smem, stream>>>(pq, maps);
@@ -201,7 +167,7 @@ void masked_attention_bwd_sm90(std::uintptr_t q, std::uintptr_t k, std::uintptr_
                                std::vector<int64_t> v_strides, double scale, int dtype, std::uintptr_t stream) {
   const char* fn = "masked_attention_bwd_sm90";
   require_device(fn);
-  const int sms = require_sm90(fn, attn_dkdv_sm90_kernel<__nv_bfloat16, 64>);
+  const int sms = hopper::require_sm90(fn, attn_dkdv_sm90_kernel<__nv_bfloat16, 64>);
   bool vec_ok = false;
   Params p = make_params(fn, q, k, v, kv_index, kv_count, B, H, Nq, Nk, D, q_strides, k_strides, v_strides, scale,
                          dtype, vec_ok);

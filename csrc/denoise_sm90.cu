@@ -12,6 +12,7 @@
 
 #include "common.h"
 #include "hopper/gemm_kernel.cuh"
+#include "hopper/host.cuh"
 
 namespace djepa {
 namespace {
@@ -22,47 +23,10 @@ using namespace hopper::gemm;
 
 bool aligned_to(std::uintptr_t p, std::uintptr_t n) { return p % n == 0; }
 
-// The device must be sm_90 and this build must hold the sm_90a kernel (not only its empty sm_80
-// or sm_90 pass): binaryVersion of the kernel the runtime would launch.
-template <typename Kernel>
-int require_sm90(const char* what, Kernel kernel) {
-  int dev = 0, major = 0, minor = 0, sms = 0;
-  check_cuda(cudaGetDevice(&dev), what);
-  check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), what);
-  check_cuda(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev), what);
-  if (major != 9 || minor != 0) {
-    throw std::runtime_error(std::string("djepa._C.") + what + ": needs an sm_90 (Hopper) GPU, device " +
-                             std::to_string(dev) + " is sm_" + std::to_string(major) + std::to_string(minor) +
-                             " (use the sm_80 kernels)");
-  }
-  cudaFuncAttributes attr{};
-  check_cuda(cudaFuncGetAttributes(&attr, kernel), what);
-  if (attr.binaryVersion != 90) {
-    throw std::runtime_error(std::string("djepa._C.") + what + ": this build has no sm_90a code (built for " +
-                             DJEPA_CUDA_ARCHS + "); rebuild with DJEPA_CUDA_ARCHS containing 90a");
-  }
-  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), what);
-  return sms;
-}
-
-EncodeFn tensor_map_encoder() {
-  static EncodeFn fn = [] {
-    void* f = nullptr;
-    cudaDriverEntryPointQueryResult q{};
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q) != cudaSuccess ||
-        q != cudaDriverEntryPointSuccess) {
-      cudaGetLastError();
-      return EncodeFn(nullptr);
-    }
-    return reinterpret_cast<EncodeFn>(f);
-  }();
-  return fn;
-}
-
 template <typename T, bool A_K, bool B_K>
 void launch(Params& p, cudaStream_t stream, int sms, int splits_arg, std::uintptr_t workspace) {
   auto kernel = gemm_sm90_kernel<T, A_K, B_K>;
-  EncodeFn enc = tensor_map_encoder();
+  EncodeFn enc = hopper::tensor_map_encoder<EncodeFn>();
   CUtensorMap ma{}, mb{};
   const bool bf16 = std::is_same_v<T, __nv_bfloat16>;
   p.a_tma = p.K > 0 && make_operand_map(enc, &ma, p.a, bf16, A_K, p.M, p.K);
@@ -129,7 +93,7 @@ void gemm_sm90(std::uintptr_t a, std::uintptr_t b, std::uintptr_t c, std::uintpt
                int splits) {
   const char* what = "gemm_sm90";
   require_device(what);
-  const int sms = require_sm90(what, gemm_sm90_kernel<__nv_bfloat16, true, true>);
+  const int sms = hopper::require_sm90(what, gemm_sm90_kernel<__nv_bfloat16, true, true>);
   if (dtype != kFloat16 && dtype != kBFloat16) unsupported_dtype(what, dtype);
   if (M < 0 || N < 0 || K < 0 || M > INT_MAX || N > INT_MAX || K > INT_MAX) {
     bad("bad sizes M=" + std::to_string(M) + ", N=" + std::to_string(N) + ", K=" + std::to_string(K));

@@ -92,3 +92,34 @@ def triton_device():
     if backends.triton_unavailable_reason("ema_update_", TRITON_DEVICE) is not None:
         pytest.skip(backends.triton_unavailable_reason("ema_update_", TRITON_DEVICE))
     return TRITON_DEVICE
+
+
+def _cuda_include_dir():
+    """The CUDA toolkit's include folder (the emulators compile the kernels' headers with g++)."""
+    import shutil
+    from pathlib import Path
+
+    for base in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if base and (Path(base) / "include" / "cuda.h").is_file():
+            return Path(base) / "include"
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        inc = Path(nvcc).resolve().parents[1] / "include"
+        if (inc / "cuda.h").is_file():
+            return inc
+    return None
+
+
+@pytest.fixture(scope="session")
+def emulator_compiler():
+    """(g++, CUDA include folder) for the CPU emulators of the CUDA kernels; skips where either is
+    missing, and fails instead under DJEPA_REQUIRE_C=1 (CI)."""
+    import shutil
+
+    include, gxx = _cuda_include_dir(), shutil.which("g++")
+    if include is None or gxx is None:
+        reason = "the CUDA headers" if include is None else "g++"
+        if os.environ.get("DJEPA_REQUIRE_C") == "1":
+            pytest.fail(f"DJEPA_REQUIRE_C=1 but {reason} cannot be found")
+        pytest.skip(f"needs g++ and the CUDA headers: {reason} not found")
+    return gxx, include

@@ -7,7 +7,6 @@ The emulated cp.async lands in shared memory only when its group is waited for, 
 that reads a stage before waiting for it reads poison: the planted-bug tests make every
 cp.async.wait_group wait for one group too few and require the emulators to fail."""
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -21,26 +20,9 @@ MACROS = {"attention": "DJEPA_ATTN_EMULATE", "denoise": "DJEPA_DENOISE_EMULATE"}
 PIPELINE_ARGS = {"attention": ["1234", "6"], "denoise": ["1234", "pipeline"]}
 
 
-def _cuda_include():
-    for base in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
-        if base and (Path(base) / "include" / "cuda_fp16.h").is_file():
-            return Path(base) / "include"
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        inc = Path(nvcc).resolve().parents[1] / "include"
-        if (inc / "cuda_fp16.h").is_file():
-            return inc
-    return None
-
-
 @pytest.fixture(scope="module")
-def emulator(tmp_path_factory):
-    include, gxx = _cuda_include(), shutil.which("g++")
-    if include is None or gxx is None:
-        reason = "the CUDA headers" if include is None else "g++"
-        if os.environ.get("DJEPA_REQUIRE_C") == "1":
-            pytest.fail(f"DJEPA_REQUIRE_C=1 but {reason} cannot be found")
-        pytest.skip(f"needs g++ and the CUDA headers: {reason} not found")
+def emulator(tmp_path_factory, emulator_compiler):
+    gxx, include = emulator_compiler
     built = {}
 
     def get(op):

@@ -7,7 +7,6 @@ off by one, a missing proxy fence, accumulators read before the wgmma wait) must
 fail.
 Needs g++ and the CUDA headers (skipped without them, unless DJEPA_REQUIRE_C=1, as in CI)."""
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -16,26 +15,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _cuda_include():
-    for base in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
-        if base and (Path(base) / "include" / "cuda.h").is_file():
-            return Path(base) / "include"
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        inc = Path(nvcc).resolve().parents[1] / "include"
-        if (inc / "cuda.h").is_file():
-            return inc
-    return None
-
-
 @pytest.fixture(scope="module")
-def build(tmp_path_factory):
-    include, gxx = _cuda_include(), shutil.which("g++")
-    if include is None or gxx is None:
-        reason = "the CUDA headers" if include is None else "g++"
-        if os.environ.get("DJEPA_REQUIRE_C") == "1":
-            pytest.fail(f"DJEPA_REQUIRE_C=1 but {reason} cannot be found")
-        pytest.skip(f"needs g++ and the CUDA headers: {reason} not found")
+def build(tmp_path_factory, emulator_compiler):
+    gxx, include = emulator_compiler
     out = tmp_path_factory.mktemp("hopper_emu")
     built = {}
 
