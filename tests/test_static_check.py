@@ -222,6 +222,12 @@ def test_fp32_attention_does_not_spill(subset, D):
             assert r["spill_bytes"] == 0 and r["stack_bytes"] == 0, r
 
 
+def test_fp32_masked_forward_does_not_spill_at_D128(subset):
+    """The masked forward holds the key index beside the tiles: 2 KB/thread on 64 x 32."""
+    for r in _triton(subset[1], "_fwd_kernel", "coverage attention D=128 masked float32"):
+        assert r["spill_bytes"] == 0 and r["stack_bytes"] == 0, r
+
+
 @pytest.mark.parametrize("D", [192, 256])
 def test_head_dims_over_128_fit_shared_memory(subset, D):
     """The unmasked forward at head dims 129-256 needed 262144 B (> 232448) on one config."""

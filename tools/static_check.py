@@ -428,6 +428,7 @@ def scenarios(full):
         for dt in (bf16, f16, f32):
             for masked in (False, True):
                 sub = ((not masked and D in (64, 80, 128) and dt == f32)
+                       or (masked and D == 128 and dt == f32 and _subset_fwd)
                        or (not masked and D in (192, 256) and dt == f16 and _subset_fwd))
                 out.append(Scenario(f"coverage attention D={D} {'masked' if masked else 'dense'} {dt}"
                                     .replace("torch.", ""), dt, False,
@@ -824,13 +825,17 @@ def _versions(records):
     return "; ".join(parts) or "no records"
 
 
-def markdown(records, arch, elapsed, full):
+HOT_SCOPE = "hot Triton variants"
+
+
+def markdown(records, arch, elapsed, full, scope=None):
     bad = check(records)
     hot = [r for r in records if r["hot"]]
     lines = [
-        f"# Static gate, {ARCHS[arch]['name']} ({'full' if full else 'subset'})",
+        f"# Static gate, {ARCHS[arch]['name']} ({scope or ('full' if full else 'subset')})",
         "",
-        f"`python tools/static_check.py --arch {arch}{' --full' if full else ''}`. {_versions(records)}; "
+        f"`python tools/static_check.py --arch {arch}{' --full' if full else ''}"
+        f"{' --hot --only triton' if scope == HOT_SCOPE else ''}`. {_versions(records)}; "
         f"last run {elapsed:.0f} s. Shared-memory limit {ARCHS[arch]['smem_limit']} B per block. "
         f"{len(records)} variants, {len(hot)} hot; "
         f"hot with spills: {sum(1 for r in hot if r['spill_bytes'])}, with a stack frame: "
@@ -838,6 +843,13 @@ def markdown(records, arch, elapsed, full):
         f"{sum(1 for r in records if r['spill_bytes'])}; gate violations: {len(bad)}.",
         "",
     ]
+    for backend in ("cuda", "triton"):
+        mine, hot_mine = [r for r in records if r["backend"] == backend], [r for r in hot if r["backend"] == backend]
+        if mine:
+            lines += [f"- {backend}: {len(mine)} variants, {len(hot_mine)} hot; hot with spills or a stack frame: "
+                      f"{sum(1 for r in hot_mine if r['spill_bytes'] or r['stack_bytes'])}; violations: "
+                      f"{sum(1 for r, _ in bad if r['backend'] == backend)}"]
+    lines.append("")
     if bad:
         lines += ["## Violations", ""]
         lines += [f"- {r['backend']} `{r['kernel']}` {r['variant']}: {v}" for r, v in bad]
@@ -903,7 +915,7 @@ def _main(args):
     if args.merge and Path(out).is_file():
         backends = {"triton", "cuda"} if args.only is None else {args.only}
         records = merge(json.loads(Path(out).read_text()), records, backends, args.kernel)
-    md = markdown(records, args.arch, elapsed, args.full)
+    md = markdown(records, args.arch, elapsed, args.full, HOT_SCOPE if args.hot else None)
     if out is not None:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
