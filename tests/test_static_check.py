@@ -82,6 +82,29 @@ def test_records_carry_the_issue_fields():
     assert r["arch"] == "sm_90" and r["smem_limit"] == 232448 and r["tensor_core"] == {"wgmma": 5, "mma_sync": 6}
 
 
+def test_merge_replaces_only_the_backend_that_ran():
+    old = [_rec(backend="cuda", kernel="ema_kernel", variant="<float, float>", regs=40),
+           _rec(kernel="ln_mod_bwd_kernel", variant="a", regs=1), _rec(kernel="gemm_kernel", variant="b", regs=2)]
+    new = [_rec(backend="cuda", kernel="gemm_kernel", variant="<__half>", regs=99)]
+    got = sc.merge(old, new, {"cuda"})
+    assert [(r["backend"], r["kernel"], r["regs"]) for r in got] == [
+        ("cuda", "gemm_kernel", 99), ("triton", "gemm_kernel", 2), ("triton", "ln_mod_bwd_kernel", 1)]
+    # a Triton refresh of one kernel keeps the other kernels' records
+    got = sc.merge(old, [_rec(kernel="gemm_kernel", variant="c", regs=3)], {"triton"}, "gemm")
+    assert [(r["kernel"], r["variant"]) for r in got if r["backend"] == "triton"] == [
+        ("gemm_kernel", "c"), ("ln_mod_bwd_kernel", "a")]
+    assert any(r["backend"] == "cuda" for r in got)
+    with pytest.raises(ValueError, match="archs"):
+        sc.merge(old, [_rec(arch=80)], {"triton"})
+
+
+def test_markdown_names_each_backends_toolchain():
+    recs = [dict(_rec(backend="cuda", kernel="ema_kernel"), toolchain="nvcc 13.0", date="2026-12-01"),
+            dict(_rec(), toolchain="triton 3.9.0", date="2026-12-02")]
+    head = sc.markdown(recs, 90, 1.0, True).splitlines()[2]
+    assert "nvcc 13.0 on 2026-12-01 (1 records)" in head and "triton 3.9.0 on 2026-12-02 (1 records)" in head
+
+
 # ------------------------------------------------------------------------------ the parsers
 PTXAS_LOG = """\
 ptxas info    : 0 bytes gmem
@@ -182,21 +205,34 @@ def _triton(records, kernel, source=None):
     return got
 
 
-def test_ln_mod_bwd_does_not_spill_at_the_B_width(subset):
-    for r in _triton(subset[1], "ln_mod_bwd_kernel", "preset B"):
+@pytest.mark.parametrize("preset", ["B", "L", "H"])
+def test_ln_mod_bwd_does_not_spill_at_the_preset_widths(subset, preset):
+    """W = 1024 / 1280 / 1536: the backward spilled 1.5-26 KB/thread before its rows and warps
+    followed W."""
+    for r in _triton(subset[1], "ln_mod_bwd_kernel", f"preset {preset} adaln_block train bfloat16"):
         assert r["hot"] and r["spill_bytes"] == 0 and r["stack_bytes"] == 0, r
 
 
-def test_fp32_attention_does_not_spill_at_D128(subset):
-    """fp32 is what backend='auto' sends to Triton (IEEE dots): not hot, but must not spill."""
+@pytest.mark.parametrize("D", [64, 80, 128])
+def test_fp32_attention_does_not_spill(subset, D):
+    """fp32 is what backend='auto' sends to Triton (IEEE dots): not hot, but must not spill
+    (1.6 KB/thread at D=64, 17-34 KB at D >= 80 on the 16-bit tiles)."""
     for kernel in ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"):
-        for r in _triton(subset[1], kernel, "coverage attention D=128 dense float32"):
+        for r in _triton(subset[1], kernel, f"coverage attention D={D} dense float32"):
             assert r["spill_bytes"] == 0 and r["stack_bytes"] == 0, r
 
 
-def test_head_dim_256_forward_fits_shared_memory(subset):
-    for r in _triton(subset[1], "_fwd_kernel", "coverage attention D=256 dense float16"):
-        assert r["smem_bytes"] <= r["smem_limit"], r
+def test_fp32_masked_forward_does_not_spill_at_D128(subset):
+    """The masked forward holds the key index beside the tiles: 2 KB/thread on 64 x 32."""
+    for r in _triton(subset[1], "_fwd_kernel", "coverage attention D=128 masked float32"):
+        assert r["spill_bytes"] == 0 and r["stack_bytes"] == 0, r
+
+
+@pytest.mark.parametrize("D", [192, 256])
+def test_head_dims_over_128_fit_shared_memory(subset, D):
+    """The unmasked forward at head dims 129-256 needed 262144 B (> 232448) on one config."""
+    for r in _triton(subset[1], "_fwd_kernel", f"coverage attention D={D} dense float16"):
+        assert 0 < r["smem_bytes"] <= r["smem_limit"], r
 
 
 def test_head_dim_80_is_not_padded_to_128(subset):
@@ -214,9 +250,30 @@ def test_gemm_epilogues_do_not_spill_in_any_config(subset):
         assert r["spill_bytes"] == 0 and r["stack_bytes"] == 0, r
 
 
+def test_the_128x256_gemm_tile_is_gone(subset):
+    """128 x 256 (128 accumulator elements per thread at 8 warps) spilled with the epilogues 2
+    and 3: no epilogue may autotune over a tile that large."""
+    recs = _triton(subset[1], "gemm_kernel", "preset B")
+    assert len(recs) >= 4
+    for r in recs:
+        c = r["constexprs"]
+        per_thread = c["BLOCK_M"] * c["BLOCK_N"] // (32 * r["num_warps"])
+        assert c["BLOCK_M"] * c["BLOCK_N"] < 128 * 256 and per_thread <= 64, r
+
+
 def test_ema_moves_16_bytes_per_access(subset):
     for r in _triton(subset[1], "_ema_kernel", "preset B"):
         assert r["vector_ldst"]["ld128"] > 0 and r["vector_ldst"]["st128"] > 0, r
+
+
+def test_the_cfg_update_reads_its_scale_through_a_pointer(subset):
+    """denoise_update_kernel loads the CFG scale on the device (a CUDA graph serves every
+    scale): captured with a float32 tensor, as the op passes it (a Python float did not
+    compile on Triton 3.6)."""
+    recs = _triton(subset[1], "denoise_update_kernel", "preset B denoise_step cfg=1 bfloat16")
+    assert {r["constexprs"]["CFG"] for r in recs} == {1}
+    for r in recs:
+        assert not r.get("error") and r["variant"].startswith("fp32/bf16"), r
 
 
 def test_cuda_ema_is_in_the_subset(subset):

@@ -39,7 +39,7 @@ import sys
 import tempfile
 import time
 import warnings
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -299,8 +299,9 @@ def _fused_step_call(B, depth, W, z, C, dtype, cfg):
         xin, nxt = _meta(rows, C, dtype=dtype), _meta(rows, C, dtype=dtype)
         c_emb, temb = _meta(rows, W, dtype=dtype), _meta(W, dtype=dtype)
         coefs = (1.01, 0.02, -7.0, -6.0, 1.0)
+        scale = _meta((), dtype=torch.float32)  # the CFG scale is read on the device
         for noise, xn, co in ((x, nxt, coefs), (None, None, coefs[:4] + (0.0,))):
-            op._fused_step(op._Triton(), pk, x, xin, c_emb, temb, noise, co, cfg, 3.0, out, xn)
+            op._fused_step(op._Triton(), pk, x, xin, c_emb, temb, noise, co, cfg, scale, out, xn)
     return run
 
 
@@ -364,6 +365,14 @@ def _subset_fwd(kernel, constexprs):
     return kernel == "_fwd_kernel"
 
 
+def _subset_ln_bwd(kernel, constexprs):
+    return kernel == "ln_mod_bwd_kernel"
+
+
+def _subset_update(kernel, constexprs):
+    return kernel == "denoise_update_kernel"
+
+
 def scenarios(full):
     """Every launch scenario (full) or the test suite's subset of them."""
     import torch
@@ -387,11 +396,13 @@ def scenarios(full):
         for dt in (bf16, f16, f32):
             out.append(Scenario(f"preset {name} adaln_block train {dt}".replace("torch.", ""), dt, True,
                                 _adaln_train_call(M, W, dt),
-                                _subset_adaln if (name == "B" and dt == bf16) else False))
+                                _subset_adaln if (name == "B" and dt == bf16) else
+                                _subset_ln_bwd if (name in ("L", "H") and dt == bf16) else False))
             if c.loss == "diffusion":  # the fused step serves the learned-sigma diffusion
                 for cfg in (False, True):
                     out.append(Scenario(f"preset {name} denoise_step cfg={int(cfg)} {dt}".replace("torch.", ""),
-                                        dt, True, _fused_step_call(37, depth, W, z, Cin, dt, cfg)))
+                                        dt, True, _fused_step_call(37, depth, W, z, Cin, dt, cfg),
+                                        _subset_update if (name == "B" and cfg and dt == bf16) else False))
         for x_dt, e_dt in ((f32, f32), (bf16, f32), (f16, f32), (bf16, bf16), (f16, f16)):
             for dtensor in (False, True):
                 out.append(Scenario(f"preset {name} ema {e_dt} <- {x_dt}{' decay-tensor' if dtensor else ''}"
@@ -420,7 +431,9 @@ def scenarios(full):
     for D in (16, 32, 48, 64, 80, 96, 128, 160, 192, 256):
         for dt in (bf16, f16, f32):
             for masked in (False, True):
-                sub = (not masked and D == 128 and dt == f32) or (not masked and D == 256 and dt == f16 and _subset_fwd)
+                sub = ((not masked and D in (64, 80, 128) and dt == f32)
+                       or (masked and D == 128 and dt == f32 and _subset_fwd)
+                       or (not masked and D in (192, 256) and dt == f16 and _subset_fwd))
                 out.append(Scenario(f"coverage attention D={D} {'masked' if masked else 'dense'} {dt}"
                                     .replace("torch.", ""), dt, False,
                                     _attention_call(1, 100, 2, D, dt, masked, Nk=77), sub))
@@ -538,7 +551,7 @@ def compile_triton(v, arch):
     except Exception as exc:  # a compile error is a gate failure, reported with the variant
         msg = str(exc).strip().splitlines()
         return record("triton", v.kernel, v.label, arch, hot=v.hot, error=(msg[0] if msg else repr(exc))[:300],
-                      **base)
+                      detail="\n".join(msg)[-2000:], **base)
     reports = parse_ptxas(log.getvalue())
     rep = next(iter(reports.values()), dict(regs=0, spill_bytes=0, stack_bytes=0, static_smem=0))
     with tempfile.TemporaryDirectory() as tmp:
@@ -752,8 +765,8 @@ def _run_job(job):
         return kind, (path, str(exc))
 
 
-def run_gate(arch=90, full=False, jobs=None, only=None, kernel_filter=None, verbose=True):
-    """All records of one gate run."""
+def run_gate(arch=90, full=False, jobs=None, only=None, kernel_filter=None, verbose=True, hot_only=False):
+    """All records of one gate run, each stamped with its toolchain and the day it was compiled."""
     t0 = time.time()
     jobs_list = []
     if only in (None, "cuda"):
@@ -764,45 +777,94 @@ def run_gate(arch=90, full=False, jobs=None, only=None, kernel_filter=None, verb
         variants = triton_variants(full, arch)
         if kernel_filter:
             variants = [v for v in variants if re.search(kernel_filter, v.kernel)]
+        if hot_only:
+            variants = [v for v in variants if v.hot]
         _WORK["variants"] = variants
         jobs_list += [("triton", arch, i) for i in range(len(variants))]
         if verbose:
             print(f"static_check: {len(variants)} Triton variants, {len(jobs_list) - len(variants)} CUDA files, "
                   f"sm_{arch}, {jobs} jobs", file=sys.stderr)
     triton_recs, cuda_results = [], []
-    # The CUDA files are the longest jobs: start them first.
+    # The CUDA files are the longest jobs: submitted first.
     with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("fork")) as pool:
-        for n, (kind, res) in enumerate(pool.map(_run_job, jobs_list), 1):
+        futures = [pool.submit(_run_job, job) for job in jobs_list]
+        for n, fut in enumerate(as_completed(futures), 1):
+            kind, res = fut.result()
             (triton_recs if kind == "triton" else cuda_results).append(res)
-            if verbose and n % 25 == 0:
+            if verbose and n % 50 == 0:
                 print(f"static_check: {n}/{len(jobs_list)} compiled ({time.time() - t0:.0f} s)", file=sys.stderr)
     records = cuda_records(cuda_results, arch) if cuda_results else []
     records += sorted(triton_recs, key=lambda r: (r["kernel"], r["variant"]))
+    day = time.strftime("%Y-%m-%d", time.gmtime())
+    for r in records:
+        r["toolchain"], r["date"] = _toolchain(r["backend"]), day
     return records, time.time() - t0
 
 
-def _versions():
-    import triton
+def _toolchain(backend):
+    if backend == "triton":
+        import triton
 
+        return f"triton {triton.__version__}"
     nv = subprocess.run([_nvcc(), "--version"], capture_output=True, text=True).stdout if _nvcc() else ""
     m = re.search(r"release ([\d.]+)", nv)
-    return f"triton {triton.__version__}, nvcc {m.group(1) if m else 'absent'}"
+    return f"nvcc {m.group(1) if m else 'absent'}"
 
 
-def markdown(records, arch, elapsed, full):
+def _record_order(r):
+    return (r["backend"] != "cuda", r["kernel"], r["variant"])
+
+
+def merge(old, new, backends, kernel_filter=None):
+    """`old` with the records a run of `backends` (Triton: only kernels matching kernel_filter)
+    replaced by `new`: refreshes one backend's part of a committed table."""
+    def replaced(r):
+        if r["backend"] not in backends:
+            return False
+        return r["backend"] != "triton" or not kernel_filter or re.search(kernel_filter, r["kernel"])
+    archs = {r["arch"] for r in old + new}
+    if len(archs) > 1:
+        raise ValueError(f"cannot merge records of different archs: {sorted(archs)}")
+    return sorted([r for r in old if not replaced(r)] + new, key=_record_order)
+
+
+def _versions(records):
+    """'triton 3.9.0 (2026-12-02) for 700 Triton records; ...' from the records' stamps."""
+    parts = []
+    for backend in ("cuda", "triton"):
+        stamps = sorted({(r.get("toolchain", "?"), r.get("date", "?")) for r in records if r["backend"] == backend})
+        n = sum(1 for r in records if r["backend"] == backend)
+        if n:
+            parts.append(f"{backend.upper() if backend == 'cuda' else 'Triton'}: "
+                         f"{', '.join(f'{t} on {d}' for t, d in stamps)} ({n} records)")
+    return "; ".join(parts) or "no records"
+
+
+HOT_SCOPE = "hot Triton variants"
+
+
+def markdown(records, arch, elapsed, full, scope=None):
     bad = check(records)
     hot = [r for r in records if r["hot"]]
     lines = [
-        f"# Static gate, {ARCHS[arch]['name']} ({'full' if full else 'subset'})",
+        f"# Static gate, {ARCHS[arch]['name']} ({scope or ('full' if full else 'subset')})",
         "",
-        f"`python tools/static_check.py --arch {arch}{' --full' if full else ''}` ({_versions()}; "
-        f"{elapsed:.0f} s). Shared-memory limit {ARCHS[arch]['smem_limit']} B per block. "
+        f"`python tools/static_check.py --arch {arch}{' --full' if full else ''}"
+        f"{' --hot --only triton' if scope == HOT_SCOPE else ''}`. {_versions(records)}; "
+        f"last run {elapsed:.0f} s. Shared-memory limit {ARCHS[arch]['smem_limit']} B per block. "
         f"{len(records)} variants, {len(hot)} hot; "
         f"hot with spills: {sum(1 for r in hot if r['spill_bytes'])}, with a stack frame: "
         f"{sum(1 for r in hot if r['stack_bytes'])}; all with spills: "
         f"{sum(1 for r in records if r['spill_bytes'])}; gate violations: {len(bad)}.",
         "",
     ]
+    for backend in ("cuda", "triton"):
+        mine, hot_mine = [r for r in records if r["backend"] == backend], [r for r in hot if r["backend"] == backend]
+        if mine:
+            lines += [f"- {backend}: {len(mine)} variants, {len(hot_mine)} hot; hot with spills or a stack frame: "
+                      f"{sum(1 for r in hot_mine if r['spill_bytes'] or r['stack_bytes'])}; violations: "
+                      f"{sum(1 for r, _ in bad if r['backend'] == backend)}"]
+    lines.append("")
     if bad:
         lines += ["## Violations", ""]
         lines += [f"- {r['backend']} `{r['kernel']}` {r['variant']}: {v}" for r, v in bad]
@@ -839,6 +901,9 @@ def main(argv=None):
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (default: all cores)")
     ap.add_argument("--only", choices=("triton", "cuda"), help="one backend only")
     ap.add_argument("--kernel", metavar="REGEX", help="only Triton kernels whose name matches")
+    ap.add_argument("--hot", action="store_true", help="only the hot Triton variants")
+    ap.add_argument("--merge", action="store_true", help="keep the records of OUT that this run does not "
+                    "replace (the other backend; with --kernel, the other Triton kernels) and write both")
     ap.add_argument("--list", action="store_true", help="list the Triton variants (no compiling)")
     args = ap.parse_args(argv)
     if args.jobs < 1:
@@ -857,11 +922,15 @@ def _main(args):
                 print(f"{'hot ' if v.hot else '    '}{v.kernel} {v.label}  <- {v.sources[0]}"
                       f"{f' (+{len(v.sources) - 1})' if len(v.sources) > 1 else ''}")
         return 0
-    records, elapsed = run_gate(args.arch, args.full, args.jobs, args.only, args.kernel)
+    default_out = ROOT / "benchmarks" / "results" / "static" / f"sm_{args.arch}.json"
     out = args.json
-    if out is None and args.full and args.only is None and args.kernel is None:
-        out = ROOT / "benchmarks" / "results" / "static" / f"sm_{args.arch}.json"
-    md = markdown(records, args.arch, elapsed, args.full)
+    if out is None and (args.merge or (args.full and args.only is None and args.kernel is None and not args.hot)):
+        out = default_out
+    records, elapsed = run_gate(args.arch, args.full, args.jobs, args.only, args.kernel, hot_only=args.hot)
+    if args.merge and Path(out).is_file():
+        backends = {"triton", "cuda"} if args.only is None else {args.only}
+        records = merge(json.loads(Path(out).read_text()), records, backends, args.kernel)
+    md = markdown(records, args.arch, elapsed, args.full, HOT_SCOPE if args.hot else None)
     if out is not None:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
