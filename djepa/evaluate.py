@@ -116,7 +116,10 @@ def generate(model, tokenizer, labels: torch.Tensor, image_size, *, num_iter: in
 def evaluate(model, tokenizer, train_set, test_set, *, n_per_class: int = 50, num_iter: int = 16,
              cfg: float = 1.0, cfg_schedule: str = "linear", temperature: Optional[float] = None, seed: int = 0,
              batch_size: int = 256, progress: bool = False) -> dict:
-    """All the numbers of `djepa eval` as a dict (accuracies in [0, 1])."""
+    """All the numbers of `djepa eval` as a dict (accuracies in [0, 1]). temperature None: the
+    model's (recorded as the value used)."""
+    if temperature is None:
+        temperature = model.config.temperature
     if n_per_class < 2:
         raise ValueError(f"n_per_class must be >= 2 (the Fréchet distance needs a covariance), got {n_per_class}")
     train_x, train_y = _all(train_set)

@@ -1,6 +1,9 @@
 """djepa.evaluate: the Fréchet distance against closed forms, the linear probe and the sample
 accuracy on constructed data whose answers are known."""
+import types
+
 import numpy as np
+
 import pytest
 import torch
 
@@ -121,9 +124,12 @@ def test_evaluate_sample_accuracy_and_frechet_on_known_samples(monkeypatch):
     monkeypatch.setattr(ev, "generate", generate)
     monkeypatch.setattr(ev, "encode_features",
                         lambda model, tok, images, bs, pool="mean": images.reshape(len(images), -1).numpy())
-    res = ev.evaluate(None, None, train, test, n_per_class=n, num_iter=3, cfg=2.5, seed=1)
+    model = types.SimpleNamespace(config=types.SimpleNamespace(temperature=0.9))
+    res = ev.evaluate(model, None, train, test, n_per_class=n, num_iter=3, cfg=2.5, seed=1)
     assert torch.equal(seen["labels"], torch.arange(3).repeat_interleave(n))
     assert seen["cfg"] == 2.5 and seen["num_iter"] == 3 and seen["seed"] == 1
+    # no temperature given: the model's is used and recorded (not None)
+    assert seen["temperature"] == 0.9 and res["temperature"] == 0.9
     assert res["judge_accuracy_real"] == 1.0
     assert res["sample_accuracy"] == pytest.approx(2 / 3)
     assert res["sample_accuracy_per_class"] == [1.0, 0.0, 1.0]
