@@ -758,6 +758,16 @@ def test_errors_are_one_line_and_name_the_keys(tmp_path):
     with pytest.raises(ValueError, match="trust_pickle"):
         from_official("djepa", str(path), **kw)
     assert from_official("djepa", str(path), trust_pickle=True, **kw).config.embed_dim == D
+    # random bytes or a truncated checkpoint: said so, and no advice to trust the file
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(bytes(range(256)) * 4)
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(path.read_bytes()[:300])
+    for bad in (junk, cut):
+        with pytest.raises(ValueError) as err:
+            from_official("djepa", str(bad), **kw)
+        assert "trust_pickle" not in str(err.value) and ("not a PyTorch checkpoint" in str(err.value)
+                                                         or "damaged" in str(err.value)), str(err.value)
 
 
 class _Foreign:

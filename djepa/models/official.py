@@ -68,7 +68,21 @@ def _strip(sd: dict, what: str) -> dict:
     return out
 
 
+def _looks_like_torch_save(path: str) -> bool:
+    """torch.save writes a zip archive (or, before 1.6, a pickle: protocol 2+ starts with 0x80)."""
+    import zipfile
+
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+
+
 def _torch_load(path: str, trust_pickle: bool):
+    if not _looks_like_torch_save(path):
+        raise ValueError(f"{path!r} is not a PyTorch checkpoint (neither the zip archive torch.save writes "
+                         "nor a pickle): damaged, truncated or another format")
     if trust_pickle:
         return torch.load(path, map_location="cpu", weights_only=False)
     # MAR and D-JEPA store their argparse.Namespace beside the weights.
