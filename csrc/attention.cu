@@ -21,6 +21,15 @@
 // Gathered K/V tiles: the tile's token positions are read from kv_index once, one tile ahead
 // (a register, then shared memory), so each 16-byte cp.async issues without a dependent load.
 //
+// Dropout (philox != 0; the keep rule is documented in djepa/ops/attention.py): separate kernel
+// instantiations (kDropout), so the kernels without dropout are unchanged. The forward zeroes the
+// dropped probabilities after the row sums (l and lse stay those of the undropped softmax) and
+// scales O by 1 / (1 - p); dq and dk/dv regenerate the same bits from the seed and offset the
+// kernels read from the device (philox), zero the dropped dP (dS = P * (Z dP - delta)), and dk/dv
+// feeds only the kept P to dV (scaled at the end). One Philox-4x32-10 call gives the 8 bits a lane
+// needs in the row layout; in the transposed dk/dv layout two neighbouring lanes swap half of
+// theirs (two shuffles). The debug variant of the forward (keep_out) also stores its bits.
+//
 // Fragment layouts of mma.m16n8k16 (g = lane / 4, c = lane % 4), used throughout:
 //   A 16x16: a0 = A[g][2c..2c+1], a1 = A[g+8][2c..], a2 = A[g][2c+8..], a3 = A[g+8][2c+8..]
 //   B 16x8 : b0 = B[2c..2c+1][g], b1 = B[2c+8..2c+9][g]
@@ -30,7 +39,9 @@
 #include "common.h"
 #include "attention_kernels.cuh"
 
+#include <algorithm>
 #include <climits>
+#include <cmath>
 #include <string>
 #include <vector>
 
@@ -51,12 +62,35 @@ void launch(Kernel kernel, dim3 grid, dim3 block, int smem, cudaStream_t stream,
   check_launch(name);
 }
 
-template <typename T, int D>
-void run_fwd(const Params& p, cudaStream_t stream) {
+template <typename T, int D, int kDrop>
+void run_fwd_variant(const Params& p, cudaStream_t stream) {
   using Cfg = FwdCfg<D>;
   dim3 grid((p.Nq + Cfg::kBM - 1) / Cfg::kBM, p.H, p.B);
-  launch(fwd_kernel<T, D>, grid, dim3(kThreads), Cfg::kSmem, stream, p,
+  launch(fwd_kernel<T, D, kDrop>, grid, dim3(kThreads), Cfg::kSmem, stream, p,
          "masked_attention_fwd (fwd_kernel)");
+}
+
+template <typename T, int D>
+void run_fwd(const Params& p, cudaStream_t stream) {
+  if (!p.philox) run_fwd_variant<T, D, kNoDropout>(p, stream);
+  else if (!p.keep_out) run_fwd_variant<T, D, kDropout>(p, stream);
+  else run_fwd_variant<T, D, kDropoutRecord>(p, stream);
+}
+
+template <typename T, int D, bool kDropout>
+void run_bwd_kernels(const Params& p, cudaStream_t stream) {
+  if (p.Nk > 0) {  // with no key there is no dk/dv row to write
+    using Cfg = DkdvCfg<D>;
+    dim3 grid((p.Nk + Cfg::kBN - 1) / Cfg::kBN, p.H, p.B);
+    launch(dkdv_kernel<T, D, kDropout>, grid, dim3(kThreads), Cfg::kSmem, stream, p,
+           "masked_attention_bwd (dkdv_kernel)");
+  }
+  {
+    using Cfg = DqCfg<D>;
+    dim3 grid((p.Nq + Cfg::kBM - 1) / Cfg::kBM, p.H, p.B);
+    launch(dq_kernel<T, D, kDropout>, grid, dim3(kThreads), Cfg::kSmem, stream, p,
+           "masked_attention_bwd (dq_kernel)");
+  }
 }
 
 template <typename T, int D>
@@ -65,18 +99,8 @@ void run_bwd(const Params& p, cudaStream_t stream) {
   delta_kernel<T><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(
       static_cast<const T*>(p.o), static_cast<const T*>(p.dout), p.delta, rows, D);
   check_launch("masked_attention_bwd (delta_kernel)");
-  if (p.Nk > 0) {  // with no key there is no dk/dv row to write
-    using Cfg = DkdvCfg<D>;
-    dim3 grid((p.Nk + Cfg::kBN - 1) / Cfg::kBN, p.H, p.B);
-    launch(dkdv_kernel<T, D>, grid, dim3(kThreads), Cfg::kSmem, stream, p,
-           "masked_attention_bwd (dkdv_kernel)");
-  }
-  {
-    using Cfg = DqCfg<D>;
-    dim3 grid((p.Nq + Cfg::kBM - 1) / Cfg::kBM, p.H, p.B);
-    launch(dq_kernel<T, D>, grid, dim3(kThreads), Cfg::kSmem, stream, p,
-           "masked_attention_bwd (dq_kernel)");
-  }
+  if (p.philox) run_bwd_kernels<T, D, true>(p, stream);
+  else run_bwd_kernels<T, D, false>(p, stream);
 }
 
 template <typename T, bool kBackward>
@@ -115,12 +139,15 @@ bool aligned(std::uintptr_t ptr, std::uintptr_t bytes) { return ptr % bytes == 0
 
 std::string str(long long x) { return std::to_string(x); }
 
-// Validates sizes, dtype, head dim, strides and pointers; fills the shared part of Params.
+// Everything the kernels assume of their arguments, checked on the host before any CUDA call
+// (so it runs, and raises ValueError, on a machine without a GPU too): dtype, head dim, sizes
+// within the grid and index limits, strides (3 each, >= 0), non-null and aligned pointers, the
+// mask given whole or not at all, and dropout's arguments. Fills the shared part of Params.
 Params make_params(const char* fn, std::uintptr_t q, std::uintptr_t k, std::uintptr_t v,
                    std::uintptr_t kv_index, std::uintptr_t kv_count, int64_t B, int64_t H,
                    int64_t Nq, int64_t Nk, int64_t D, const std::vector<int64_t>& q_strides,
                    const std::vector<int64_t>& k_strides, const std::vector<int64_t>& v_strides,
-                   double scale, int dtype) {
+                   double scale, int dtype, std::uintptr_t philox, double dropout_p) {
   if (dtype != kFloat16 && dtype != kBFloat16) {
     bad_arg(fn, std::string("unsupported dtype ") + dtype_name(dtype) +
                     " (the CUDA kernels take float16 or bfloat16)");
@@ -138,6 +165,12 @@ Params make_params(const char* fn, std::uintptr_t q, std::uintptr_t k, std::uint
   if (q_strides.size() != 3 || k_strides.size() != 3 || v_strides.size() != 3) {
     bad_arg(fn, "q_strides, k_strides and v_strides must each hold 3 ints (batch, head, token)");
   }
+  for (int i = 0; i < 3; ++i) {
+    if (q_strides[i] < 0 || k_strides[i] < 0 || v_strides[i] < 0) {
+      bad_arg(fn, "strides must be >= 0 (element strides of batch, head and token)");
+    }
+  }
+  if (!std::isfinite(scale)) bad_arg(fn, "scale must be finite, got " + std::to_string(scale));
   if (!q || (Nk > 0 && (!k || !v))) bad_arg(fn, "q, k and v must be non-null device pointers");
   if ((kv_index == 0) != (kv_count == 0)) {
     bad_arg(fn, "kv_index and kv_count must both be given (masked) or both be 0 (dense)");
@@ -149,6 +182,14 @@ Params make_params(const char* fn, std::uintptr_t q, std::uintptr_t k, std::uint
   if (!aligned(q, elt) || !aligned(k, elt) || !aligned(v, elt)) {
     bad_arg(fn, "q, k and v must be aligned to their element size");
   }
+  if (!(dropout_p >= 0.0 && dropout_p < 1.0)) {
+    bad_arg(fn, "dropout_p must lie in [0, 1), got " + std::to_string(dropout_p));
+  }
+  if ((dropout_p > 0.0) != (philox != 0)) {
+    bad_arg(fn, "dropout takes both dropout_p > 0 and philox (the device int64 [2] seed and offset); "
+                "without dropout give neither");
+  }
+  if (!aligned(philox, 8)) bad_arg(fn, "philox must be an 8-byte aligned int64 array");
 
   Params p{};
   p.q = reinterpret_cast<const void*>(q);
@@ -174,7 +215,29 @@ Params make_params(const char* fn, std::uintptr_t q, std::uintptr_t k, std::uint
   p.vec_ok = vec_ok;
   p.scale = static_cast<float>(scale);
   p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+  p.philox = as_ptr<const long long>(philox);
+  p.drop_threshold = static_cast<unsigned>(std::min(std::lround(dropout_p * 65536.0), 65535L));
+  p.keep_scale = static_cast<float>(1.0 / (1.0 - dropout_p));
   return p;
+}
+
+// The GPU must be one this build has code for (SASS of its arch, or PTX to JIT): a RuntimeError
+// naming the build's archs instead of a failed launch.
+template <typename Kernel>
+void require_code_for_device(const char* fn, Kernel kernel) {
+  cudaFuncAttributes attr{};
+  const cudaError_t err = cudaFuncGetAttributes(&attr, kernel);
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    int dev = 0, major = 0, minor = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+    throw std::runtime_error(std::string("djepa._C.") + fn + ": this build (archs " + DJEPA_CUDA_ARCHS +
+                             ") has no code for device " + std::to_string(dev) + " (sm_" +
+                             std::to_string(major) + std::to_string(minor) + "): " + cudaGetErrorString(err) +
+                             "; rebuild with DJEPA_CUDA_ARCHS including it");
+  }
 }
 
 void masked_attention_fwd(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr_t o,
@@ -182,16 +245,20 @@ void masked_attention_fwd(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, 
                           int64_t B, int64_t H, int64_t Nq, int64_t Nk, int64_t D,
                           std::vector<int64_t> q_strides, std::vector<int64_t> k_strides,
                           std::vector<int64_t> v_strides, double scale, int dtype,
-                          std::uintptr_t stream) {
+                          std::uintptr_t stream, std::uintptr_t philox, double dropout_p,
+                          std::uintptr_t keep_out) {
   const char* fn = "masked_attention_fwd";
-  const int devices = require_device(fn);
   Params p = make_params(fn, q, k, v, kv_index, kv_count, B, H, Nq, Nk, D, q_strides, k_strides,
-                         v_strides, scale, dtype);
+                         v_strides, scale, dtype, philox, dropout_p);
   if (!o || !lse) bad_arg(fn, "o and lse must be non-null device pointers");
   if (!aligned(o, 4) || !aligned(lse, 4)) bad_arg(fn, "o and lse must be 4-byte aligned");
+  if (keep_out && !philox) bad_arg(fn, "keep_out (the debug keep bits) needs dropout");
   p.o = reinterpret_cast<void*>(o);
   p.lse = as_ptr<float>(lse);
+  p.keep_out = as_ptr<unsigned char>(keep_out);
+  const int devices = require_device(fn);
   DeviceGuard guard(p.q, devices, fn);
+  require_code_for_device(fn, fwd_kernel<__half, 64, kNoDropout>);
   dispatch<false>(p, static_cast<int>(D), dtype, as_stream(stream));
 }
 
@@ -201,11 +268,11 @@ void masked_attention_bwd(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, 
                           std::uintptr_t dv, std::uintptr_t delta, int64_t B, int64_t H,
                           int64_t Nq, int64_t Nk, int64_t D, std::vector<int64_t> q_strides,
                           std::vector<int64_t> k_strides, std::vector<int64_t> v_strides,
-                          double scale, int dtype, std::uintptr_t stream) {
+                          double scale, int dtype, std::uintptr_t stream, std::uintptr_t philox,
+                          double dropout_p) {
   const char* fn = "masked_attention_bwd";
-  const int devices = require_device(fn);
   Params p = make_params(fn, q, k, v, kv_index, kv_count, B, H, Nq, Nk, D, q_strides, k_strides,
-                         v_strides, scale, dtype);
+                         v_strides, scale, dtype, philox, dropout_p);
   if (!o || !dout || !lse || !dq || !delta || (Nk > 0 && (!dk || !dv))) {
     bad_arg(fn, "o, do, lse, dq, dk, dv and delta must be non-null device pointers");
   }
@@ -223,7 +290,9 @@ void masked_attention_bwd(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, 
   p.dk = reinterpret_cast<void*>(dk);
   p.dv = reinterpret_cast<void*>(dv);
   p.vec_ok = p.vec_ok && aligned(dout, 16);
+  const int devices = require_device(fn);
   DeviceGuard guard(p.q, devices, fn);
+  require_code_for_device(fn, dq_kernel<__half, 64, false>);
   dispatch<true>(p, static_cast<int>(D), dtype, as_stream(stream));
 }
 
@@ -232,17 +301,22 @@ void register_masked_attention(py::module_& m) {
         py::arg("o"), py::arg("lse"), py::arg("kv_index"), py::arg("kv_count"), py::arg("B"),
         py::arg("H"), py::arg("Nq"), py::arg("Nk"), py::arg("D"), py::arg("q_strides"),
         py::arg("k_strides"), py::arg("v_strides"), py::arg("scale"), py::arg("dtype"),
-        py::arg("stream"),
+        py::arg("stream"), py::arg("philox") = 0, py::arg("dropout_p") = 0.0, py::arg("keep_out") = 0,
         "Masked attention forward on raw device pointers: o [B,H,Nq,D] (contiguous, input "
         "dtype) and lse [B,H,Nq] float32 (natural log of the scaled scores' sum-exp; 0 for "
-        "rows without visible keys). kv_index/kv_count = 0 means dense.");
+        "rows without visible keys). kv_index/kv_count = 0 means dense. Dropout: philox = a device "
+        "int64 [2] (seed, offset), dropout_p in (0, 1); keep_out (debug) = uint8 [B,H,Nq,Nk] for "
+        "the keep bits over compacted key positions. Arguments are checked (ValueError) before "
+        "any CUDA call.");
   m.def("masked_attention_bwd", &masked_attention_bwd, py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("o"), py::arg("do"), py::arg("lse"), py::arg("kv_index"), py::arg("kv_count"),
         py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("delta"), py::arg("B"), py::arg("H"),
         py::arg("Nq"), py::arg("Nk"), py::arg("D"), py::arg("q_strides"), py::arg("k_strides"),
         py::arg("v_strides"), py::arg("scale"), py::arg("dtype"), py::arg("stream"),
+        py::arg("philox") = 0, py::arg("dropout_p") = 0.0,
         "Masked attention backward: writes dq, dk, dv (contiguous [B,H,N,D], input dtype; dk/dv "
-        "rows of invisible keys are 0) deterministically; delta [B,H,Nq] float32 is workspace.");
+        "rows of invisible keys are 0) deterministically; delta [B,H,Nq] float32 is workspace. "
+        "Dropout: the forward's philox and dropout_p (its keep bits are regenerated).");
 }
 
 }  // namespace attention

@@ -38,6 +38,12 @@ struct Params {
   float scale;
   float scale_log2;  // scale * log2(e): softmax runs in base 2
   bool vec_ok;       // every tile source is 16-byte aligned (rows can be copied with cp.async)
+  // Dropout (the kDropout kernels): the keep rule of djepa/ops/attention.py.
+  const long long* philox;    // device [2]: Philox seed (key), offset (counter word 3)
+  unsigned drop_threshold;    // a probability is kept when its 16-bit Philox value >= this
+  float keep_scale;           // 1 / (1 - p)
+  unsigned char* keep_out;    // debug: the forward's keep bits [B, H, Nq, Nk] over compacted key
+                              // positions (nullptr: none)
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -242,6 +248,124 @@ __device__ __forceinline__ int key_position(const int* index, int row0, int coun
   return index ? __ldg(index + j) : j;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Dropout: Philox-4x32-10 (Salmon et al. 2011, as curand and Triton compute it), one call per 8
+// probabilities. For query i and compacted key j of head row bh, the counter is (i & ~8, j & ~9,
+// bh, offset) and the value is half (j >> 3) & 1 of word ((i >> 3) & 1) + 2 (j & 1): a call
+// covers queries {i, i + 8} x keys {j, j + 1, j + 8, j + 9}, the 8 probabilities one lane holds
+// of a 16 x 16 block of m16n8k16 accumulators (rows i, i + 8; columns 2c, 2c + 1 of two n-tiles).
+
+constexpr uint32_t kPhiloxM0 = 0xD2511F53u, kPhiloxM1 = 0xCD9E8D57u;
+constexpr uint32_t kPhiloxW0 = 0x9E3779B9u, kPhiloxW1 = 0xBB67AE85u;
+
+// The seed and offset are read again (an L1 hit) for every call rather than held in registers
+// for the whole kernel: the forward at D = 128 has none to spare.
+struct Dropout {
+  const long long* state;  // Params::philox: seed (key), offset (counter word 3)
+  uint32_t bh;             // counter word 2: b * H + h
+};
+
+__device__ __forceinline__ Dropout dropout_state(const Params& p, int b, int h) {
+  return {p.philox, static_cast<uint32_t>(b * p.H + h)};
+}
+
+// The 4 words of the call for queries {query, query + 8} and keys {key0, key0 + 1, key0 + 8,
+// key0 + 9}: w[0] = (query; key0 | key0 + 8), w[1] = (query + 8; same keys), w[2] = (query;
+// key0 + 1 | key0 + 9), w[3] = (query + 8; key0 + 1 | key0 + 9), low half | high half.
+__device__ __forceinline__ void philox_words(uint32_t (&w)[4], const Dropout& d, int query, int key0) {
+  const unsigned long long seed = static_cast<unsigned long long>(__ldg(d.state));
+  uint32_t c0 = static_cast<uint32_t>(query), c1 = static_cast<uint32_t>(key0), c2 = d.bh;
+  uint32_t c3 = static_cast<uint32_t>(__ldg(d.state + 1));
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+#pragma unroll
+  for (int r = 0; r < 10; ++r) {
+    const uint64_t p0 = static_cast<uint64_t>(kPhiloxM0) * c0;  // mul.wide.u32
+    const uint64_t p1 = static_cast<uint64_t>(kPhiloxM1) * c2;
+    c0 = static_cast<uint32_t>(p1 >> 32) ^ c1 ^ k0;
+    c1 = static_cast<uint32_t>(p1);
+    c2 = static_cast<uint32_t>(p0 >> 32) ^ c3 ^ k1;
+    c3 = static_cast<uint32_t>(p0);
+    k0 += kPhiloxW0;
+    k1 += kPhiloxW1;
+  }
+  w[0] = c0;
+  w[1] = c1;
+  w[2] = c2;
+  w[3] = c3;
+}
+
+__device__ __forceinline__ bool kept(uint32_t word, int half, unsigned threshold) {
+  return (half ? word >> 16 : word & 0xFFFFu) >= threshold;
+}
+
+// Row layout (forward, dq): a lane's accumulators lo = tile 2t, hi = tile 2t + 1 of rows
+// query, query + 8 (element e: row + 8 (e >> 1), column 2c + (e & 1)); the dropped ones are
+// zeroed; returns the 8 keep bits (bit 4 half + e) for the debug output.
+__device__ __forceinline__ unsigned drop_rows(float (&lo)[4], float (&hi)[4], const Dropout& d,
+                                              unsigned threshold, int query, int key0) {
+  uint32_t w[4];
+  philox_words(w, d, query, key0);
+  unsigned bits = 0;
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const uint32_t word = w[(e >> 1) + 2 * (e & 1)];
+    const bool k_lo = kept(word, 0, threshold), k_hi = kept(word, 1, threshold);
+    lo[e] = k_lo ? lo[e] : 0.f;
+    hi[e] = k_hi ? hi[e] : 0.f;
+    bits |= (unsigned(k_lo) << e) | (unsigned(k_hi) << (4 + e));
+  }
+  return bits;
+}
+
+// Lane-to-lane exchange of 32 bits (shfl.bfly); an emulator defines its own.
+#ifndef DJEPA_ATTN_EMULATE
+__device__ __forceinline__ uint32_t shfl_xor_u32(uint32_t v, int lane_mask) {
+  return __shfl_xor_sync(0xffffffffu, v, lane_mask);
+}
+#endif
+
+// Transposed layout (dk/dv): a lane holds keys key_row, key_row + 8 (rows g, g + 8) and queries
+// q0 + 2c + (e & 1) of tile 2t (lo), + 8 of tile 2t + 1 (hi). Lanes g and g ^ 1 share two calls
+// (queries q0' and q0' + 1, keys from the even one): each computes one and they swap half.
+// Returns the keep bits as 8 bits: bit e of tile 2t, bit 4 + e of tile 2t + 1.
+__device__ __forceinline__ unsigned keep_bits_cols(const Dropout& d, unsigned threshold, int g,
+                                                   int query0, int key_row) {
+  const int odd = g & 1;
+  uint32_t w[4];
+  philox_words(w, d, query0 + odd, key_row - odd);
+  const uint32_t r0 = shfl_xor_u32(odd ? w[0] : w[2], 4);  // lane g ^ 1 is 4 lanes away
+  const uint32_t r1 = shfl_xor_u32(odd ? w[1] : w[3], 4);
+  // Per query: low half = key_row, high half = key_row + 8.
+  const uint32_t q_a = odd ? r0 : w[0];  // query0
+  const uint32_t q_b = odd ? r1 : w[1];  // query0 + 8
+  const uint32_t q_c = odd ? w[2] : r0;  // query0 + 1
+  const uint32_t q_d = odd ? w[3] : r1;  // query0 + 9
+  unsigned bits = 0;
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const int half = e >> 1;
+    bits |= unsigned(kept((e & 1) ? q_c : q_a, half, threshold)) << e;
+    bits |= unsigned(kept((e & 1) ? q_d : q_b, half, threshold)) << (4 + e);
+  }
+  return bits;
+}
+
+// Forward variants: without dropout, with dropout, and with dropout writing its keep bits to
+// Params::keep_out (the debug switch; the hot kernels have no trace of it).
+enum FwdDropout : int { kNoDropout = 0, kDropout = 1, kDropoutRecord = 2 };
+
+// keep_out[row][key] for the 8 bits drop_rows returned (rows query, query + 8; keys key0,
+// key0 + 1, key0 + 8, key0 + 9), within Nq rows and the count visible keys.
+__device__ __forceinline__ void record_keep(const Params& p, long long row_base, unsigned bits, int query,
+                                            int key0, int count) {
+  unsigned char* out = p.keep_out + (row_base + query) * p.Nk + key0;
+#pragma unroll 1
+  for (int i = 0; i < 8; ++i) {  // bit i: half i >> 2, element e = i & 3
+    const int dr = 8 * ((i >> 1) & 1), dk = (i & 1) + 8 * (i >> 2);
+    if (query + dr < p.Nq && key0 + dk < count) out[static_cast<long long>(dr) * p.Nk + dk] = (bits >> i) & 1u;
+  }
+}
+
 __device__ __forceinline__ int visible_count(const Params& p, int b) {
   if (!p.kv_count) return p.Nk;
   return min(max(p.kv_count[b], 0), p.Nk);
@@ -339,7 +463,7 @@ __device__ __forceinline__ void softmax_tile(float (&s)[kMT][kBN / 8][4], float 
   }
 }
 
-template <typename T, int D>
+template <typename T, int D, int kDrop>
 __global__ void __launch_bounds__(kThreads) fwd_kernel(const Params p) {
   using Cfg = FwdCfg<D>;
   constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, S = Cfg::S, kMT = Cfg::kMT;
@@ -362,6 +486,8 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const Params p) {
   const int n_tiles = (count + kBN - 1) / kBN;
   const int r0 = warp * 16 * kMT;      // this warp's first row in the block
   const bool active = m0 + r0 < p.Nq;  // warps wholly past the last query only help load
+  Dropout drop{};
+  if constexpr (kDrop != kNoDropout) drop = dropout_state(p, b, h);
 
   if (threadIdx.x < kBN) sPos[threadIdx.x] = key_position<kBN>(index, 0, count);
   int pos_next = key_position<kBN>(index, kBN, count);  // tile 1, stored in iteration 0
@@ -454,7 +580,16 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const Params p) {
       for (int kk = 0; kk < kBN / 16; ++kk) {
         uint32_t a[kMT][4];
 #pragma unroll
-        for (int mt = 0; mt < kMT; ++mt) c_to_a<T>(a[mt], s[mt][2 * kk], s[mt][2 * kk + 1]);
+        for (int mt = 0; mt < kMT; ++mt) {
+          if constexpr (kDrop != kNoDropout) {  // after the row sums: they are of the undropped P
+            const int query = m0 + r0 + 16 * mt + g, key0 = kv0 + 16 * kk + 2 * c;
+            const unsigned bits = drop_rows(s[mt][2 * kk], s[mt][2 * kk + 1], drop, p.drop_threshold, query, key0);
+            if constexpr (kDrop == kDropoutRecord) {
+              record_keep(p, (static_cast<long long>(b) * p.H + h) * p.Nq, bits, query, key0, count);
+            }
+          }
+          c_to_a<T>(a[mt], s[mt][2 * kk], s[mt][2 * kk + 1]);
+        }
         mma_tiles_by_rows<T, D, S, kMT>(acc, a, sV, kk * 16, lane);
       }
     }
@@ -474,7 +609,8 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const Params p) {
       float l = row_sum[mt][r];
       l += __shfl_xor_sync(0xffffffffu, l, 1);
       l += __shfl_xor_sync(0xffffffffu, l, 2);
-      const float inv = l > 0.f ? 1.f / l : 0.f;
+      float inv = l > 0.f ? 1.f / l : 0.f;
+      if constexpr (kDrop != kNoDropout) inv *= p.keep_scale;
       const float lse = l > 0.f ? row_max[mt][r] * kLn2 + logf(l) : 0.f;
       const int row = m0 + r0 + 16 * mt + g + 8 * r;
       if (row < p.Nq) {
@@ -521,7 +657,7 @@ struct DkdvCfg {
   static constexpr int kSmem = (2 * kBN + 4 * kBM) * S * 2 + 4 * kBM * 4 + kBN * 4;
 };
 
-template <typename T, int D>
+template <typename T, int D, bool kDropout>
 __global__ void __launch_bounds__(kThreads) dkdv_kernel(const Params p) {
   using Cfg = DkdvCfg<D>;
   constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, S = Cfg::S;
@@ -599,6 +735,8 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const Params p) {
 
   const int r0 = warp * 16;  // this warp's 16 keys within the tile
   const bool key_ok[2] = {n0 + r0 + g < count, n0 + r0 + g + 8 < count};
+  Dropout drop{};
+  if constexpr (kDropout) drop = dropout_state(p, b, h);
   float dk[D / 8][4], dv[D / 8][4];
 #pragma unroll
   for (int n = 0; n < D / 8; ++n)
@@ -635,16 +773,29 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const Params p) {
     mma_rows_by_rows_t<T, D, S, kBM>(st, sK, r0, q_t, lane);
     mma_rows_by_rows_t<T, D, S, kBM>(dpt, sV, r0, do_t, lane);
 
-    // st <- P^T = exp(scale * s - lse), dpt <- dS^T = P^T * (dP^T - delta)
+    // st <- P^T = exp(scale * s - lse), dpt <- dS^T = P^T * (dP^T - delta); with dropout
+    // st <- (P * keep)^T (dV's 1 / (1 - p) comes at the end), dS^T = P^T * (Z^T dP^T - delta).
 #pragma unroll
-    for (int j = 0; j < kBM / 8; ++j) {
+    for (int t = 0; t < kBM / 16; ++t) {
+      unsigned bits = 0xFFu;
+      if constexpr (kDropout) bits = keep_bits_cols(drop, p.drop_threshold, g, m0 + 16 * t + 2 * c, n0 + r0 + g);
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int qc = j * 8 + 2 * c + (e & 1);
-        const bool ok = key_ok[e >> 1] && m0 + qc < p.Nq;
-        const float pr = ok ? exp2_ftz(fmaf(st[j][e], p.scale_log2, -lse_t[qc])) : 0.f;
-        st[j][e] = pr;
-        dpt[j][e] = pr * (dpt[j][e] - delta_t[qc]);
+      for (int jj = 0; jj < 2; ++jj) {
+        const int j = 2 * t + jj;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int qc = j * 8 + 2 * c + (e & 1);
+          const bool ok = key_ok[e >> 1] && m0 + qc < p.Nq;
+          const float pr = ok ? exp2_ftz(fmaf(st[j][e], p.scale_log2, -lse_t[qc])) : 0.f;
+          if constexpr (kDropout) {
+            const bool keep = (bits >> (4 * jj + e)) & 1u;
+            st[j][e] = keep ? pr : 0.f;
+            dpt[j][e] = pr * ((keep ? dpt[j][e] * p.keep_scale : 0.f) - delta_t[qc]);
+          } else {
+            st[j][e] = pr;
+            dpt[j][e] = pr * (dpt[j][e] - delta_t[qc]);
+          }
+        }
       }
     }
 
@@ -660,6 +811,7 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const Params p) {
     __syncthreads();  // every warp is done with stage cur before iteration mt + 1 refills it
   }
 
+  const float dv_scale = kDropout ? p.keep_scale : 1.f;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const long long n = sRow[r0 + g + 8 * r];
@@ -672,7 +824,7 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const Params p) {
         *reinterpret_cast<uint32_t*>(dkr + nn * 8) =
             ok ? pack2<T>(dk[nn][2 * r] * p.scale, dk[nn][2 * r + 1] * p.scale) : 0u;
         *reinterpret_cast<uint32_t*>(dvr + nn * 8) =
-            ok ? pack2<T>(dv[nn][2 * r], dv[nn][2 * r + 1]) : 0u;
+            ok ? pack2<T>(dv[nn][2 * r] * dv_scale, dv[nn][2 * r + 1] * dv_scale) : 0u;
       }
     }
   }
@@ -688,9 +840,10 @@ struct DqCfg {
 };
 
 // 4 blocks per SM (at most 128 registers, as before the second K/V stage): unbounded, ptxas took
-// 136-160 (3 blocks) and spilled at D = 96, which gets 3 (128 spilled it on sm_80).
-template <typename T, int D>
-__global__ void __launch_bounds__(kThreads, D == 96 ? 3 : 4) dq_kernel(const Params p) {
+// 136-160 (3 blocks) and spilled at D = 96, which gets 3 (128 spilled it on sm_80). With dropout,
+// D = 64 gets 3 too: its Philox rounds spilled 44 bytes at 128 registers (sm_90a).
+template <typename T, int D, bool kDropout>
+__global__ void __launch_bounds__(kThreads, D == 96 || (kDropout && D == 64) ? 3 : 4) dq_kernel(const Params p) {
   using Cfg = DqCfg<D>;
   constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, S = Cfg::S;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -713,6 +866,8 @@ __global__ void __launch_bounds__(kThreads, D == 96 ? 3 : 4) dq_kernel(const Par
   const T* dob = static_cast<const T*>(p.dout) + q_row_base * D;
   const int n_tiles = (count + kBN - 1) / kBN;
   const int r0 = warp * 16;
+  Dropout drop{};
+  if constexpr (kDropout) drop = dropout_state(p, b, h);
 
   float lse2[2], delta[2];
 #pragma unroll
@@ -766,14 +921,21 @@ __global__ void __launch_bounds__(kThreads, D == 96 ? 3 : 4) dq_kernel(const Par
       mma_rows_by_rows_t<T, D, S, kBN>(s, sQ, r0, k_t, lane);
       mma_rows_by_rows_t<T, D, S, kBN>(dp, sdO, r0, v_t, lane);
 
-      // dp <- dS = P * (dP - delta)
+      // dp <- dS = P * (dP - delta); with dropout dS = P * (Z dP - delta): the dropped dP zeroed
+      if constexpr (kDropout) {
+#pragma unroll
+        for (int kk = 0; kk < kBN / 16; ++kk) {
+          drop_rows(dp[2 * kk], dp[2 * kk + 1], drop, p.drop_threshold, m0 + r0 + g, kv0 + 16 * kk + 2 * c);
+        }
+      }
+      const float dp_scale = kDropout ? p.keep_scale : 1.f;
 #pragma unroll
       for (int j = 0; j < kBN / 8; ++j) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const bool ok = kv0 + j * 8 + 2 * c + (e & 1) < count;
           const float pr = ok ? exp2_ftz(fmaf(s[j][e], p.scale_log2, -lse2[e >> 1])) : 0.f;
-          dp[j][e] = pr * (dp[j][e] - delta[e >> 1]);
+          dp[j][e] = pr * (dp[j][e] * dp_scale - delta[e >> 1]);
         }
       }
       // dQ += dS K

@@ -8,8 +8,9 @@ state dicts stay valid) and their outputs:
     djepa.patch.patch_ema(engine_mar)                # its update_ema -> one fused multi-tensor pass
     print(report)
 
-Each returns a `PatchReport`: what was replaced (module path, old class, new class) and what was
-left alone, and why.
+Each returns a `PatchReport`: what was replaced (module path, old class, new class), what was
+left alone, and why, and for each replaced attention the backend it runs on in a training step
+(with its attention dropout, on the device and dtype of its weights at patch time).
 """
 import inspect
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from djepa.nn import Block as _Block
 from djepa.nn import MaskedAttention as _MaskedAttention
 
 __all__ = ["PatchReport", "PatchedBlock", "PatchedMaskedAttention", "patch_model", "patch_denoising_mlp",
-           "patch_attention", "patch_ema", "fused_update_ema"]
+           "patch_attention", "patch_ema", "fused_update_ema", "training_attention"]
 
 
 @dataclass
@@ -30,14 +31,20 @@ class PatchReport:
     replaced: list = field(default_factory=list)  # (path, old class name, new class name)
     skipped: list = field(default_factory=list)  # (path, reason)
     module: Optional[nn.Module] = None  # the new module when the object passed in was itself replaced
+    training: dict = field(default_factory=dict)  # path -> how its attention runs in a training step
 
     def extend(self, other: "PatchReport") -> "PatchReport":
         self.replaced += other.replaced
         self.skipped += other.skipped
+        self.training.update(other.training)
         return self
 
     def __str__(self) -> str:
-        lines = [f"replaced {len(self.replaced)}:"] + [f"  {p or '<root>'}: {a} -> {b}" for p, a, b in self.replaced]
+        def line(p, a, b):
+            note = f"; in training: {self.training[p]}" if p in self.training else ""
+            return f"  {p or '<root>'}: {a} -> {b}{note}"
+
+        lines = [f"replaced {len(self.replaced)}:"] + [line(*r) for r in self.replaced]
         if self.skipped:
             lines += [f"left {len(self.skipped)}:"] + [f"  {p or '<root>'}: {why}" for p, why in self.skipped]
         return "\n".join(lines)
@@ -57,6 +64,29 @@ def _bare(cls):
     obj = cls.__new__(cls)
     nn.Module.__init__(obj)
     return obj
+
+
+def _install(root, report, path, old, new, new_name):
+    """Put `new` at `path` in root (the object passed in itself: report.module) and report it."""
+    if path:
+        _set(root, path, new)
+    else:
+        report.module = new
+    report.replaced.append((path, type(old).__name__, new_name))
+
+
+def training_attention(attn) -> str:
+    """How a djepa MaskedAttention runs in a training step: its backend (with the dropout, on the
+    device and dtype of its weights now), or why its explicit backend cannot serve it."""
+    weight = attn.qkv.weight
+    p = float(attn.attn_drop.p)
+    where = f"{str(weight.dtype).replace('torch.', '')} on {weight.device}"
+    drop = f"attention dropout {p:g}" if p > 0 else "no attention dropout"
+    try:
+        backend = attn.training_backend()
+    except ValueError as exc:
+        return f"fails: {exc} ({drop}, {where})"
+    return f"attention on {backend} ({drop}, {where})"
 
 
 # ----------------------------------------------------------------------------- denoising MLP
@@ -185,11 +215,7 @@ def patch_denoising_mlp(model: nn.Module, backend: Optional[str] = None, sampler
             report.skipped.append((path, why))
             continue
         new = _to_denoising_mlp(m, backend)
-        if path:
-            _set(root, path, new)
-        else:
-            report.module = new
-        report.replaced.append((path, type(m).__name__, "DenoisingMLP"))
+        _install(root, report, path, m, new, "DenoisingMLP")
         if sampler and path:
             parent_path = path.rpartition(".")[0]
             owner = root.get_submodule(parent_path) if parent_path else root
@@ -292,11 +318,8 @@ def patch_attention(model: nn.Module, backend: Optional[str] = None, blocks: boo
                 nb.mlp = m.mlp
                 nb.ls2 = getattr(m, "ls2", nn.Identity())
                 nb.train(m.training)
-                if path:
-                    _set(root, path, nb)
-                else:
-                    report.module = nb
-                report.replaced.append((path, type(m).__name__, "Block"))
+                _install(root, report, path, m, nb, "Block")
+                report.training[path] = training_attention(nb.attn)
                 done.add(path)
                 continue
             report.skipped.append((path, why))
@@ -306,11 +329,8 @@ def patch_attention(model: nn.Module, backend: Optional[str] = None, blocks: boo
                 report.skipped.append((path, why))
                 continue
             na = _to_masked_attention(m, backend)
-            if path:
-                _set(root, path, na)
-            else:
-                report.module = na
-            report.replaced.append((path, type(m).__name__, "MaskedAttention"))
+            _install(root, report, path, m, na, "MaskedAttention")
+            report.training[path] = training_attention(na)
             done.add(path)
     return report
 

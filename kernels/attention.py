@@ -16,6 +16,15 @@ are contiguous [B, H, N, D]; LSE and delta are contiguous float32 [B, H, Nq]. Th
 split into one or two power-of-two column blocks (BLOCK_D, BLOCK_D2: 64 -> 64 + 0,
 80 -> 64 + 16, 96 -> 64 + 32, 100 -> 128 + 0), each its own dot, so a head dim like 80 costs the
 MMA and shared-memory work of 80 columns, not of 128; loads and stores are masked to D.
+
+Dropout (DROPOUT, from djepa.ops.attention, which documents the keep rule): with P the softmax,
+Z the keep mask scaled by 1 / (1 - p) and dP = dO V^T,
+  forward   O = (P * Z) V (the row sum l and LSE stay those of the undropped P)
+  backward  dV = (P * Z)^T dO,  dS = P * (Z * dP - delta),  delta = rowsum(dO * O) as before.
+Z is regenerated from the Philox seed/offset in each kernel (_keep_tile), never stored. One Philox
+call yields the keep bits of queries {i, i + 8} x keys {j, j + 1, j + 8, j + 9}; a key tile is
+loaded in the order (_key_positions) in which those bits come out of the call, so the tile of
+bits is a reshape, not a permutation. WRITE_KEEP (debug): the forward stores its bits.
 """
 import torch
 import triton
@@ -37,13 +46,50 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _key_positions(n0, BLOCK_N: tl.constexpr, DROPOUT: tl.constexpr):
+    """Compacted key positions of a tile's columns: n0 + c, or with dropout, within each 16 keys,
+    column 4 m + 2 o + t holds key 8 t + 2 m + o (the order of _keep_tile's bits)."""
+    c = tl.arange(0, BLOCK_N)
+    if DROPOUT:
+        return n0 + (c // 16) * 16 + (c % 2) * 8 + ((c // 4) % 4) * 2 + (c // 2) % 2
+    return n0 + c
+
+
+@triton.jit
+def _keep_tile(RNG, bh, offs_m, n0, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keep bits [BLOCK_M, BLOCK_N] of queries offs_m and the keys _key_positions(n0) puts in
+    the columns: Philox-4x32-10 keyed by RNG[0], counter (i & ~8, j & ~9, bh, RNG[1]); of word
+    ((i >> 3) & 1) + 2 (j & 1), half (j >> 3) & 1, compared with the 16-bit threshold. Each
+    row computes the calls of its own (query, 4-key) groups (rows i and i + 8 share them)."""
+    seed = tl.load(RNG)
+    offset = tl.load(RNG + 1).to(tl.uint32)
+    g = tl.arange(0, BLOCK_N // 4)
+    j0 = n0 + (g // 4) * 16 + (g % 4) * 2  # first key of each group
+    shape: tl.constexpr = [BLOCK_M, BLOCK_N // 4]
+    c0 = tl.broadcast_to((offs_m & ~8).to(tl.uint32)[:, None], shape)
+    c1 = tl.broadcast_to(j0.to(tl.uint32)[None, :], shape)
+    c2 = tl.full(shape, 0, tl.uint32) + bh.to(tl.uint32)
+    c3 = tl.full(shape, 0, tl.uint32) + offset
+    w0, w1, w2, w3 = tl.philox(seed, c0, c1, c2, c3)
+    upper = ((offs_m >> 3) & 1)[:, None] == 1  # row i + 8 of its call
+    even = tl.where(upper, w1, w0)  # keys j, j + 8 (low, high half)
+    odd = tl.where(upper, w3, w2)  # keys j + 1, j + 9
+    bits = tl.join(tl.join(even & 0xFFFF, odd & 0xFFFF), tl.join(even >> 16, odd >> 16))
+    return tl.reshape(bits, [BLOCK_M, BLOCK_N]) >= threshold.to(tl.uint32)
+
+
+@triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE, KV_INDEX, KV_COUNT,
+    Q, K, V, O, LSE, KV_INDEX, KV_COUNT, RNG, KEEP,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
-    H, Nq, Nk, D, qk_scale,
-    HAS_MASK: tl.constexpr, IEEE: tl.constexpr,
+    H, Nq, Nk, D, qk_scale, threshold, keep_scale,
+    HAS_MASK: tl.constexpr, IEEE: tl.constexpr, DROPOUT: tl.constexpr, WRITE_KEEP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
 ):
+    """O = softmax(scale * Q K^T) V over the visible keys: online softmax in base 2 (qk_scale =
+    scale * log2 e; s scaled, m its running max), p = exp2(s - m), l = sum p,
+    O = (sum (p * Z) V) / l (Z = 1 without dropout), LSE = (m + log2 l) * ln 2 (0 for a row
+    without a visible key)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -70,7 +116,7 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     for start in range(0, count, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
+        offs_n = _key_positions(start, BLOCK_N, DROPOUT)
         n_mask = offs_n < count
         if HAS_MASK:
             idx = tl.load(KV_INDEX + b * Nk + offs_n, mask=n_mask, other=0).to(tl.int64)
@@ -89,6 +135,12 @@ def _fwd_kernel(
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            keep = _keep_tile(RNG, bh, offs_m, start, threshold, BLOCK_M, BLOCK_N)
+            p = tl.where(keep, p, 0.0)
+            if WRITE_KEEP:
+                keep_rows = KEEP + (bh.to(tl.int64) * Nq + offs_m)[:, None] * Nk
+                tl.store(keep_rows + offs_n[None, :], keep.to(tl.uint8), mask=m_mask[:, None] & n_mask[None, :])
         v = tl.load(v_rows + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :], other=0.0)
         p = p.to(v.dtype)
         acc = _dot(p, v, acc * alpha[:, None], IEEE)
@@ -99,6 +151,8 @@ def _fwd_kernel(
 
     has_key = l_i > 0.0
     inv_l = 1.0 / tl.where(has_key, l_i, 1.0)
+    if DROPOUT:
+        inv_l *= keep_scale
     lse = tl.where(has_key, (m_i + tl.log2(tl.where(has_key, l_i, 1.0))) * 0.6931471805599453, 0.0)
     row = bh.to(tl.int64) * Nq + offs_m
     o_rows = O + row[:, None] * D
@@ -112,12 +166,14 @@ def _fwd_kernel(
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, O, DO, LSE, DELTA, DQ, KV_INDEX, KV_COUNT,
+    Q, K, V, O, DO, LSE, DELTA, DQ, KV_INDEX, KV_COUNT, RNG,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
-    H, Nq, Nk, D, qk_scale, scale,
-    HAS_MASK: tl.constexpr, IEEE: tl.constexpr,
+    H, Nq, Nk, D, qk_scale, scale, threshold, keep_scale,
+    HAS_MASK: tl.constexpr, IEEE: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
 ):
+    """delta = rowsum(dO * O) (stored), then dQ = scale * sum_j dS K over the visible keys with
+    P = exp2(qk_scale * s - LSE log2 e), dP = dO V^T, dS = P * (Z * dP - delta)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -155,7 +211,7 @@ def _bwd_dq_kernel(
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
     for start in range(0, count, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
+        offs_n = _key_positions(start, BLOCK_N, DROPOUT)
         n_mask = offs_n < count
         if HAS_MASK:
             idx = tl.load(KV_INDEX + b * Nk + offs_n, mask=n_mask, other=0).to(tl.int64)
@@ -176,6 +232,9 @@ def _bwd_dq_kernel(
             s = _dot(q2, tl.trans(k2), s, IEEE)
             dp = _dot(do2, tl.trans(v2), dp, IEEE)
         p = tl.where(n_mask[None, :], tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
+        if DROPOUT:
+            keep = _keep_tile(RNG, bh, offs_m, start, threshold, BLOCK_M, BLOCK_N)
+            dp = tl.where(keep, dp * keep_scale, 0.0)
         ds = (p * (dp - delta[:, None])).to(k.dtype)
         dq = _dot(ds, k, dq, IEEE)
         if BLOCK_D2 > 0:
@@ -188,17 +247,20 @@ def _bwd_dq_kernel(
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, KV_INDEX, KV_COUNT,
+    Q, K, V, DO, LSE, DELTA, DK, DV, KV_INDEX, KV_COUNT, RNG,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
-    H, Nq, Nk, D, qk_scale, scale,
-    HAS_MASK: tl.constexpr, IEEE: tl.constexpr,
+    H, Nq, Nk, D, qk_scale, scale, threshold, keep_scale,
+    HAS_MASK: tl.constexpr, IEEE: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
 ):
+    """dV = sum_i (P * Z)^T dO and dK = scale * sum_i dS^T Q over all queries, for one block of
+    compacted keys, in the transposed orientation (P^T = exp2(qk_scale * K Q^T - LSE log2 e));
+    zeros for the invisible keys."""
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # positions in the compacted key order
+    offs_n = _key_positions(pid_n * BLOCK_N, BLOCK_N, DROPOUT)  # positions in the compacted key order
     pos_mask = offs_n < Nk
     if HAS_MASK:
         count = tl.load(KV_COUNT + b)
@@ -250,8 +312,14 @@ def _bwd_dkdv_kernel(
             s_t = _dot(k2, tl.trans(q2), s_t, IEEE)
             dp_t = _dot(v2, tl.trans(do2), dp_t, IEEE)
         p_t = tl.where(vis[:, None] & m_mask[None, :], tl.exp2(s_t * qk_scale - lse2[None, :]), 0.0)
-        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
-        p_t = p_t.to(do.dtype)
+        if DROPOUT:
+            keep_t = tl.trans(_keep_tile(RNG, bh, offs_m, pid_n * BLOCK_N, threshold, BLOCK_M, BLOCK_N))
+            dp_t = tl.where(keep_t, dp_t * keep_scale, 0.0)
+            ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+            p_t = tl.where(keep_t, p_t, 0.0).to(do.dtype)  # dV's keep_scale is applied once, at the end
+        else:
+            ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+            p_t = p_t.to(do.dtype)
         dv = _dot(p_t, do, dv, IEEE)
         dk = _dot(ds_t, q, dk, IEEE)
         if BLOCK_D2 > 0:
@@ -260,9 +328,13 @@ def _bwd_dkdv_kernel(
     out = DK + ((bh.to(tl.int64) * Nk + idx)[:, None] * D)
     out_v = DV + ((bh.to(tl.int64) * Nk + idx)[:, None] * D)
     store_mask = pos_mask[:, None] & d_mask[None, :]
+    if DROPOUT:
+        dv *= keep_scale
     tl.store(out + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=store_mask)
     tl.store(out_v + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=store_mask)
     if BLOCK_D2 > 0:
+        if DROPOUT:
+            dv2 *= keep_scale
         store2_mask = pos_mask[:, None] & d2_mask[None, :]
         tl.store(out + offs_d2[None, :], (dk2 * scale).to(DK.dtype.element_ty), mask=store2_mask)
         tl.store(out_v + offs_d2[None, :], dv2.to(DV.dtype.element_ty), mask=store2_mask)
@@ -324,44 +396,59 @@ def _mask_args(kv_index, kv_count, q):
     return kv_index, kv_count, True
 
 
-def attention_fwd(q, k, v, o, lse, kv_index, kv_count, scale):
-    """Fill o [B,H,Nq,D] (contiguous) and lse [B,H,Nq] (float32). Validation is the caller's."""
+def _dropout_args(rng, dropout_p, q):
+    """(RNG pointer, 16-bit threshold, 1 / (1 - p), DROPOUT) for the kernels."""
+    if rng is None:
+        return torch.empty(2, dtype=torch.int64, device=q.device), 0, 1.0, False
+    from djepa.ops.attention import dropout_threshold
+
+    return rng, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), True
+
+
+def attention_fwd(q, k, v, o, lse, kv_index, kv_count, scale, rng=None, dropout_p=0.0, keep_out=None):
+    """Fill o [B,H,Nq,D] (contiguous) and lse [B,H,Nq] (float32). Validation is the caller's.
+    Dropout: rng = djepa.ops.attention.philox_state(...), dropout_p in (0, 1); keep_out (debug,
+    uint8 [B,H,Nq,Nk] contiguous) receives the keep bits over compacted key positions."""
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     block_m, block_n, warps, stages = _config("fwd", D, q.dtype)
     bd, bd2 = _head_split(D)
     idx, cnt, has_mask = _mask_args(kv_index, kv_count, q)
+    rng, threshold, keep_scale, dropout = _dropout_args(rng, dropout_p, q)
+    write_keep = dropout and keep_out is not None
     grid = (triton.cdiv(Nq, block_m), B * H)
     _fwd_kernel[grid](
-        q, k, v, o, lse, idx, cnt, *_common_args(q, k, v),
-        H, Nq, Nk, D, float(scale) * LOG2E,
-        HAS_MASK=has_mask, IEEE=q.dtype == torch.float32,
+        q, k, v, o, lse, idx, cnt, rng, keep_out if write_keep else rng, *_common_args(q, k, v),
+        H, Nq, Nk, D, float(scale) * LOG2E, threshold, keep_scale,
+        HAS_MASK=has_mask, IEEE=q.dtype == torch.float32, DROPOUT=dropout, WRITE_KEEP=write_keep,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=bd, BLOCK_D2=bd2,
         num_warps=warps, num_stages=stages,
     )
 
 
-def attention_bwd(q, k, v, o, do, lse, kv_index, kv_count, dq, dk, dv, delta, scale):
-    """Fill dq, dk, dv (contiguous, input dtype) and the float32 workspace delta [B,H,Nq]."""
+def attention_bwd(q, k, v, o, do, lse, kv_index, kv_count, dq, dk, dv, delta, scale, rng=None, dropout_p=0.0):
+    """Fill dq, dk, dv (contiguous, input dtype) and the float32 workspace delta [B,H,Nq]; with
+    dropout, from the same rng / dropout_p as the forward (the keep bits are regenerated)."""
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     idx, cnt, has_mask = _mask_args(kv_index, kv_count, q)
     common = _common_args(q, k, v)
     ieee = q.dtype == torch.float32
     bd, bd2 = _head_split(D)
+    rng, threshold, keep_scale, dropout = _dropout_args(rng, dropout_p, q)
     block_m, block_n, warps, stages = _config("dq", D, q.dtype)
     _bwd_dq_kernel[(triton.cdiv(Nq, block_m), B * H)](
-        q, k, v, o, do, lse, delta, dq, idx, cnt, *common,
-        H, Nq, Nk, D, float(scale) * LOG2E, float(scale),
-        HAS_MASK=has_mask, IEEE=ieee,
+        q, k, v, o, do, lse, delta, dq, idx, cnt, rng, *common,
+        H, Nq, Nk, D, float(scale) * LOG2E, float(scale), threshold, keep_scale,
+        HAS_MASK=has_mask, IEEE=ieee, DROPOUT=dropout,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=bd, BLOCK_D2=bd2,
         num_warps=warps, num_stages=stages,
     )
     block_n, block_m, warps, stages = _config("dkdv", D, q.dtype)
     _bwd_dkdv_kernel[(triton.cdiv(Nk, block_n), B * H)](
-        q, k, v, do, lse, delta, dk, dv, idx, cnt, *common,
-        H, Nq, Nk, D, float(scale) * LOG2E, float(scale),
-        HAS_MASK=has_mask, IEEE=ieee,
+        q, k, v, do, lse, delta, dk, dv, idx, cnt, rng, *common,
+        H, Nq, Nk, D, float(scale) * LOG2E, float(scale), threshold, keep_scale,
+        HAS_MASK=has_mask, IEEE=ieee, DROPOUT=dropout,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=bd, BLOCK_D2=bd2,
         num_warps=warps, num_stages=stages,
     )

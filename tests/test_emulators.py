@@ -5,7 +5,11 @@ without them, unless DJEPA_REQUIRE_C=1, as in CI).
 
 The emulated cp.async lands in shared memory only when its group is waited for, so a pipeline
 that reads a stage before waiting for it reads poison: the planted-bug tests make every
-cp.async.wait_group wait for one group too few and require the emulators to fail."""
+cp.async.wait_group wait for one group too few and require the emulators to fail.
+
+The attention emulator also runs the dropout kernels (cases 9-12): the keep bits the forward
+records must be the keep rule's, and forward and backward must match the float64 reference that
+applies those bits. Planted: the backward handed the Philox offset + 1 must fail."""
 import os
 import subprocess
 from pathlib import Path
@@ -57,3 +61,16 @@ def test_the_emulators_fail_a_pipeline_that_waits_for_one_group_too_few(op, emul
     assert planted.returncode == 1 and "FAIL" in planted.stdout and planted.stdout.rstrip().endswith("SOME FAILED")
     honest = _run(exe, PIPELINE_ARGS[op])
     assert honest.returncode == 0 and honest.stdout.rstrip().endswith("ALL OK"), honest.stdout[-2000:]
+
+
+def test_the_attention_emulator_fails_a_backward_with_the_wrong_dropout_offset(emulator):
+    exe = emulator("attention")
+    planted = _run(exe, ["1234", "9"], DJEPA_EMU_BWD_OFFSET="1")
+    assert "planted: backward Philox offset + 1" in planted.stdout
+    assert planted.returncode == 1 and planted.stdout.rstrip().endswith("SOME FAILED")
+    lines = [ln for ln in planted.stdout.splitlines() if "drop=0.30" in ln]
+    # the forward (o, and the recorded bits) is untouched; only the gradients go wrong
+    assert len(lines) == 2 and all(ln.startswith("FAIL") and "wrong-bits 0" in ln for ln in lines), planted.stdout
+    honest = _run(exe, ["1234", "9"])
+    assert honest.returncode == 0 and honest.stdout.rstrip().endswith("ALL OK"), honest.stdout[-2000:]
+    assert "drop=0.30" in honest.stdout and "wrong-bits 0" in honest.stdout

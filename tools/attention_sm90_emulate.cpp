@@ -4,8 +4,8 @@
 // emulated 4-d tensor maps, cp.async gathers completing on mbarriers, the proxy-fence rule; one
 // std::thread per CUDA thread) with the host plan of csrc/attention_sm90.cu (attn::plan: which
 // streams TMA serves, which are gathered, which fall back to ordinary loads). Outputs are
-// poisoned (NaN), shared memory is 0xFF, and results are compared with a float64 reference on
-// the same rounded inputs, over head dims 64 / 80 / 96 / 128, fp16 / bf16, dense and masked keys
+// poisoned (NaN), shared memory is 0xFF, and results are compared with the float64 reference of
+// tools/attention_reference.h on the same rounded inputs, over head dims 64 / 80 / 96 / 128, fp16 / bf16, dense and masked keys
 // (densities, a sample without visible keys, all samples empty), odd Nq != Nk, several key tiles
 // (forward: 128 keys; backward: 64 keys / queries per streamed tile, 32 at D >= 96)
 // (the K / V ring wraps inside and across work items of a persistent CTA), fused-QKV strided
@@ -21,6 +21,7 @@
 #include <cmath>
 #include <string>
 
+#include "attention_reference.h"
 #include "hopper/attn_bwd_kernel.cuh"
 #include "hopper/attn_fwd_kernel.cuh"
 
@@ -157,59 +158,28 @@ bool run_case(const Case& cs, std::mt19937& rng) {
   for (int b = 0; b < B; ++b)
     for (int h = 0; h < H; ++h) {
       const size_t qrow0 = (static_cast<size_t>(b) * H + h) * Nq, krow0 = (static_cast<size_t>(b) * H + h) * Nk;
-      std::vector<double> P(static_cast<size_t>(Nq) * Nk, 0.0), dS(static_cast<size_t>(Nq) * Nk, 0.0);
+      const attn_ref::Head r = attn_ref::head(
+          Nq, Nk, D, scale, [&](int i, int d) { return at(q, qs, b, h, i, d); },
+          [&](int j, int d) { return at(k, ks, b, h, j, d); }, [&](int j, int d) { return at(v, vs, b, h, j, d); },
+          [&](int i, int d) { return to_d(dout[(qrow0 + i) * D + d]); }, [&](int j) { return mask[b * Nk + j] != 0; },
+          [](int, int) { return 1.0; });
       for (int i = 0; i < Nq; ++i) {
-        double mx = -INFINITY;
-        std::vector<double> s(Nk, -INFINITY);
-        for (int j = 0; j < Nk; ++j) {
-          if (!mask[b * Nk + j]) continue;
-          double acc = 0;
-          for (int d = 0; d < D; ++d) acc += at(q, qs, b, h, i, d) * at(k, ks, b, h, j, d);
-          s[j] = acc * scale;
-          mx = std::max(mx, s[j]);
-        }
-        double sum = 0;
-        for (int j = 0; j < Nk; ++j)
-          if (mask[b * Nk + j]) sum += std::exp(s[j] - mx);
-        const double ref_lse = sum > 0 ? mx + std::log(sum) : 0.0;
-        for (int j = 0; j < Nk; ++j) P[i * Nk + j] = mask[b * Nk + j] ? std::exp(s[j] - mx) / sum : 0.0;
-        double dlt = 0;
         for (int d = 0; d < D; ++d) {
-          double acc = 0;
-          for (int j = 0; j < Nk; ++j) acc += P[i * Nk + j] * at(v, vs, b, h, j, d);
-          const double got = to_d(o[(qrow0 + i) * D + d]);
+          const double got = to_d(o[(qrow0 + i) * D + d]), gq = to_d(dq[(qrow0 + i) * D + d]);
           finite = finite && std::isfinite(got);
-          err_o = std::max(err_o, std::fabs(got - acc));
-          dlt += to_d(dout[(qrow0 + i) * D + d]) * acc;
+          bfinite = bfinite && std::isfinite(gq);
+          err_o = std::max(err_o, std::fabs(got - r.o[i * D + d]));
+          err_dq = std::max(err_dq, std::fabs(gq - r.dq[i * D + d]));
         }
         finite = finite && std::isfinite(lse[qrow0 + i]);
-        err_lse = std::max(err_lse, std::fabs(lse[qrow0 + i] - ref_lse));
-        for (int j = 0; j < Nk; ++j) {
-          if (!mask[b * Nk + j]) continue;
-          double dp = 0;
-          for (int d = 0; d < D; ++d) dp += to_d(dout[(qrow0 + i) * D + d]) * at(v, vs, b, h, j, d);
-          dS[i * Nk + j] = P[i * Nk + j] * (dp - dlt);
-        }
+        err_lse = std::max(err_lse, std::fabs(lse[qrow0 + i] - r.lse[i]));
       }
-      for (int i = 0; i < Nq; ++i)
-        for (int d = 0; d < D; ++d) {
-          double acc = 0;
-          for (int j = 0; j < Nk; ++j) acc += dS[i * Nk + j] * at(k, ks, b, h, j, d);
-          const double got = to_d(dq[(qrow0 + i) * D + d]);
-          bfinite = bfinite && std::isfinite(got);
-          err_dq = std::max(err_dq, std::fabs(got - acc * scale));
-        }
       for (int j = 0; j < Nk; ++j)
         for (int d = 0; d < D; ++d) {
-          double ak = 0, av = 0;
-          for (int i = 0; i < Nq; ++i) {
-            ak += dS[i * Nk + j] * at(q, qs, b, h, i, d);
-            av += P[i * Nk + j] * to_d(dout[(qrow0 + i) * D + d]);
-          }
           const double gk = to_d(dk[(krow0 + j) * D + d]), gv = to_d(dv[(krow0 + j) * D + d]);
           bfinite = bfinite && std::isfinite(gk) && std::isfinite(gv);
-          err_dk = std::max(err_dk, std::fabs(gk - ak * scale));
-          err_dv = std::max(err_dv, std::fabs(gv - av));
+          err_dk = std::max(err_dk, std::fabs(gk - r.dk[j * D + d]));
+          err_dv = std::max(err_dv, std::fabs(gv - r.dv[j * D + d]));
         }
     }
   // The load paths the plan chose must be the ones that ran.

@@ -11,7 +11,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from djepa.ops.attention import _eager_attention, _validate, masked_attention
+from djepa.ops.attention import choose_backend, masked_attention
 
 __all__ = ["MaskedAttention", "Mlp", "Block", "LayerScale", "RMSNorm"]
 
@@ -45,9 +45,10 @@ class MaskedAttention(nn.Module):
     attended, None = all). Every token (query) gets an output; a sample with no visible token
     gets zeros from the attention (see ``djepa.ops.masked_attention``).
 
-    Attention dropout has no kernel: in training mode with ``attn_drop > 0`` the eager path
-    runs (with dropout on the attention probabilities). In eval mode, or with ``attn_drop == 0``,
-    the fused kernels run according to ``backend``.
+    In training mode ``attn_drop`` is the dropout of the attention probabilities, applied inside
+    the kernels (``masked_attention(dropout_p=attn_drop)``) on the backend ``backend`` names, as in
+    evaluation: an explicit backend that cannot serve a case raises, it never falls back. See
+    ``training_backend()`` for the backend a training step runs on.
 
     ``norm_layer`` builds ``q_norm``/``k_norm`` when ``qk_norm`` is on; their outputs are cast
     back to the dtype of v (a norm may promote, e.g. under autocast), as D-JEPA does.
@@ -77,15 +78,21 @@ class MaskedAttention(nn.Module):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)
-        p = self.attn_drop.p
-        if self.training and p > 0.0:
-            _validate(q, k, v, key_mask, None)
-            x = _eager_attention(q, k, v, key_mask, self.scale, dropout_p=p, training=True)
-        else:
-            x = masked_attention(q, k, v, key_mask, scale=self.scale, backend=self.backend)
+        p = float(self.attn_drop.p) if self.training else 0.0
+        x = masked_attention(q, k, v, key_mask, dropout_p=p, scale=self.scale, backend=self.backend)
         x = x.transpose(1, 2).reshape(B, N, C)
         x = self.proj(x)
         return self.proj_drop(x)
+
+    def training_backend(self, device=None, dtype=None) -> str:
+        """The backend this attention runs on in a training step (with its attn_drop), for
+        activations on `device` in `dtype` (default: those of the qkv weight). Raises ValueError,
+        as the step would, when an explicit backend cannot serve that case."""
+        weight = self.qkv.weight
+        device = weight.device if device is None else torch.device(device)
+        dtype = weight.dtype if dtype is None else dtype
+        return choose_backend(self.backend, device, dtype, self.head_dim, train=True,
+                              dropout_p=float(self.attn_drop.p))
 
 
 class Mlp(nn.Module):
