@@ -167,6 +167,10 @@ def triton_unavailable_reason(op: str, device: torch.device):
 
 # Ops whose time goes to tensor-core matmuls (the rest, EMA, are bound by memory bandwidth).
 MATMUL_BOUND = frozenset({"masked_attention", "adaln_block", "denoise_step"})
+# Calls of an op that djepa._C's sm_90a (wgmma) kernels do not serve whatever their shape: they
+# run on its mma.sync kernels (so on sm_90 the static rule puts Triton's wgmma first). op -> [(case, why)]
+WGMMA_EXCLUDED = {"masked_attention": [("dropout_p > 0", "the sm_90a kernels have no dropout "
+                                                          "(dropout_p > 0 runs on the mma.sync kernels)")]}
 
 
 def triton_mma(capability) -> str:
@@ -271,9 +275,10 @@ def auto_order(op: str, device: torch.device, dtype=None, bucket=None, wgmma_rea
     return hit
 
 
-def auto_backend(op: str, device: torch.device) -> str:
-    """What backend='auto' picks for `op` on `device`, before any case-specific limit."""
-    order, _ = auto_order(op, device)
+def auto_backend(op: str, device: torch.device, wgmma_reason=None) -> str:
+    """What backend='auto' picks for `op` on `device`, before any case-specific limit
+    (wgmma_reason: see static_rule)."""
+    order, _ = auto_order(op, device, wgmma_reason=wgmma_reason)
     why = {"cuda": cuda_unavailable_reason(op, device), "triton": triton_unavailable_reason(op, device),
            "eager": None}
     return next(b for b in order if why[b] is None) if device.type == "cuda" else "eager"
@@ -340,6 +345,10 @@ def _describe_ops(device):
             if name == "cuda" and reason is None and device.type == "cuda":
                 state += (" (sm_90a wgmma kernels)" if uses_wgmma(op, device) else " (mma.sync kernels)")
             lines.append(f"    {name:7s} {state}")
+        for case, why in WGMMA_EXCLUDED.get(op, ()):
+            _, case_rule = static_rule(op, device, why)
+            lines.append(f"    {case}: auto -> {auto_backend(op, device, why)}  [{case_rule}]; eager, triton and "
+                         f"djepa._C serve it, djepa._C with its mma.sync kernels ({why.split(' (')[0]})")
     return lines
 
 

@@ -244,6 +244,22 @@ def test_torch_compile_traces_without_graph_breaks(triton_device):
     for a, b in zip(qs, qe):
         torch.testing.assert_close(a.grad, b.grad)
 
+    def g(q, k, v, mask):  # dropout: its generator draw traces too, and replays the same stream
+        return masked_attention(q, k, v, mask, dropout_p=0.25, backend="triton").sum()
+
+    compiled = torch.compile(g, backend="aot_eager", fullgraph=True)
+    qs = [t.clone().requires_grad_() for t in (q, k, v)]
+    torch.manual_seed(5)
+    out = compiled(*qs, mask)
+    out.backward()
+    qe = [t.clone().requires_grad_() for t in (q, k, v)]
+    torch.manual_seed(5)
+    ref = g(*qe, mask)
+    ref.backward()
+    assert torch.equal(out, ref)
+    for a, b in zip(qs, qe):
+        assert torch.equal(a.grad, b.grad)
+
 
 # --------------------------------------------------------------------------------------------
 # Backend selection and bad input
@@ -324,6 +340,176 @@ def test_empty_batch_and_no_keys(triton_device):
 
 
 # --------------------------------------------------------------------------------------------
+# Dropout (the keep rule: djepa.ops.attention's docstring)
+# --------------------------------------------------------------------------------------------
+def check_dropout_against_reference(q, k, v, mask, backend, p, scale=None, generator=None):
+    """Output and dq/dk/dv of `backend` with dropout vs the eager reference applying the mask the
+    kernel returned (return_dropout_mask), under the tolerance rule. Returns (fast, keep)."""
+    do = torch.randn(q.shape, dtype=q.dtype, device=q.device)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    o, keep = masked_attention(*leaves, mask, dropout_p=p, generator=generator, scale=scale, backend=backend,
+                               return_dropout_mask=True)
+    assert keep.dtype == torch.bool and keep.shape == (*q.shape[:3], k.shape[2])
+    fast = (o, *torch.autograd.grad(o, leaves, do))
+    kw = dict(scale=scale, dropout_p=p)
+    ref = _grads(lambda a, b, c: masked_attention_reference(a, b, c, None if mask is None else mask.cpu(),
+                                                            dropout_mask=keep.cpu(), **kw),
+                 q.double().cpu(), k.double().cpu(), v.double().cpu(), do.double().cpu())
+    upcast = q.dtype == torch.float32
+    lowp = _grads(lambda a, b, c: masked_attention_reference(a, b, c, mask, upcast=upcast, dropout_mask=keep, **kw),
+                  q, k, v, do)
+    for name, f, lo, r in zip(("output", "dq", "dk", "dv"), fast, lowp, ref):
+        assert f.dtype == q.dtype and f.shape == r.shape
+        assert_close_to_reference(f, lo, r, atol=ATOL[q.dtype], what=f"{backend} dropout {name}")
+    return fast, keep
+
+
+def _generator(device, seed):
+    return torch.Generator(device=torch.device(device).type).manual_seed(seed)
+
+
+def test_the_keep_rule_is_philox_4x32_10_with_a_16_bit_threshold():
+    from djepa.ops.attention import _philox, dropout_keep_reference, dropout_threshold
+
+    zero, ones = torch.tensor(0), torch.tensor(0xFFFFFFFF)
+    assert [int(x) for x in _philox(zero, zero, zero, zero, zero)] == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    assert [int(x) for x in _philox(ones, ones, ones, ones, torch.tensor(-1))] == [0x408F276D, 0x41C83B0E,
+                                                                                  0xA20BC7C6, 0x6D5451FD]
+    assert (dropout_threshold(0.0), dropout_threshold(0.1), dropout_threshold(0.5)) == (0, 6554, 32768)
+    assert dropout_threshold(1 - 1e-9) == 65535
+    rng = torch.tensor([123456789012345, 77])
+    keep = dropout_keep_reference(rng, 0.5, 1, 2, 16, 16)
+    # one Philox call covers queries {i, i + 8} x keys {j, j + 1, j + 8, j + 9}; another offset,
+    # head or seed gives other bits
+    assert 0.35 < keep.float().mean() < 0.65
+    for other in (torch.tensor([123456789012345, 78]), torch.tensor([123456789012346, 77])):
+        assert not torch.equal(dropout_keep_reference(other, 0.5, 1, 2, 16, 16), keep)
+    assert not torch.equal(keep[0, 0], keep[0, 1])
+
+
+@pytest.mark.parametrize("dtype,D,masked", [(torch.float32, 32, True), (torch.float16, 64, False),
+                                            (torch.float32, 80, True)])
+def test_triton_dropout_matches_eager_with_the_same_mask(triton_device, dtype, D, masked):
+    """Forward and gradients against the reference with the kernel's own mask, which is the keep
+    rule's (dropout_keep_reference over the compacted keys); tails in queries and keys."""
+    from djepa.ops.attention import _uncompact, dropout_keep_reference, philox_state
+
+    q, k, v, mask = _inputs(2, 2, 21, 35, D, dtype, triton_device, 0.6)
+    mask[0, 0] = mask[1, 34] = True
+    mask = mask if masked else None
+    _, keep = check_dropout_against_reference(q, k, v, mask, "triton", 0.3, generator=_generator(triton_device, 5))
+    rng = philox_state(_generator(triton_device, 5), q.device)
+    rule = dropout_keep_reference(rng, 0.3, 2, 2, 21, 35).to(keep.device)
+    assert torch.equal(keep, rule if mask is None else _uncompact(rule, *_compact(mask)))
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_dropout_follows_the_generator(triton_device, backend):
+    """The same generator state gives the same result on a backend; each call advances it; no
+    generator means the device's default one."""
+    device = "cpu" if backend == "eager" else triton_device
+    q, k, v, mask = _inputs(1, 2, 16, 20, 16, torch.float32, device)
+    mask[0, 0] = True
+    g = _generator(device, 3)
+    first = masked_attention(q, k, v, mask, dropout_p=0.5, generator=g, backend=backend)
+    second = masked_attention(q, k, v, mask, dropout_p=0.5, generator=g, backend=backend)
+    assert not torch.equal(first, second)
+    g.manual_seed(3)
+    assert torch.equal(masked_attention(q, k, v, mask, dropout_p=0.5, generator=g, backend=backend), first)
+    torch.manual_seed(7)
+    a = masked_attention(q, k, v, mask, dropout_p=0.5, backend=backend)
+    torch.manual_seed(7)
+    assert torch.equal(masked_attention(q, k, v, mask, dropout_p=0.5, backend=backend), a)
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_dropout_statistics(triton_device, backend):
+    """Over many calls: the kept fraction of the visible probabilities is 1 - p within 4
+    standard errors; the mean output approaches the output without dropout (its error shrinks as
+    1 / sqrt(calls)); masked keys are never kept; a sample without visible keys stays zero."""
+    device = "cpu" if backend == "eager" else triton_device
+    p, calls = 0.3, 12
+    q, k, v, mask = _inputs(2, 2, 32, 48, 16, torch.float32, device, 0.5)
+    mask[1] = False
+    no_dropout = masked_attention_reference(q, k, v, mask)
+    g = _generator(device, 11)
+    kept = seen = 0
+    total = torch.zeros_like(no_dropout)
+    visible = mask[:, None, None, :].expand(2, 2, 32, 48)
+    for _ in range(calls):
+        o, keep = masked_attention(q, k, v, mask, dropout_p=p, generator=g, backend=backend, return_dropout_mask=True)
+        assert not keep[~visible].any()
+        assert torch.equal(o[1], torch.zeros_like(o[1]))
+        kept += int(keep[visible].sum())
+        seen += int(visible.sum())
+        total += o
+    se = math.sqrt(p * (1 - p) / seen)
+    assert abs(kept / seen - (1 - p)) < 4 * se, (kept / seen, se)
+    rms = lambda t: t.double().pow(2).mean().sqrt().item()  # noqa: E731
+    single, mean = rms(o[0] - no_dropout[0]), rms(total[0] / calls - no_dropout[0])
+    assert mean < 0.45 * single, (mean, single)  # 1 / sqrt(12) = 0.29 expected
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.4])
+def test_poisoned_masked_keys_and_values_never_touch_the_result(triton_device, backend, dropout_p):
+    """NaN / Inf in the masked keys and values (padding) change no output and no gradient bit,
+    and a sample without any visible key (all poisoned) stays zero."""
+    device = "cpu" if backend == "eager" else triton_device
+    q, k, v, mask = _inputs(2, 2, 9, 13, 16, torch.float32, device, 0.5)
+    mask[0] = False
+    mask[1, 0] = True
+    hidden = ~mask[:, None, :, None].expand_as(k)
+    k_bad, v_bad = k.clone(), v.clone()
+    k_bad[hidden] = torch.tensor([float("inf"), -float("inf"), float("nan")], device=device).repeat(
+        int(hidden.sum()) // 3 + 1)[: int(hidden.sum())]
+    v_bad[hidden] = float("nan")
+    do = torch.randn_like(q)
+    runs = []
+    for kk, vv in ((k, v), (k_bad, v_bad)):
+        torch.manual_seed(2)
+        runs.append(_grads(lambda a, b, c: masked_attention(a, b, c, mask, dropout_p=dropout_p, backend=backend),
+                           q, kk, vv, do))
+    for name, clean, poisoned in zip(("output", "dq", "dk", "dv"), *runs):
+        assert torch.isfinite(poisoned).all(), name
+        assert torch.equal(clean, poisoned), name
+    assert torch.equal(runs[1][0][0], torch.zeros_like(runs[1][0][0]))
+
+
+def test_dropout_bad_arguments():
+    q, k, v, mask = _inputs(1, 1, 3, 4, 8, torch.float32, "cpu")
+    for p, error in ((-0.1, ValueError), (1.0, ValueError), (float("nan"), ValueError), ("0.1", TypeError),
+                     (True, TypeError), (torch.tensor(0.1), TypeError)):
+        with pytest.raises(error, match="dropout_p"):
+            masked_attention(q, k, v, mask, dropout_p=p)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        masked_attention(q, k, v, mask, dropout_p=0.1, generator=3)
+    with pytest.raises(ValueError, match="return_dropout_mask needs dropout_p > 0"):
+        masked_attention(q, k, v, mask, return_dropout_mask=True)
+    keep = torch.ones(1, 1, 3, 4, dtype=torch.bool)
+    with pytest.raises(ValueError, match="both dropout_p > 0 and dropout_mask"):
+        masked_attention_reference(q, k, v, mask, dropout_p=0.1)
+    with pytest.raises(ValueError, match=r"\[B, H, Nq, Nk\]"):
+        masked_attention_reference(q, k, v, mask, dropout_p=0.1, dropout_mask=keep[..., :3])
+    with pytest.raises(TypeError, match="bool"):
+        masked_attention_reference(q, k, v, mask, dropout_p=0.1, dropout_mask=keep.float())
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="generator is on"):
+            masked_attention(q, k, v, mask, dropout_p=0.1, generator=torch.Generator(device="cuda"))
+
+
+def test_torch_library_op_with_dropout_passes_opcheck(triton_device):
+    from djepa.ops.attention import philox_state
+
+    q, k, v, mask = _inputs(1, 2, 9, 11, 32, torch.float32, triton_device, 0.5)
+    mask[0, 0] = True
+    kv_index, kv_count = _compact(mask)
+    rng = philox_state(_generator(triton_device, 1), q.device)
+    args = tuple(t.requires_grad_() for t in (q, k, v)) + (kv_index, kv_count, 0.2, "triton", rng, 0.25, True)
+    torch.library.opcheck(torch.ops.djepa.masked_attention.default, args)
+
+
+# --------------------------------------------------------------------------------------------
 # GPU: the CUDA kernels (djepa._C) and Triton in bf16
 # --------------------------------------------------------------------------------------------
 def _need_cuda_kernels():
@@ -357,6 +543,109 @@ def test_cuda_shapes_views_and_dense(shape):
     check_against_reference(q, k, v, None, "cuda")
     qkv = torch.randn(B, Nk, 3, H, 64, dtype=torch.float16, device="cuda").permute(2, 0, 3, 1, 4)
     check_against_reference(qkv[0], qkv[1], qkv[2], mask, "cuda")
+
+
+class _NameSpy:
+    """djepa._C as the ops see it, recording the entry points they fetch."""
+
+    def __init__(self, ext):
+        self.ext, self.names = ext, []
+
+    def __getattr__(self, name):
+        value = getattr(self.ext, name)
+        if callable(value):
+            self.names.append(name)
+        return value
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("D", [64, 80, 128])
+@pytest.mark.parametrize("masked", [True, False])
+def test_cuda_dropout_matches_eager_with_the_same_mask(monkeypatch, dtype, D, masked):
+    """The mma.sync dropout kernels (also on sm_90, where the sm_90a kernels have no dropout)
+    against the reference with their own mask, which is the keep rule's; an empty sample stays 0."""
+    from djepa.ops import _dispatch
+    from djepa.ops.attention import _uncompact, dropout_keep_reference, philox_state
+
+    _need_cuda_kernels()
+    spy = _NameSpy(backends.cuda_extension())
+    monkeypatch.setattr(_dispatch, "extension", lambda: spy)
+    q, k, v, mask = _inputs(2, 3, 197, 203, D, dtype, "cuda", 0.5)
+    mask[0] = False
+    mask[1, 5] = True
+    mask = mask if masked else None
+    fast, keep = check_dropout_against_reference(q, k, v, mask, "cuda", 0.1, generator=_generator("cuda", 4))
+    assert [n for n in spy.names if n.startswith("masked_attention")] == ["masked_attention_fwd",
+                                                                         "masked_attention_bwd"]
+    rule = dropout_keep_reference(philox_state(_generator("cuda", 4), q.device), 0.1, 2, 3, 197, 203).cuda()
+    assert torch.equal(keep, rule if mask is None else _uncompact(rule, *_compact(mask)))
+    if masked:
+        for t in fast:
+            assert torch.equal(t[0], torch.zeros_like(t[0]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_dropout_statistics_on_gpu(backend):
+    if backend == "cuda":
+        _need_cuda_kernels()
+    p, calls = 0.1, 8
+    q, k, v, mask = _inputs(4, 4, 320, 320, 64, torch.bfloat16, "cuda", 0.3)
+    no_dropout = masked_attention_reference(q, k, v, mask).float()
+    g = _generator("cuda", 9)
+    kept, seen, total = 0, 0, torch.zeros_like(no_dropout)
+    visible = mask[:, None, None, :].expand(4, 4, 320, 320)
+    for _ in range(calls):
+        o, keep = masked_attention(q, k, v, mask, dropout_p=p, generator=g, backend=backend, return_dropout_mask=True)
+        assert not keep[~visible].any()
+        kept += int(keep[visible].sum())
+        seen += int(visible.sum())
+        total += o.float()
+    se = math.sqrt(p * (1 - p) / seen)
+    assert abs(kept / seen - (1 - p)) < 4 * se, (kept / seen, se)
+    rms = lambda t: t.double().pow(2).mean().sqrt().item()  # noqa: E731
+    assert rms(total / calls - no_dropout) < 0.5 * rms(o.float() - no_dropout)  # 1 / sqrt(8) = 0.35 expected
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_dropout_in_a_cuda_graph_draws_new_bits_per_replay(backend):
+    """The generator state is a device tensor drawn inside the graph: every replay of a captured
+    forward + backward uses new bits, and each replay matches the reference with its own mask."""
+    if backend == "cuda":
+        _need_cuda_kernels()
+    q, k, v, mask = _inputs(2, 2, 70, 90, 64, torch.bfloat16, "cuda", 0.5)
+    mask[:, 0] = True
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    do = torch.randn_like(q)
+
+    def step():
+        o, keep = masked_attention(*leaves, mask, dropout_p=0.3, backend=backend, return_dropout_mask=True)
+        return (o, *torch.autograd.grad(o, leaves, do)), keep
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs, keep = step()
+    masks = []
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        masks.append(keep.clone())
+        ref = _grads(lambda a, b, c: masked_attention_reference(a, b, c, mask.cpu(), dropout_p=0.3,
+                                                                dropout_mask=keep.cpu()),
+                     q.double().cpu(), k.double().cpu(), v.double().cpu(), do.double().cpu())
+        low = _grads(lambda a, b, c: masked_attention_reference(a, b, c, mask, upcast=False, dropout_p=0.3,
+                                                                dropout_mask=keep), q, k, v, do)
+        for name, f, lo, r in zip(("output", "dq", "dk", "dv"), outs, low, ref):
+            assert_close_to_reference(f, lo, r, atol=ATOL[q.dtype], what=f"{backend} graph replay {name}")
+    assert not torch.equal(masks[0], masks[1])
 
 
 @pytest.mark.gpu
@@ -492,10 +781,12 @@ def test_module_names_and_shapes_match_timm():
     assert tuple(ls.state_dict()["ls1.gamma"].shape) == (48,)
 
 
-def test_attention_dropout_runs_eager_in_training_only():
-    attn = MaskedAttention(32, num_heads=2, attn_drop=0.5)
-    x = torch.randn(2, 9, 32)
-    mask = torch.rand(2, 9) < 0.5
+def test_module_attention_dropout_runs_in_training_only(triton_device):
+    """attn_drop is masked_attention's dropout_p in training (the kernel backend named, no eager
+    fallback) and 0 in evaluation."""
+    attn = MaskedAttention(32, num_heads=2, attn_drop=0.5, backend="triton").to(triton_device)
+    x = torch.randn(2, 9, 32, device=triton_device)
+    mask = torch.rand(2, 9, device=triton_device) < 0.5
     mask[:, 0] = True
     attn.eval()
     ev = attn(x, mask)
@@ -505,6 +796,12 @@ def test_attention_dropout_runs_eager_in_training_only():
     tr = attn(x, mask)
     assert tr.shape == ev.shape and torch.isfinite(tr).all()
     assert not torch.allclose(tr, ev)
+    # the same as the op with dropout_p=0.5 on Triton from the same generator state
+    q, k, v = attn.qkv(x).reshape(2, 9, 3, 2, 16).permute(2, 0, 3, 1, 4).unbind(0)
+    torch.manual_seed(1)
+    o = masked_attention(q, k, v, mask, dropout_p=0.5, scale=attn.scale, backend="triton")
+    torch.testing.assert_close(tr, attn.proj(o.transpose(1, 2).reshape(2, 9, 32)))
+    assert attn.training_backend() == "triton"
     with pytest.raises(TypeError, match="torch.bool"):
         attn(x, mask.float())
 
@@ -570,18 +867,18 @@ class _FakeAttentionC:
     def __init__(self, guard):
         self.guard, self.calls = guard, []
 
-    def _record(self, name, stream, Nk):
+    def _record(self, name, stream, Nk, *dropout):
         if Nk < 1:
             raise ValueError(f"djepa._C.{name}: sizes must be >= 1, got Nk={Nk}")
-        self.calls.append((name, self.guard.current, _STREAMS[stream]))
+        self.calls.append((name, self.guard.current, _STREAMS[stream], dropout))
 
     def masked_attention_fwd(self, q, k, v, o, lse, kv_index, kv_count, B, H, Nq, Nk, D, qs, ks, vs, scale,
-                             dtype, stream):
-        self._record("masked_attention_fwd", stream, Nk)
+                             dtype, stream, philox=0, dropout_p=0.0, keep_out=0):
+        self._record("masked_attention_fwd", stream, Nk, philox, dropout_p, keep_out)
 
     def masked_attention_bwd(self, q, k, v, o, do, lse, kv_index, kv_count, dq, dk, dv, delta, B, H, Nq, Nk, D,
-                             qs, ks, vs, scale, dtype, stream):
-        self._record("masked_attention_bwd", stream, Nk)
+                             qs, ks, vs, scale, dtype, stream, philox=0, dropout_p=0.0):
+        self._record("masked_attention_bwd", stream, Nk, philox, dropout_p)
 
 
 _STREAMS = {}
@@ -629,10 +926,72 @@ def test_cuda_path_launches_under_the_tensors_device_on_its_stream(monkeypatch):
     q.requires_grad_()
     masked_attention(q, k, v, mask, backend="cuda").sum().backward()
     assert [c[0] for c in ext.calls] == ["masked_attention_fwd", "masked_attention_bwd"]
-    for name, current, stream_device in ext.calls:
+    for name, current, stream_device, _ in ext.calls:
         assert current == q.device, f"{name} ran outside the tensors' device guard"
         assert stream_device == q.device, f"{name} got another device's stream"
     assert guard.current is None  # restored
+
+
+@pytest.mark.parametrize("wgmma", [False, True])
+def test_cuda_dropout_hands_the_mma_sync_kernels_one_philox_state(monkeypatch, wgmma):
+    """With dropout the forward and the backward get the same Philox state tensor and dropout_p
+    (and the forward its keep buffer only when asked), from the mma.sync entry points even where
+    the sm_90a kernels would serve the call without dropout; a call without dropout passes none."""
+    ext, _ = _fake_cuda(monkeypatch, _FakeAttentionC)
+    monkeypatch.setattr(backends, "uses_wgmma", lambda op, device: wgmma)
+    monkeypatch.setattr(_FakeAttentionC, "masked_attention_fwd_sm90", lambda self, *a: self.calls.append(
+        ("masked_attention_fwd_sm90", None, None, (0, 0.0))), raising=False)
+    monkeypatch.setattr(_FakeAttentionC, "masked_attention_bwd_sm90", lambda self, *a: self.calls.append(
+        ("masked_attention_bwd_sm90", None, None, (0, 0.0))), raising=False)
+    q, k, v, mask = _inputs(1, 2, 5, 7, 64, torch.float16, "cpu")
+    q.requires_grad_()
+    masked_attention(q, k, v, mask, dropout_p=0.2, backend="cuda").sum().backward()
+    (fwd, _, _, (philox, p, keep)), (bwd, _, _, (philox_b, p_b)) = ext.calls
+    assert (fwd, bwd) == ("masked_attention_fwd", "masked_attention_bwd")
+    assert philox != 0 and philox == philox_b and p == p_b == 0.2 and keep == 0
+    ext.calls.clear()
+    out, mask_used = masked_attention(q, k, v, mask, dropout_p=0.2, backend="cuda", return_dropout_mask=True)
+    assert ext.calls[0][3][2] != 0 and mask_used.shape == (1, 2, 5, 7)
+    ext.calls.clear()
+    masked_attention(q, k, v, mask, backend="cuda").sum().backward()
+    assert all(c[3][:2] == (0, 0.0) for c in ext.calls)
+    sm90 = ["masked_attention_fwd_sm90", "masked_attention_bwd_sm90"]
+    assert [c[0] for c in ext.calls] == (sm90 if wgmma else ["masked_attention_fwd", "masked_attention_bwd"])
+
+
+def test_auto_sends_dropout_where_it_is_served_on_sm90(monkeypatch):
+    """On an sm_90 GPU with the sm_90a kernels, auto's static rule keeps djepa._C for calls they
+    serve and puts Triton's wgmma first for dropout (the sm_90a kernels have none); djepa info
+    says so; an explicit backend="cuda" still serves dropout (mma.sync)."""
+    from djepa.ops.attention import SM90_NO_DROPOUT, _choose_backend, choose_backend
+
+    class Ext:
+        cuda_version, cuda_archs, registered = "13.0", "80,90a", ()
+        wgmma_ops = ("masked_attention",)
+        masked_attention_fwd = masked_attention_bwd = staticmethod(lambda *a: None)
+
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setenv("DJEPA_TUNE_TABLE", "off")
+    monkeypatch.delenv("DJEPA_SM90_KERNELS", raising=False)
+    monkeypatch.setattr(backends, "cuda_extension", lambda: Ext())
+    monkeypatch.setattr(backends, "gpu_available", lambda: True)
+    monkeypatch.setattr(backends, "device_info", lambda d: {"name": "NVIDIA H200", "capability": (9, 0), "sms": 132})
+    monkeypatch.setattr(backends, "cuda_unavailable_reason", lambda op, device: None)
+    monkeypatch.setattr(backends, "triton_unavailable_reason", lambda op, device: None)
+    backends.reset_caches()
+    try:
+        assert _choose_backend("auto", gpu, torch.bfloat16, 64, 256, True, False) == "cuda"
+        assert _choose_backend("auto", gpu, torch.bfloat16, 64, 256, True, True) == "triton"
+        assert choose_backend("cuda", gpu, torch.bfloat16, 64, train=True, dropout_p=0.1) == "cuda"
+        order, why = backends.static_rule("masked_attention", gpu, SM90_NO_DROPOUT)
+        assert order[0] == "triton" and "no dropout" in why
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=None: "NVIDIA H200")
+        line = next(ln for ln in backends.describe().splitlines() if "dropout_p > 0" in ln)
+        assert "auto -> triton" in line and "mma.sync kernels" in line and "no dropout" in line, line
+    finally:
+        backends.reset_caches()
 
 
 def test_on_device_makes_the_tensors_gpu_current_and_restores_it(monkeypatch):

@@ -12,8 +12,8 @@ from djepa.nn import Block, DenoisingMLP, MaskedAttention, RMSNorm
 from djepa.ops.ema import ema_update_reference
 from djepa.patch import fused_update_ema, patch_attention, patch_denoising_mlp, patch_ema, patch_model
 from djepa.testing import assert_close_to_reference
-from test_official import (C, D, DD, HEADS, STEPS, W, RefBlock, RefDiffLoss, RefMAR, RefDJEPA, data,
-                           ref_pair, seed_all)
+from test_official import (C, D, DD, HEADS, STEPS, W, RefAttention, RefBlock, RefDiffLoss, RefMAR, RefDJEPA,
+                           data, ref_pair, seed_all)
 
 
 @pytest.fixture(autouse=True)
@@ -167,6 +167,28 @@ def test_patch_attention_leaves_what_it_cannot_take():
         model[0].attn(x, attn_mask=torch.ones(5, 5, dtype=torch.bool))
     root = patch_attention(RefBlock(D, HEADS, True))
     assert isinstance(root.module, Block) and root.replaced == [("", "RefBlock", "Block")]
+
+
+def test_the_report_says_where_each_attention_runs_in_training(triton_device):
+    """Per replaced block/attention: the backend of a training step, with its attention dropout
+    (passed through, no eager fallback), or why an explicit backend cannot serve it."""
+    model = nn.Sequential(RefBlock(D, HEADS, True, drop=0.1), RefBlock(D, HEADS, False)).to(triton_device)
+    report = patch_attention(model, backend="triton")
+    dtype = str(model[0].attn.qkv.weight.dtype).replace("torch.", "")
+    assert report.training == {
+        "0": f"attention on triton (attention dropout 0.1, {dtype} on {triton_device})",
+        "1": f"attention on triton (no attention dropout, {dtype} on {triton_device})",
+    }
+    assert str(report).splitlines()[1] == (f"  0: RefBlock -> Block; in training: attention on triton "
+                                           f"(attention dropout 0.1, {dtype} on {triton_device})")
+    assert model[0].attn.attn_drop.p == 0.1 and model[0].attn.training_backend() == "triton"
+    # an explicit backend that cannot serve the case says so in the report (the step would raise)
+    cpu = patch_attention(nn.Sequential(RefBlock(D, HEADS, True, drop=0.1)), backend="cuda")
+    assert cpu.training["0"].startswith("fails: masked_attention: backend='cuda' cannot serve this call")
+    loose = patch_attention(RefAttention(D, HEADS, False, 0.2))
+    assert loose.training[""] == "attention on eager (attention dropout 0.2, float32 on cpu)"
+    merged = patch_model(nn.Sequential(RefBlock(D, HEADS, True, drop=0.1)))
+    assert merged.training == {"0": "attention on eager (attention dropout 0.1, float32 on cpu)"}
 
 
 def test_patched_attention_on_triton(triton_device):

@@ -42,6 +42,7 @@ from typing import Optional
 
 import torch
 
+from djepa import backends
 from djepa.ops import _dispatch
 
 __all__ = ["masked_attention", "masked_attention_reference", "dropout_keep_reference", "philox_state",
@@ -54,7 +55,7 @@ CUDA_HEAD_DIMS = (32, 64, 80, 96, 128)
 SM90_HEAD_DIMS = (64, 80, 96, 128)  # djepa._C's sm_90a (wgmma) kernels
 TRITON_MAX_HEAD_DIM = 256
 # Why the sm_90a kernels do not serve a call with dropout (it runs on the mma.sync ones).
-SM90_NO_DROPOUT = "the sm_90a kernels have no dropout (dropout_p > 0 runs on the mma.sync kernels)"
+SM90_NO_DROPOUT = dict(backends.WGMMA_EXCLUDED[_OP])["dropout_p > 0"]
 PHILOX_M = (0xD2511F53, 0xCD9E8D57)  # Philox-4x32 round multipliers
 PHILOX_W = (0x9E3779B9, 0xBB67AE85)  # and key increments (Salmon et al. 2011; curand, Triton)
 PHILOX_ROUNDS = 10
@@ -258,8 +259,6 @@ def cuda_reason(q):
 
 def triton_reason(q, device=None):
     """Why the Triton kernels cannot serve tensors like `q` on `device` (default q's), or None."""
-    from djepa import backends
-
     device = q.device if device is None else device
     if q.dtype == torch.float64:
         return "the Triton kernels support float16, bfloat16 and float32, not float64"
@@ -312,8 +311,6 @@ def cuda_kernels(device, head_dim, dropout=False):
     """The names of the djepa._C (forward, backward) functions that backend="cuda" launches for
     tensors on `device` with this head dim: the sm_90a wgmma kernels on an sm_90 GPU where the
     build has them and they serve the call (head dim, no dropout), else mma.sync."""
-    from djepa import backends
-
     if _wgmma_reason(head_dim, dropout) is None and backends.uses_wgmma(_OP, device):
         return "masked_attention_fwd_sm90", "masked_attention_bwd_sm90"
     return "masked_attention_fwd", "masked_attention_bwd"
