@@ -66,3 +66,21 @@ def pytest_runtest_teardown(item, nextitem):
     with open(tmp, "w") as f:
         json.dump(doc, f, indent=1, default=str)
     os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------
+# Without a GPU every suite skips itself at import, saying why, and pytest would end with exit
+# status 5 ("no tests ran"). When that is the only reason nothing ran, the session exits 0; the
+# skip reasons stay in the summary (-rs, set in pyproject.toml).
+# ------------------------------------------------------------------------------------------
+_skipped_modules = []
+
+
+def pytest_collectreport(report):
+    if report.skipped:
+        _skipped_modules.append(report.nodeid)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED and _skipped_modules and not torch.cuda.is_available():
+        session.exitstatus = pytest.ExitCode.OK

@@ -26,9 +26,14 @@ ratios prints at the end of the module (run with -s to see it).
 
     pytest benchmarks/test_bench_attention.py --benchmark-json=benchmarks/results/<date>_<gpu>_attention.json
 
+Dropout (test_masked_attention_dropout): forward+backward with dropout_p=0.1 on the attention
+probabilities, at the D-JEPA shapes: djepa's kernels (their Philox dropout), eager, and SDPA /
+flash-attn with their dropout_p; FlexAttention has no dropout and is skipped saying so.
+
 Knobs: DJEPA_BENCH_ATTN_SHAPES (comma list of ids below, default all),
 DJEPA_BENCH_ATTN_FRACTIONS (default "dense,random0.5,prefix0.5,random0.25,prefix0.25"),
-DJEPA_BENCH_ATTN_IMPLS (default all), DJEPA_BENCH_ATTN_MODES (default "fwd,fwdbwd").
+DJEPA_BENCH_ATTN_IMPLS (default all), DJEPA_BENCH_ATTN_MODES (default "fwd,fwdbwd,fwdbwd-dropout";
+the dropout mode runs at the djepa-* shapes only).
 
 Targets on an H100, bf16 (benchmark, not a test): dense >= 0.9x the best SDPA backend, forward and
 forward+backward; 25% random visible >= 2.5x SDPA with the mask and >= 2x FlexAttention,
@@ -49,7 +54,7 @@ import bench_peers  # noqa: E402
 from bench_knobs import select  # noqa: E402
 from djepa import backends  # noqa: E402
 from djepa.ops import masked_attention  # noqa: E402
-from djepa.ops.attention import _cuda_reason, _eager_attention, _triton_reason  # noqa: E402
+from djepa.ops.attention import cuda_reason, masked_attention_reference, triton_reason  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -67,7 +72,9 @@ FRACTIONS = {"dense": (1.0, "random"), "random0.5": (0.5, "random"), "prefix0.5"
              "random0.25": (0.25, "random"), "prefix0.25": (0.25, "prefix")}
 IMPLS = ["eager", "sdpa-math", "sdpa-efficient", "sdpa-cudnn", "sdpa-flash-dense", "flex",
          "flash-attn-varlen", "djepa-triton", "djepa-cuda"]
-MODES = ["fwd", "fwdbwd"]
+MODES = ["fwd", "fwdbwd", "fwdbwd-dropout"]
+DROPOUT_P = 0.1  # D-JEPA's and MAR's attention dropout
+DROPOUT_SHAPES = [s for s in SHAPES if s.startswith("djepa-")]
 DTYPE = torch.bfloat16
 
 
@@ -103,20 +110,23 @@ def _make_mask(B, N, fraction, pattern, gen):
     return order < n_vis
 
 
-def _peer_forward(impl, q, k, v, mask, dense, cache):
-    """A callable running one forward of `impl`, or a pytest.skip with the reason."""
+def _peer_forward(impl, q, k, v, mask, dense, cache, dropout_p=0.0):
+    """A callable running one forward of `impl` (with dropout_p on the attention probabilities),
+    or a pytest.skip with the reason."""
     B, H, N, D = q.shape
     if impl == "djepa-cuda" or impl == "djepa-triton":
         backend = impl.split("-")[1]
-        why = (backends.cuda_unavailable_reason("masked_attention", q.device) or _cuda_reason(q)) \
+        why = (backends.cuda_unavailable_reason("masked_attention", q.device) or cuda_reason(q)) \
             if backend == "cuda" else \
-            (backends.triton_unavailable_reason("masked_attention", q.device) or _triton_reason(q))
+            (backends.triton_unavailable_reason("masked_attention", q.device) or triton_reason(q))
         if why:
             pytest.skip(f"{impl}: {why}")
         key_mask = None if dense else mask
-        return lambda: masked_attention(q, k, v, key_mask, backend=backend)
+        return lambda: masked_attention(q, k, v, key_mask, dropout_p=dropout_p, backend=backend)
     if impl == "eager":
-        return lambda: _eager_attention(q, k, v, mask, D ** -0.5, upcast=False)
+        if dropout_p:  # its own bernoulli draw: the eager path of masked_attention
+            return lambda: masked_attention(q, k, v, mask, dropout_p=dropout_p, backend="eager")
+        return lambda: masked_attention_reference(q, k, v, mask, upcast=False)
     if impl.startswith("sdpa-") and impl != "sdpa-flash-dense":
         backend = {"sdpa-math": SDPBackend.MATH, "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
                    "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION}[impl]
@@ -124,17 +134,20 @@ def _peer_forward(impl, q, k, v, mask, dense, cache):
 
         def run():
             with sdpa_kernel(backend):
-                return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
         try:
             run()
         except RuntimeError as exc:
-            pytest.skip(f"{impl} refuses a boolean mask here: {str(exc).splitlines()[0]}")
+            what = "a boolean mask" + (" with dropout" if dropout_p else "")
+            pytest.skip(f"{impl} refuses {what} here: {str(exc).splitlines()[0]}")
         return run
     if impl == "sdpa-flash-dense":
         def run():
             with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                return F.scaled_dot_product_attention(q, k, v)
+                return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
         return run
+    if dropout_p and impl == "flex":
+        pytest.skip("flex: FlexAttention has no dropout of the attention probabilities")
     if impl == "flex":
         try:
             from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -158,17 +171,29 @@ def _peer_forward(impl, q, k, v, mask, dense, cache):
             vt = v.transpose(1, 2).reshape(B * N, H, D).index_select(0, sel)
             counts = mask.sum(1, dtype=torch.int32)
             cu_k = F.pad(counts.cumsum(0, dtype=torch.int32), (1, 0))
-            out = flash_attn_varlen_func(qt, kt, vt, cu_q, cu_k, N, int(counts.max()))
+            out = flash_attn_varlen_func(qt, kt, vt, cu_q, cu_k, N, int(counts.max()), dropout_p=dropout_p)
             return out.view(B, N, H, D).transpose(1, 2)
         return run
     raise ValueError(impl)
 
 
 @pytest.mark.parametrize("impl", select("DJEPA_BENCH_ATTN_IMPLS", IMPLS))
-@pytest.mark.parametrize("mode", select("DJEPA_BENCH_ATTN_MODES", MODES))
+@pytest.mark.parametrize("mode", [m for m in select("DJEPA_BENCH_ATTN_MODES", MODES) if m != "fwdbwd-dropout"])
 @pytest.mark.parametrize("fraction", select("DJEPA_BENCH_ATTN_FRACTIONS", FRACTIONS))
 @pytest.mark.parametrize("shape", select("DJEPA_BENCH_ATTN_SHAPES", SHAPES))
 def test_masked_attention(benchmark, matmul_tflops, shape, fraction, mode, impl):
+    _time_case(benchmark, matmul_tflops, shape, fraction, mode, impl)
+
+
+@pytest.mark.parametrize("impl", select("DJEPA_BENCH_ATTN_IMPLS", IMPLS))
+@pytest.mark.parametrize("mode", [m for m in select("DJEPA_BENCH_ATTN_MODES", MODES) if m == "fwdbwd-dropout"])
+@pytest.mark.parametrize("fraction", select("DJEPA_BENCH_ATTN_FRACTIONS", FRACTIONS))
+@pytest.mark.parametrize("shape", [s for s in select("DJEPA_BENCH_ATTN_SHAPES", SHAPES) if s in DROPOUT_SHAPES])
+def test_masked_attention_dropout(benchmark, matmul_tflops, shape, fraction, mode, impl):
+    _time_case(benchmark, matmul_tflops, shape, fraction, mode, impl)
+
+
+def _time_case(benchmark, matmul_tflops, shape, fraction, mode, impl):
     B, N, H, D = SHAPES[shape]
     frac, pattern = FRACTIONS[fraction]
     dense = frac >= 1.0
@@ -183,9 +208,11 @@ def test_masked_attention(benchmark, matmul_tflops, shape, fraction, mode, impl)
             return bench_peers.run((impl, mode, f"D{D}"), f, *args, **kwargs)
     gen = torch.Generator(device="cuda").manual_seed(0)
     qkv = torch.randn(B, N, 3, H, D, device="cuda", dtype=DTYPE, generator=gen).permute(2, 0, 3, 1, 4)
-    q, k, v = (t.requires_grad_(mode == "fwdbwd") for t in qkv.detach().unbind(0))
+    backward = mode.startswith("fwdbwd")
+    dropout_p = DROPOUT_P if mode == "fwdbwd-dropout" else 0.0
+    q, k, v = (t.requires_grad_(backward) for t in qkv.detach().unbind(0))
     mask = _make_mask(B, N, frac, pattern, gen)
-    forward = guard(_peer_forward, impl, q, k, v, mask, dense, _compiled)
+    forward = guard(_peer_forward, impl, q, k, v, mask, dense, _compiled, dropout_p)
 
     if mode == "fwd":
         def fn():
@@ -211,12 +238,13 @@ def test_masked_attention(benchmark, matmul_tflops, shape, fraction, mode, impl)
         pytest.skip(f"{impl} does not fit in GPU memory at {shape}")
 
     visible_pairs = N * (N if (dense or impl == "sdpa-flash-dense") else int(mask.sum()) / B) * B
-    flops = 4 * H * D * visible_pairs * (3.5 if mode == "fwdbwd" else 1.0)
+    flops = 4 * H * D * visible_pairs * (3.5 if backward else 1.0)
     tflops = flops / (ms * 1e-3) / 1e12
     row = _times.setdefault((shape, fraction, mode), {})
     row[impl] = ms
     benchmark.extra_info.update(
         impl=impl, shape=dict(B=B, N=N, H=H, D=D), visible_fraction=frac, pattern=pattern, mode=mode,
+        dropout_p=dropout_p,
         ms=ms, tflops=tflops, fraction_of_matmul_peak=tflops / matmul_tflops,
         matmul_tflops=matmul_tflops, device=torch.cuda.get_device_name(),
     )

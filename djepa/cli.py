@@ -5,6 +5,7 @@ line on stderr and exit status 2; `--debug` shows the traceback instead. `djepa 
 SIGTERM/SIGINT checkpoints at the next step, says how to resume and exits 128 + the signal.
 """
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -141,11 +142,26 @@ def cmd_train(args) -> int:
                    log_every=args.log_every, keep=args.keep, progress=_progress(args),
                    backend=args.backend, device=args.device, num_workers=args.num_workers)
     if result.metrics:  # rank 0 reports
-        last = result.losses[-1]["loss"] if result.losses else float("nan")
-        print(f"trained to step {result.step}; last loss {last:.4f}")
+        if result.losses:
+            print(f"trained to step {result.step}; last loss {result.losses[-1]['loss']:.4f}")
+        else:  # a finished run resumed: nothing to train; the loss is the last one logged
+            logged = _last_logged(result.metrics)
+            was = f"; last logged loss {logged['loss']:.4f} (step {logged['step']})" if logged else ""
+            print(f"the run is already at step {result.step} (its --steps): nothing to train{was}")
         print(f"checkpoint: {result.checkpoint}")
         print(f"metrics:    {result.metrics}  (loss curve: {os.path.join(os.path.dirname(result.metrics), 'loss.png')})")
     return 0
+
+
+def _last_logged(metrics_path):
+    """The last record of metrics.jsonl with a step and a loss, or None."""
+    last = None
+    with contextlib.suppress(OSError), open(metrics_path) as f:
+        for line in f:
+            with contextlib.suppress(ValueError, TypeError, KeyError):
+                rec = json.loads(line)
+                last = {"step": int(rec["step"]), "loss": float(rec["loss"])}
+    return last
 
 
 # ----------------------------------------------------------------------------- sample
@@ -285,9 +301,7 @@ def cmd_bench(args) -> int:
         return 0
     import pytest
 
-    root = os.path.abspath(args.dir)
-    if not os.path.isdir(root):
-        raise CLIError(f"benchmark folder {root!r} not found (run from the source tree or pass --dir)")
+    root = _benchmark_dir(args.dir)
     targets = [root]
     if args.op:
         targets = []
@@ -320,6 +334,25 @@ def cmd_bench(args) -> int:
         except benchreport.ReportError as exc:
             print(f"no report: {exc}")
     return rc
+
+
+def _benchmark_dir(given):
+    """--dir, else ./benchmarks, else the benchmarks/ of the source tree djepa runs from (an
+    editable install); CLIError saying where the suites are when none exists."""
+    if given is not None:
+        root = os.path.abspath(given)
+        if not os.path.isdir(root):
+            raise CLIError(f"benchmark folder {root!r} not found")
+        return root
+    import djepa
+
+    source_tree = os.path.dirname(os.path.dirname(os.path.abspath(djepa.__file__)))
+    for root in (os.path.abspath("benchmarks"), os.path.join(source_tree, "benchmarks")):
+        if os.path.isfile(os.path.join(root, "conftest.py")):
+            return root
+    raise CLIError("the benchmark suites are not installed with the package: they are the benchmarks/ folder "
+                   "of djepa's source tree; run `djepa bench` from a checkout (or pass --dir "
+                   "CHECKOUT/benchmarks)")
 
 
 class _Outcomes:
@@ -383,8 +416,8 @@ def cmd_convert(args) -> int:
 
     import djepa
     from djepa.models import get_config
-    from djepa.models.official import from_official, load_official, preset_for
-    from djepa.train import (TrainSettings, _param_groups, ensure_writable_dir, list_checkpoints,
+    from djepa.models.official import from_official, load_official, matching_preset, preset_for
+    from djepa.train import (UNRECORDED_DATA, TrainSettings, _param_groups, ensure_writable_dir, list_checkpoints,
                              save_checkpoint)
 
     overrides = parse_overrides(args.set)
@@ -396,7 +429,7 @@ def cmd_convert(args) -> int:
         ck = load_official(args.ckpt, trust_pickle=args.trust_pickle)
         model = from_official(args.source, ck, strict=not args.no_strict, **overrides)
     except (TypeError, ValueError) as exc:
-        raise CLIError(str(exc)) from None
+        raise CLIError(_as_flags(str(exc))) from None
     cfg = model.config
     preset = args.preset or preset_for(cfg)
     try:
@@ -416,7 +449,7 @@ def cmd_convert(args) -> int:
     if float(official.get("shift", 0.0) or 0.0):
         print(f"note: the official run shifted latents by {official['shift']}; djepa's latents data take "
               "none: subtract it from your cached latents")
-    spec = args.data or "latents:PATH-NOT-RECORDED"  # --data records it; eval/--resume read it
+    spec = args.data or UNRECORDED_DATA  # --data records it; eval/--resume read it
     settings_kw = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("lr", args.lr))
                    if v is not None}
     try:
@@ -439,10 +472,30 @@ def cmd_convert(args) -> int:
            "converted_from": {"source": args.source, "path": os.path.abspath(args.ckpt),
                               "ema": ck.model_ema is not None, "strict": not args.no_strict}}
     folder = save_checkpoint(out, 0, model, optimizer, doc)
+    if args.preset:
+        size = f"recorded as preset {preset} (--preset)"
+    elif matching_preset(cfg) == preset:
+        size = f"as preset {preset}"
+    else:
+        size = (f"a {cfg.embed_dim}-wide, {cfg.depth}-block model of no preset size (recorded as preset {preset} "
+                f"with its architecture as overrides)")
     print(f"converted the official {args.source} model ({model.num_parameters():,} parameters, "
-          f"EMA {'from model_ema' if ck.model_ema is not None else 'copied from the weights'}) as preset {preset}")
+          f"EMA {'from model_ema' if ck.model_ema is not None else 'copied from the weights'}), {size}")
     print(f"checkpoint: {folder}")
+    if spec == UNRECORDED_DATA:
+        print("note: no --data given: `djepa train --resume` on it will ask for --data latents:PATH")
     return 0
+
+
+# from_official's keyword arguments, as `djepa convert` spells them
+_CONVERT_FLAGS = {"num_heads=": "--num-heads N", "strict=False": "--no-strict", "trust_pickle=True": "--trust-pickle"}
+
+
+def _as_flags(message: str) -> str:
+    """An error of djepa.models.official with its keyword arguments named by their CLI flags."""
+    for kwarg, flag in _CONVERT_FLAGS.items():
+        message = message.replace(f"pass {kwarg}", f"pass {flag}")
+    return message.replace("pass --trust-pickle (djepa convert --trust-pickle)", "pass --trust-pickle")
 
 
 def _add_convert(sub):
@@ -560,7 +613,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="run the pytest-benchmark suites; JSON into benchmarks/results/")
     b.add_argument("--op", action="append", help="only benchmarks/test_bench_OP.py (repeatable)")
     b.add_argument("-k", default=None, help="pytest -k expression")
-    b.add_argument("--dir", default="benchmarks", help="benchmark folder (default ./benchmarks)")
+    b.add_argument("--dir", default=None,
+                   help="benchmark folder (default ./benchmarks, else the source tree's, for an editable install)")
     b.add_argument("--json", default=None, help="output (default benchmarks/results/<date>-<gpu>.json)")
     b.add_argument("--render", metavar="JSON", default=None,
                    help="only render an existing benchmark JSON as a Markdown table and PNG beside it")

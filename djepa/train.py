@@ -39,6 +39,9 @@ __all__ = ["CheckpointError", "Dist", "LOOP_DEFAULTS", "StepBatches", "TrainErro
            "read_checkpoint_state", "resolve_checkpoint", "save_checkpoint", "setup_distributed", "train"]
 
 METRICS_FILE, LOSS_PLOT = "metrics.jsonl", "loss.png"
+# The data of a run converted from an official checkpoint without --data (djepa convert): a
+# resume must be told its training data (--data), which then becomes the run's.
+UNRECORDED_DATA = "latents:PATH-NOT-RECORDED"
 # How often a run checkpoints and logs, and how many checkpoints it keeps (0 = all): recorded
 # in each checkpoint, so that a resumed run keeps them.
 LOOP_DEFAULTS = {"ckpt_every": 500, "log_every": 50, "keep": 2}
@@ -349,12 +352,15 @@ def _param_groups(model, weight_decay: float):
 
 def _check_resume_settings(saved: TrainSettings, given: dict) -> TrainSettings:
     d = saved.to_dict()
+    if d["data"] == UNRECORDED_DATA and given.get("data") is None:
+        raise TrainError("this run was converted from an official checkpoint without its training data: "
+                         "pass --data latents:PATH (the latents it trains on) to resume it", field="data")
     for k, v in given.items():
         if v is None or k not in d:
             continue
         if k == "betas":
             v = list(v)
-        if k in TrainSettings.RESUMABLE:
+        if k in TrainSettings.RESUMABLE or (k == "data" and d[k] == UNRECORDED_DATA):
             d[k] = v
         elif v != d[k]:
             raise TrainError(f"--resume keeps the checkpoint's settings: {k}={v!r} differs from its {d[k]!r}")

@@ -350,6 +350,46 @@ def test_bench_without_a_gpu_says_so_in_one_line(tmp_path):
     assert not (tmp_path / "b.json").exists()
 
 
+def test_pytest_benchmarks_exits_0_without_a_gpu_and_says_why():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the suites run")
+    r = subprocess.run([sys.executable, "-m", "pytest", "benchmarks", "-q", "-p", "no:cacheprovider"], cwd=root,
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    reasons = [ln for ln in r.stdout.splitlines() if ln.startswith("SKIPPED")]
+    assert len(reasons) >= 4 and all("needs a CUDA GPU" in ln for ln in reasons), r.stdout[-2000:]
+
+
+def test_bench_finds_the_suites_from_anywhere_or_says_where_they_are(tmp_path, monkeypatch, capsys):
+    """Without --dir: ./benchmarks, else the source tree's (an editable install); where neither
+    exists, one line says the suites live in the source tree's benchmarks/ folder."""
+    import djepa
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the suites would run")
+    monkeypatch.chdir(tmp_path)
+    r = _cli("bench", "--json", str(tmp_path / "b.json"), cwd=tmp_path)
+    assert r.returncode == 0 and "need a CUDA GPU" in r.stdout, r.stdout + r.stderr
+    monkeypatch.setattr(djepa, "__file__", str(tmp_path / "site-packages" / "djepa" / "__init__.py"))
+    fails(capsys, ["bench"], "the benchmark suites are not installed with the package: they are the benchmarks/")
+    fails(capsys, ["bench", "--dir", str(tmp_path / "nowhere")], "not found")
+
+
+def test_resuming_a_finished_run_says_there_is_nothing_to_train(run_dir, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    capsys.readouterr()
+    assert main(["train", "--out", str(run), "--resume", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "nan" not in out, out
+    assert (f"the run is already at step 3 (its --steps): nothing to train; last logged loss {last['loss']:.4f} "
+            f"(step 3)") in out, out
+
+
 def test_sampling_defaults_show_in_help():
     from djepa.cli import build_parser
 

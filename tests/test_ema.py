@@ -492,3 +492,37 @@ def test_cuda_path_launches_under_the_tensors_device_on_its_stream(monkeypatch):
     assert len(calls) == 2  # one launch per dtype pair
     assert all(cur == xs[0].device and stream == ("stream of", xs[0].device) for cur, stream in calls)
     assert state["current"] is None
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear", "official"])
+def test_ema_update_compiles_without_graph_breaks_or_recompiles(schedule):
+    """EMA.update under fullgraph=True: the scheduled decay comes from the update count on the
+    device (no .item()), the graph compiles once for every step, and the weights follow the
+    eager updates."""
+    import copy
+
+    from djepa.models.official import official_ema_schedule
+    from djepa.nn import EMA
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    sched = official_ema_schedule(0.9, 5) if schedule == "official" else schedule
+    ema = EMA(model, decay=0.9, schedule=sched, ramp_steps=3, backend="eager")
+    ref = copy.deepcopy(ema)
+    graphs = {"n": 0}
+
+    def count(gm, example_inputs):
+        graphs["n"] += 1
+        return gm.forward
+
+    step = torch.compile(lambda: ema.update(model), backend=count, fullgraph=True)
+    for _ in range(7):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1)
+        step()
+        ref.update(model)
+    assert graphs["n"] == 1 and int(ema.num_updates) == 7
+    for a, b in zip(ema.module.parameters(), ref.module.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)

@@ -832,6 +832,40 @@ def test_convert_then_sample_resume_and_eval_through_the_cli(tmp_path, capsys, m
     assert "probe_features" in json.load(open(tmp_path / "eval.json"))
 
 
+def test_convert_speaks_in_flags_labels_honestly_and_resume_asks_for_data(tmp_path, capsys, monkeypatch):
+    """The head-count error names --num-heads; a model of no preset size is not called "preset
+    B"; a run converted without --data asks for it on --resume, and takes it; a folder passed as
+    the checkpoint is named a folder, with the checkpoint files in it."""
+    monkeypatch.setenv("DJEPA_BACKEND", "eager")
+    online, ema = ref_pair(RefDJEPA, seed=5)
+    ck = tmp_path / "official.pth"
+    torch.save({"model": online.state_dict(), "model_ema": ema.state_dict()}, ck)
+    rc, _, err = _cli(capsys, "convert", "--from", "djepa", str(ck), "--out", str(tmp_path / "x"))
+    assert rc == 2 and err.count("\n") == 1 and "pass --num-heads N" in err and "num_heads=" not in err, err
+    out = tmp_path / "conv"
+    rc, so, err = _cli(capsys, "convert", "--from", "djepa", str(ck), "--out", str(out), "--num-heads", str(HEADS),
+                       "--batch-size", "8", "--steps", "2")
+    assert rc == 0, err
+    assert ", as preset B" not in so and f"a {D}-wide, " in so and "of no preset size (recorded as preset B" in so, so
+    assert "will ask for --data" in so
+    rc, _, err = _cli(capsys, "train", "--resume", str(out), "--out", str(tmp_path / "more"), "--steps", "2",
+                      "--no-progress")
+    assert rc == 2 and err.count("\n") == 1 and "pass --data latents:PATH" in err and "NOT-RECORDED" not in err, err
+    g = torch.Generator().manual_seed(0)
+    latents = tmp_path / "lat.npz"
+    np.savez(latents, latents=(torch.randn(16, C, 4, 4, generator=g) * 4).numpy(),
+             labels=(torch.arange(16) % K).numpy())
+    rc, _, err = _cli(capsys, "train", "--resume", str(out), "--out", str(tmp_path / "more"), "--steps", "1",
+                      "--data", f"latents:{latents}", "--no-progress")
+    assert rc == 0, err
+    state = json.load(open(tmp_path / "more" / "step-0000001" / "state.json"))
+    assert state["settings"]["data"] == f"latents:{latents}"
+    with pytest.raises(ValueError, match=r"is a folder: pass the checkpoint file itself .*official\.pth"):
+        from_official("djepa", str(tmp_path), num_heads=HEADS)
+    with pytest.raises(ValueError, match="holds no .pth/.pt/.safetensors file"):
+        from_official("djepa", str(tmp_path / "more"), num_heads=HEADS)
+
+
 def test_convert_errors_are_one_line(tmp_path, capsys):
     rc, _, err = _cli(capsys, "convert", "--from", "djepa", str(tmp_path / "missing.pth"), "--out", str(tmp_path / "o"))
     assert rc == 2 and err.count("\n") == 1 and "does not exist" in err

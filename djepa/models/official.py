@@ -18,7 +18,7 @@ import torch
 from djepa.models.config import DJEPAConfig
 
 __all__ = ["SOURCES", "OfficialCheckpoint", "load_official", "official_config", "from_official",
-           "official_ema_schedule", "preset_for"]
+           "official_ema_schedule", "preset_for", "matching_preset"]
 
 SOURCES = ("djepa", "mar")
 OfficialCheckpoint = namedtuple("OfficialCheckpoint", "model model_ema args")
@@ -42,6 +42,12 @@ def official_ema_schedule(ema_rate: float, ramp_steps: Optional[int] = None, cap
         decay = rate if ramp_steps is None else step / ramp_steps * (1.0 - rate) + rate
         return min(decay, cap)
 
+    def as_tensor(num_updates):  # the same on the device, for a compiled EMA.update
+        if ramp_steps is None:
+            return min(rate, cap)
+        return (num_updates.double() / ramp_steps * (1.0 - rate) + rate).clamp(max=cap).float()
+
+    schedule.as_tensor = as_tensor
     return schedule
 
 
@@ -108,6 +114,11 @@ def load_official(checkpoint_or_state_dict, trust_pickle: bool = False) -> Offic
         return obj
     if isinstance(obj, (str, os.PathLike)):
         path = os.fspath(obj)
+        if os.path.isdir(path):
+            found = sorted(n for n in os.listdir(path) if n.endswith((".pth", ".pt", ".safetensors")))
+            inside = f"the checkpoint files in it: {_names(found)}" if found else "it holds no .pth/.pt/.safetensors file"
+            raise ValueError(f"official checkpoint {path!r} is a folder: pass the checkpoint file itself "
+                             f"(e.g. checkpoint-last.pth); {inside}")
         if not os.path.isfile(path):
             raise ValueError(f"official checkpoint {path!r} does not exist")
         if path.endswith(".safetensors"):
@@ -233,8 +244,8 @@ def official_config(source: str, state_dict: dict, args: Optional[dict] = None, 
         raise ValueError(f"official {source} checkpoint: {exc}") from None
 
 
-def preset_for(config: DJEPAConfig) -> str:
-    """The djepa preset with this architecture (B/L/H, mar-B/L/H), else "B" / "mar-B"."""
+def matching_preset(config: DJEPAConfig) -> Optional[str]:
+    """The djepa preset with exactly this architecture (tiny, B/L/H, mar-B/L/H), or None."""
     from djepa.models.presets import PRESETS
 
     arch = ("arch", "embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_depth", "diffloss_depth",
@@ -242,7 +253,13 @@ def preset_for(config: DJEPAConfig) -> str:
     for name, p in PRESETS.items():
         if all(getattr(p, k) == getattr(config, k) for k in arch):
             return name
-    return "mar-B" if config.arch == "mar" else "B"
+    return None
+
+
+def preset_for(config: DJEPAConfig) -> str:
+    """The djepa preset with this architecture (matching_preset), else "B" / "mar-B" (a base the
+    architecture's fields then override)."""
+    return matching_preset(config) or ("mar-B" if config.arch == "mar" else "B")
 
 
 # ----------------------------------------------------------------------------- loading

@@ -12,7 +12,12 @@ from djepa.ops.ema import ema_update_
 def constant(decay: float) -> Callable[[int], float]:
     """The D-JEPA schedule: the same decay every step (0.9999 there)."""
     _check(decay)
-    return lambda step: decay
+
+    def schedule(step):
+        return decay
+
+    schedule.as_tensor = lambda num_updates: decay
+    return schedule
 
 
 def linear_ramp(start: float = 0.996, end: float = 1.0, steps: int = 1) -> Callable[[int], float]:
@@ -21,7 +26,12 @@ def linear_ramp(start: float = 0.996, end: float = 1.0, steps: int = 1) -> Calla
     _check(end)
     if steps < 1:
         raise ValueError(f"linear_ramp: steps must be >= 1, got {steps}")
-    return lambda step: start + (end - start) * min(step, steps) / steps
+
+    def schedule(step):
+        return start + (end - start) * min(step, steps) / steps
+
+    schedule.as_tensor = lambda num_updates: start + (end - start) * num_updates.clamp(max=steps).float() / steps
+    return schedule
 
 
 def _check(decay):
@@ -38,7 +48,11 @@ class EMA(nn.Module):
 
     decay: the constant decay (used when `schedule` is None).
     schedule: "constant", "linear" (I-JEPA: 0.996 -> 1.0 over `ramp_steps`), or a callable
-      mapping the number of updates done so far to a decay.
+      mapping the number of updates done so far to a decay. A callable with an `as_tensor`
+      attribute (num_updates tensor -> decay as a float or 0-dim tensor, as the built-in
+      schedules and djepa.models.official_ema_schedule have) keeps `update` free of host reads
+      under torch.compile; without one, a compiled update reads the count on the host (a graph
+      break).
     average_buffers: average float buffers too (default: copy every buffer).
     backend: passed to djepa.ops.ema_update_ (None: DJEPA_BACKEND, else auto).
     """
@@ -116,12 +130,21 @@ class EMA(nn.Module):
             raise ValueError(f"EMA.update: the model has no parameter(s) {missing[:5]} of the EMA copy")
         return [named[n].detach() for n in self._param_names]
 
+    def _scheduled_decay(self):
+        # Compiled: the decay as a tensor computed from the update count on its device (no host
+        # read, no recompile as the count grows); eager: the schedule's Python float.
+        as_tensor = getattr(self.schedule, "as_tensor", None)
+        if as_tensor is not None and torch.compiler.is_compiling():
+            return as_tensor(self.num_updates)
+        return self.decay
+
     @torch.no_grad()
     def update(self, model: nn.Module, decay: Optional[Union[float, torch.Tensor]] = None):
-        """One EMA step towards `model` (decay from the schedule unless given)."""
+        """One EMA step towards `model` (decay from the schedule unless given). Compiles without
+        a graph break for the built-in schedules (see `schedule`)."""
         sources = self._sources(model)
         if decay is None:
-            decay = self.decay
+            decay = self._scheduled_decay()
         ema_update_(self._targets, sources, decay, backend=self.backend)
         own_buffers = dict(self.module.named_buffers())
         for name, buf in model.named_buffers():
