@@ -5,7 +5,10 @@
 //
 // Runs only on sm_90 devices from a build that holds sm_90a code; anywhere else RuntimeError
 // before anything is launched. Unlike the sm_80 entry points Nk = 0 is accepted (o = 0, lse = 0).
+// The arguments are checked on the host first (ValueError, before any CUDA call, so also on a
+// machine without a GPU); no dropout here (djepa.ops sends dropout to the mma.sync kernels).
 #include <climits>
+#include <cmath>
 #include <string>
 #include <vector>
 
@@ -47,6 +50,12 @@ Params make_params(const char* fn, std::uintptr_t q, std::uintptr_t k, std::uint
   if (q_strides.size() != 3 || k_strides.size() != 3 || v_strides.size() != 3) {
     bad_arg(fn, "q_strides, k_strides and v_strides must each hold 3 ints (batch, head, token)");
   }
+  for (int i = 0; i < 3; ++i) {
+    if (q_strides[i] < 0 || k_strides[i] < 0 || v_strides[i] < 0) {
+      bad_arg(fn, "strides must be >= 0 (element strides of batch, head and token)");
+    }
+  }
+  if (!std::isfinite(scale)) bad_arg(fn, "scale must be finite, got " + std::to_string(scale));
   if (!q || !k || !v) bad_arg(fn, "q, k and v must be non-null device pointers");
   if ((kv_index == 0) != (kv_count == 0)) {
     bad_arg(fn, "kv_index and kv_count must both be given (masked) or both be 0 (dense)");
@@ -106,8 +115,6 @@ void masked_attention_fwd_sm90(std::uintptr_t q, std::uintptr_t k, std::uintptr_
                                std::vector<int64_t> k_strides, std::vector<int64_t> v_strides, double scale, int dtype,
                                std::uintptr_t stream) {
   const char* fn = "masked_attention_fwd_sm90";
-  require_device(fn);
-  const int sms = hopper::require_sm90(fn, attn_fwd_sm90_kernel<__nv_bfloat16, 64>);
   bool vec_ok = false;
   Params p = make_params(fn, q, k, v, kv_index, kv_count, B, H, Nq, Nk, D, q_strides, k_strides, v_strides, scale,
                          dtype, vec_ok);
@@ -115,6 +122,8 @@ void masked_attention_fwd_sm90(std::uintptr_t q, std::uintptr_t k, std::uintptr_
   if (!aligned(o, 4) || !aligned(lse, 4)) bad_arg(fn, "o and lse must be 4-byte aligned");
   p.o = reinterpret_cast<void*>(o);
   p.lse = reinterpret_cast<float*>(lse);
+  require_device(fn);
+  const int sms = hopper::require_sm90(fn, attn_fwd_sm90_kernel<__nv_bfloat16, 64>);
   if (dtype == kFloat16) fwd_head_dim<__half>(p, int(D), vec_ok, as_stream(stream), sms);
   else fwd_head_dim<__nv_bfloat16>(p, int(D), vec_ok, as_stream(stream), sms);
 }
@@ -166,8 +175,6 @@ void masked_attention_bwd_sm90(std::uintptr_t q, std::uintptr_t k, std::uintptr_
                                std::vector<int64_t> q_strides, std::vector<int64_t> k_strides,
                                std::vector<int64_t> v_strides, double scale, int dtype, std::uintptr_t stream) {
   const char* fn = "masked_attention_bwd_sm90";
-  require_device(fn);
-  const int sms = hopper::require_sm90(fn, attn_dkdv_sm90_kernel<__nv_bfloat16, 64>);
   bool vec_ok = false;
   Params p = make_params(fn, q, k, v, kv_index, kv_count, B, H, Nq, Nk, D, q_strides, k_strides, v_strides, scale,
                          dtype, vec_ok);
@@ -185,6 +192,8 @@ void masked_attention_bwd_sm90(std::uintptr_t q, std::uintptr_t k, std::uintptr_
   p.dq = reinterpret_cast<void*>(dq);
   p.dk = reinterpret_cast<void*>(dk);
   p.dv = reinterpret_cast<void*>(dv);
+  require_device(fn);
+  const int sms = hopper::require_sm90(fn, attn_dkdv_sm90_kernel<__nv_bfloat16, 64>);
   if (dtype == kFloat16) bwd_head_dim<__half>(p, int(D), vec_ok, as_stream(stream), sms);
   else bwd_head_dim<__nv_bfloat16>(p, int(D), vec_ok, as_stream(stream), sms);
 }

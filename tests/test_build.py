@@ -161,3 +161,76 @@ def test_setup_installs_a_prebuilt_extension_with_its_version(ext, tmp_path):
     assert rc != 0 and "does not load as djepa._C" in err, err
     rc, _, err = _setup_version(DJEPA_PREBUILT_C=str(tmp_path / "missing.so"))
     assert rc != 0 and "no such file" in err, err
+
+
+# --- the attention entry points check what their kernels assume, before any CUDA call ---------
+ATTENTION_ENTRY_POINTS = ("masked_attention_fwd", "masked_attention_bwd", "masked_attention_fwd_sm90",
+                          "masked_attention_bwd_sm90")
+
+
+def _attention_kwargs(name, p):
+    """A call of `name` that passes every argument check (host pointers into one float buffer,
+    64-byte aligned at p): [1, 1, 8, 64] q/k/v, fp16."""
+    st = [512, 512, 64]
+    kw = dict(q=p, k=p, v=p, o=p, lse=p, kv_index=0, kv_count=0, B=1, H=1, Nq=8, Nk=8, D=64, q_strides=st,
+              k_strides=list(st), v_strides=list(st), scale=0.125, dtype=1, stream=0)
+    if "bwd" in name:
+        kw.update({"do": p, "dq": p, "dk": p, "dv": p, "delta": p})
+    return kw
+
+
+def _wrong_attention_arguments(name, p):
+    """(change, message) for each argument the kernels of `name` make assumptions about."""
+    sm90 = name.endswith("_sm90")
+    wrong = [
+        (dict(dtype=0), "unsupported dtype float32"), (dict(dtype=7), "unsupported dtype unknown"),
+        (dict(D=48), "unsupported head dim 48"), (dict(B=0), "sizes must be"), (dict(Nq=0), "sizes must be"),
+        (dict(Nk=-1), "sizes must be"), (dict(H=70000), "<= 65535" if not sm90 else "too large"),
+        (dict(Nq=2 ** 31), "too large"), (dict(q_strides=[512, 64]), "3 ints"),
+        (dict(k_strides=[-512, 512, 64]), "strides must be >= 0"), (dict(v_strides=[512, 512, -64]), ">= 0"),
+        (dict(scale=float("inf")), "scale must be finite"), (dict(scale=float("nan")), "scale must be finite"),
+        (dict(q=0), "non-null"), (dict(kv_index=p), "both be given"), (dict(kv_count=p), "both be given"),
+        (dict(kv_index=p + 2, kv_count=p + 2), "4-byte aligned"), (dict(q=p + 1), "aligned to their element size"),
+        (dict(v=p + 1), "aligned to their element size"), (dict(o=0), "non-null"),
+    ]
+    if sm90:
+        wrong.append((dict(D=32), "unsupported head dim 32 (supported: 64, 80, 96, 128)"))
+    else:
+        wrong.append((dict(B=70000), "grid limits"))
+        wrong += [(dict(dropout_p=0.1), "dropout takes both"), (dict(philox=p), "dropout takes both"),
+                  (dict(philox=p, dropout_p=1.0), r"dropout_p must lie in \[0, 1\)"),
+                  (dict(philox=p, dropout_p=-0.5), r"\[0, 1\)"), (dict(philox=p, dropout_p=float("nan")), r"\[0, 1\)"),
+                  (dict(philox=p + 4, dropout_p=0.1), "8-byte aligned")]
+    if "fwd" in name:
+        wrong += [(dict(lse=0), "o and lse must be non-null"), (dict(lse=p + 2), "4-byte aligned"),
+                  (dict(o=p + 2), "4-byte aligned")]
+        if not sm90:
+            wrong.append((dict(keep_out=p), "keep_out .* needs dropout"))
+    else:
+        wrong += [(dict(do=0), "non-null"), (dict(delta=0), "non-null"), (dict(dq=0), "non-null"),
+                  (dict(dk=0), "non-null"), (dict(delta=p + 2), "aligned"), (dict(do=p + 1), "aligned"),
+                  (dict(dq=p + 2), "aligned"), (dict(dv=p + 2), "aligned")]
+        if not sm90:
+            wrong.append((dict(dk=p + 4), "16-byte aligned"))
+    return wrong
+
+
+@pytest.mark.parametrize("name", ATTENTION_ENTRY_POINTS)
+def test_attention_entry_points_refuse_each_wrong_argument_before_any_cuda_call(ext, name):
+    """Each wrong argument raises ValueError naming the entry point and the argument, on a
+    machine with or without a GPU (the checks run before the device is touched); the same call
+    with the argument right gets past them (to the missing GPU, on a CPU machine)."""
+    fn = getattr(ext, name, None)
+    if fn is None:
+        pytest.skip(f"djepa._C was built without {name}")
+    buf = torch.zeros(1 << 14, dtype=torch.float64)
+    p = (buf.data_ptr() + 63) // 64 * 64
+    good = _attention_kwargs(name, p)
+    for change, message in _wrong_attention_arguments(name, p):
+        with pytest.raises(ValueError, match=rf"djepa\._C\.{name}: .*{message}"):
+            fn(**{**good, **change})
+    if not torch.cuda.is_available():
+        calls = [good] + ([{**good, "philox": p, "dropout_p": 0.1}] if not name.endswith("_sm90") else [])
+        for kw in calls:
+            with pytest.raises(RuntimeError, match=rf"djepa\._C\.{name}: no (usable )?CUDA device"):
+                fn(**kw)
