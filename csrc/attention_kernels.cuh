@@ -841,9 +841,11 @@ struct DqCfg {
 
 // 4 blocks per SM (at most 128 registers, as before the second K/V stage): unbounded, ptxas took
 // 136-160 (3 blocks) and spilled at D = 96, which gets 3 (128 spilled it on sm_80). With dropout,
-// D = 64 gets 3 too: its Philox rounds spilled 44 bytes at 128 registers (sm_90a).
+// D = 64 and 128 get 3 too: the Philox rounds spilled 44 bytes at 128 registers at D = 64 (sm_90a)
+// and 64 bytes at D = 128 (sm_80).
 template <typename T, int D, bool kDropout>
-__global__ void __launch_bounds__(kThreads, D == 96 || (kDropout && D == 64) ? 3 : 4) dq_kernel(const Params p) {
+__global__ void __launch_bounds__(kThreads, D == 96 || (kDropout && (D == 64 || D == 128)) ? 3 : 4)
+    dq_kernel(const Params p) {
   using Cfg = DqCfg<D>;
   constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, S = Cfg::S;
   extern __shared__ __align__(16) unsigned char smem_raw[];

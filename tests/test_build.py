@@ -194,7 +194,7 @@ def _wrong_attention_arguments(name, p):
         (dict(v=p + 1), "aligned to their element size"), (dict(o=0), "non-null"),
     ]
     if sm90:
-        wrong.append((dict(D=32), "unsupported head dim 32 (supported: 64, 80, 96, 128)"))
+        wrong.append((dict(D=32), r"unsupported head dim 32 \(supported: 64, 80, 96, 128\)"))
     else:
         wrong.append((dict(B=70000), "grid limits"))
         wrong += [(dict(dropout_p=0.1), "dropout takes both"), (dict(philox=p), "dropout takes both"),

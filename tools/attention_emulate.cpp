@@ -288,7 +288,7 @@ int main(int argc, char** argv) {
       // dropout: masked, several key tiles, odd Nq/Nk, an empty sample (9); dense D=128, fused
       // views (10); D=80, cp.async off (11); a negative scale at D=32 (12)
       {2, 2, 45, 70, 64, 0.5, false, false, true, 1.0, 0.3},
-      {1, 1, 70, 100, 128, -1.0, true, false, false, 1.0, 0.1},
+      {1, 1, 40, 70, 128, -1.0, true, false, false, 1.0, 0.1},
       {1, 2, 33, 40, 80, 0.7, false, true, false, 1.0, 0.5},
       {1, 1, 20, 50, 32, -1.0, false, false, false, -1.0, 0.2},
   };
