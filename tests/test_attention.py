@@ -286,11 +286,11 @@ def test_triton_refuses_bf16_under_the_interpreter():
 
 
 def test_cuda_reason_names_head_dim_and_dtype():
-    from djepa.ops.attention import _cuda_reason
+    from djepa.ops.attention import cuda_reason
 
-    assert "head dims" in _cuda_reason(torch.empty(1, 1, 1, 48, dtype=torch.float16))
-    assert "float32" in _cuda_reason(torch.empty(1, 1, 1, 64, dtype=torch.float32))
-    assert _cuda_reason(torch.empty(1, 1, 1, 80, dtype=torch.bfloat16)) is None
+    assert "head dims" in cuda_reason(torch.empty(1, 1, 1, 48, dtype=torch.float16))
+    assert "float32" in cuda_reason(torch.empty(1, 1, 1, 64, dtype=torch.float32))
+    assert cuda_reason(torch.empty(1, 1, 1, 80, dtype=torch.bfloat16)) is None
 
 
 @pytest.mark.parametrize(
@@ -682,11 +682,11 @@ def test_triton_bf16_on_gpu(D):
 @pytest.mark.gpu
 def test_auto_picks_a_kernel_on_gpu():
     from djepa.ops import _dispatch
-    from djepa.ops.attention import _cuda_reason, _triton_reason
+    from djepa.ops.attention import cuda_reason, triton_reason
 
     q = torch.empty(1, 1, 4, 64, dtype=torch.bfloat16, device="cuda")
     chosen = _dispatch.select_backend("masked_attention", "auto", q.device,
-                                      cuda_reason=_cuda_reason(q), triton_reason=_triton_reason(q))
+                                      cuda_reason=cuda_reason(q), triton_reason=triton_reason(q))
     assert chosen in ("cuda", "triton")
 
 

@@ -46,7 +46,7 @@ from djepa import backends
 from djepa.ops import _dispatch
 
 __all__ = ["masked_attention", "masked_attention_reference", "dropout_keep_reference", "philox_state",
-           "dropout_threshold", "choose_backend", "cuda_kernels", "cuda_reason", "triton_reason", "validate",
+           "dropout_threshold", "choose_backend", "cuda_kernels", "cuda_reason", "triton_reason",
            "CUDA_HEAD_DIMS", "SM90_HEAD_DIMS", "TRITON_MAX_HEAD_DIM"]
 
 _OP = "masked_attention"
@@ -242,12 +242,6 @@ def _validate(q, k, v, key_mask, scale):
             raise ValueError(f"{_OP}: scale must be finite, got {scale}")
 
 
-def validate(q, k, v, key_mask=None, *, scale=None, dropout_p=0.0, generator=None):
-    """The checks `masked_attention` makes of its arguments (TypeError / ValueError saying why)."""
-    _validate(q, k, v, key_mask, scale)
-    _validate_dropout(dropout_p, generator, q)
-
-
 def cuda_reason(q):
     """Why djepa._C's kernels cannot serve tensors like `q` (dtype, head dim), or None."""
     if q.dtype not in (torch.float16, torch.bfloat16):
@@ -267,9 +261,6 @@ def triton_reason(q, device=None):
     if q.shape[-1] > TRITON_MAX_HEAD_DIM:
         return f"the Triton kernels support head dims up to {TRITON_MAX_HEAD_DIM}, not {q.shape[-1]}"
     return None
-
-
-_cuda_reason, _triton_reason = cuda_reason, triton_reason  # the names tests and tools used before
 
 
 @torch.compiler.assume_constant_result
