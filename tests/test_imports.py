@@ -9,6 +9,7 @@ names for `name` (djepa._lazy), else on `pkg` (its __init__ provides `name`); a 
 __init__ running first is not counted as a dependency.
 """
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -78,7 +79,9 @@ def imports_of(module, path, modules, exports=None):
     return sorted(d for d in deps if d in modules and d != module)
 
 
+@functools.lru_cache(maxsize=None)
 def import_graph():
+    """{module: the modules it imports} (cached: tests copy before changing it)."""
     modules = module_files()
     exports = {m: lazy_exports(p) for m, p in modules.items() if p.name == "__init__.py"}
     return {m: imports_of(m, path, modules, exports) for m, path in modules.items()}
