@@ -49,8 +49,10 @@ def markdown(records, arch, elapsed, full, scope=None):
         f"{len(records)} variants, {len(hot)} hot; "
         f"hot with spills: {sum(1 for r in hot if r['spill_bytes'])}, with a stack frame: "
         f"{sum(1 for r in hot if r['stack_bytes'])}; all with spills: "
-        f"{sum(1 for r in records if r['spill_bytes'])}; with wgmma serialized by ptxas: "
-        f"{sum(1 for r in records if r.get('wgmma_serialized'))}; gate violations: {len(bad)}.",
+        f"{sum(1 for r in records if r['spill_bytes'])}; wgmma serialized by ptxas: "
+        f"{sum(1 for r in records if r.get('wgmma_serialized'))} of the "
+        f"{sum(1 for r in records if 'wgmma_serialized' in r)} records that carry the check; "
+        f"gate violations: {len(bad)}.",
         "",
     ]
     for backend in ("cuda", "triton"):
