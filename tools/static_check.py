@@ -50,6 +50,16 @@ from static_report import HOT_SCOPE, markdown, merge  # noqa: E402
 from static_rules import check  # noqa: E402
 from static_triton import compile_triton, triton_variants  # noqa: E402
 
+# The gate's public names, for callers that load this file (tests/test_build_sm90.py, tools):
+from sass import parse_ptxas, parse_sass, parse_wgmma_serialized, split_template  # noqa: E402,F401
+from static_cuda import CUDA_ATTENTION_KERNELS, CUDA_DYNAMIC_SMEM, CUDA_LN_KERNELS, cuda_hot  # noqa: E402,F401
+from static_rules import (CUDA_WGMMA_KERNELS, HOT_DTYPES, MATMUL_KERNELS, VECTOR_KERNELS, record,  # noqa: E402,F401
+                          violations)
+
+__all__ = ["main", "run_gate", "check", "record", "violations", "merge", "markdown", "parse_ptxas", "parse_sass",
+           "parse_wgmma_serialized", "split_template", "cuda_hot", "CUDA_ATTENTION_KERNELS", "CUDA_DYNAMIC_SMEM",
+           "CUDA_LN_KERNELS", "CUDA_WGMMA_KERNELS", "HOT_DTYPES", "MATMUL_KERNELS", "VECTOR_KERNELS", "ARCHS"]
+
 sys.path.insert(0, str(ROOT))
 
 _WORK = {}
