@@ -36,6 +36,7 @@
 //   C 16x8 : c0,c1 = C[g][2c..2c+1], c2,c3 = C[g+8][2c..2c+1]
 // so two neighbouring C tiles (16x8 each) are exactly one A fragment (16x16): this is how the
 // probabilities P stay in registers between the two matmuls.
+#include "checks.h"
 #include "common.h"
 #include "attention_kernels.cuh"
 
@@ -142,7 +143,9 @@ std::string str(long long x) { return std::to_string(x); }
 // Everything the kernels assume of their arguments, checked on the host before any CUDA call
 // (so it runs, and raises ValueError, on a machine without a GPU too): dtype, head dim, sizes
 // within the grid and index limits, strides (3 each, >= 0), non-null and aligned pointers, the
-// mask given whole or not at all, and dropout's arguments. Fills the shared part of Params.
+// mask given whole or not at all, and dropout's arguments. Fills the shared part of Params. The
+// entry points then check the device (csrc/checks.h: every buffer GPU memory of one GPU, which
+// becomes current, and the stream its own) and that the build has code for it.
 Params make_params(const char* fn, std::uintptr_t q, std::uintptr_t k, std::uintptr_t v,
                    std::uintptr_t kv_index, std::uintptr_t kv_count, int64_t B, int64_t H,
                    int64_t Nq, int64_t Nk, int64_t D, const std::vector<int64_t>& q_strides,
@@ -256,8 +259,10 @@ void masked_attention_fwd(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, 
   p.o = reinterpret_cast<void*>(o);
   p.lse = as_ptr<float>(lse);
   p.keep_out = as_ptr<unsigned char>(keep_out);
-  const int devices = require_device(fn);
-  DeviceGuard guard(p.q, devices, fn);
+  require_device(fn);
+  OnDevice on(pointers_device(fn, {{"q", q}, {"k", k}, {"v", v}, {"o", o}, {"lse", lse}, {"kv_index", kv_index},
+                                   {"kv_count", kv_count}, {"philox", philox}, {"keep_out", keep_out}}),
+              stream, fn);
   require_code_for_device(fn, fwd_kernel<__half, 64, kNoDropout>);
   dispatch<false>(p, static_cast<int>(D), dtype, as_stream(stream));
 }
@@ -290,8 +295,11 @@ void masked_attention_bwd(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, 
   p.dk = reinterpret_cast<void*>(dk);
   p.dv = reinterpret_cast<void*>(dv);
   p.vec_ok = p.vec_ok && aligned(dout, 16);
-  const int devices = require_device(fn);
-  DeviceGuard guard(p.q, devices, fn);
+  require_device(fn);
+  OnDevice on(pointers_device(fn, {{"q", q}, {"k", k}, {"v", v}, {"o", o}, {"do", dout}, {"lse", lse},
+                                   {"kv_index", kv_index}, {"kv_count", kv_count}, {"dq", dq}, {"dk", dk},
+                                   {"dv", dv}, {"delta", delta}, {"philox", philox}}),
+              stream, fn);
   require_code_for_device(fn, dq_kernel<__half, 64, false>);
   dispatch<true>(p, static_cast<int>(D), dtype, as_stream(stream));
 }

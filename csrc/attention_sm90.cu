@@ -6,12 +6,14 @@
 // Runs only on sm_90 devices from a build that holds sm_90a code; anywhere else RuntimeError
 // before anything is launched. Unlike the sm_80 entry points Nk = 0 is accepted (o = 0, lse = 0).
 // The arguments are checked on the host first (ValueError, before any CUDA call, so also on a
-// machine without a GPU); no dropout here (djepa.ops sends dropout to the mma.sync kernels).
+// machine without a GPU), then the build's archs, then the device (csrc/checks.h); no dropout
+// here (djepa.ops sends dropout to the mma.sync kernels).
 #include <climits>
 #include <cmath>
 #include <string>
 #include <vector>
 
+#include "checks.h"
 #include "common.h"
 #include "hopper/attn_bwd_kernel.cuh"
 #include "hopper/attn_fwd_kernel.cuh"
@@ -122,7 +124,11 @@ void masked_attention_fwd_sm90(std::uintptr_t q, std::uintptr_t k, std::uintptr_
   if (!aligned(o, 4) || !aligned(lse, 4)) bad_arg(fn, "o and lse must be 4-byte aligned");
   p.o = reinterpret_cast<void*>(o);
   p.lse = reinterpret_cast<float*>(lse);
+  require_arch_in_build(fn, "90a");
   require_device(fn);
+  OnDevice on(pointers_device(fn, {{"q", q}, {"k", k}, {"v", v}, {"o", o}, {"lse", lse}, {"kv_index", kv_index},
+                                   {"kv_count", kv_count}}),
+              stream, fn);
   const int sms = hopper::require_sm90(fn, attn_fwd_sm90_kernel<__nv_bfloat16, 64>);
   if (dtype == kFloat16) fwd_head_dim<__half>(p, int(D), vec_ok, as_stream(stream), sms);
   else fwd_head_dim<__nv_bfloat16>(p, int(D), vec_ok, as_stream(stream), sms);
@@ -192,7 +198,12 @@ void masked_attention_bwd_sm90(std::uintptr_t q, std::uintptr_t k, std::uintptr_
   p.dq = reinterpret_cast<void*>(dq);
   p.dk = reinterpret_cast<void*>(dk);
   p.dv = reinterpret_cast<void*>(dv);
+  require_arch_in_build(fn, "90a");
   require_device(fn);
+  OnDevice on(pointers_device(fn, {{"q", q}, {"k", k}, {"v", v}, {"o", o}, {"do", dout}, {"lse", lse},
+                                   {"kv_index", kv_index}, {"kv_count", kv_count}, {"dq", dq}, {"dk", dk},
+                                   {"dv", dv}, {"delta", delta}}),
+              stream, fn);
   const int sms = hopper::require_sm90(fn, attn_dkdv_sm90_kernel<__nv_bfloat16, 64>);
   if (dtype == kFloat16) bwd_head_dim<__half>(p, int(D), vec_ok, as_stream(stream), sms);
   else bwd_head_dim<__nv_bfloat16>(p, int(D), vec_ok, as_stream(stream), sms);

@@ -1,17 +1,6 @@
 // The pybind11 module djepa._C: collects what each csrc/<op>.cu registered.
-#include <string>
-
+#include "archs.h"
 #include "common.h"
-
-namespace {
-
-// Whether the comma-separated arch list of this build names `arch` ("90a").
-bool built_for(const char* archs, const char* arch) {
-  const std::string list = std::string(",") + archs + ",";
-  return list.find(std::string(",") + arch + ",") != std::string::npos;
-}
-
-}  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "djepa CUDA kernels (raw-pointer interface, no libtorch link)";
@@ -27,7 +16,7 @@ PYBIND11_MODULE(_C, m) {
   // the build holds sm_90a code and the Hopper entry points are registered. djepa's dispatch
   // calls them on sm_90 devices (the mma.sync kernels elsewhere).
   pybind11::list wgmma;
-  if (built_for(DJEPA_CUDA_ARCHS, "90a")) {
+  if (djepa::build_has_arch(DJEPA_CUDA_ARCHS, "90a")) {
     const bool attention = pybind11::hasattr(m, "masked_attention_fwd_sm90") &&
                            pybind11::hasattr(m, "masked_attention_bwd_sm90");
     const bool gemm = pybind11::hasattr(m, "gemm_sm90") && pybind11::hasattr(m, "gemm_sm90_splits");
@@ -38,6 +27,9 @@ PYBIND11_MODULE(_C, m) {
     }
   }
   m.attr("wgmma_ops") = pybind11::tuple(wgmma);
+  m.def("build_has_arch", &djepa::build_has_arch, pybind11::arg("archs"), pybind11::arg("arch"),
+        "Whether the arch list `archs` (\"80,90a\", as cuda_archs) holds `arch` exactly: the rule by which "
+        "the sm_90a entry points refuse a build whose list has a plain 90 (empty kernel bodies) and no 90a.");
   m.def("device_count", []() {
     int count = 0;
     cudaError_t err = cudaGetDeviceCount(&count);

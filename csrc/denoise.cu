@@ -19,6 +19,7 @@
 #include <climits>
 #include <type_traits>
 
+#include "checks.h"
 #include "common.h"
 #include "denoise_kernels.cuh"
 
@@ -72,37 +73,40 @@ void dispatch_ln(bool backward, const LnArgs& a, bool vec_ok) {
   return launch_ln<T, 1, 0>(backward, a);
 }
 
-void check_sizes(const char* what, int64_t M, int64_t W) {
-  if (M < 0 || W <= 0 || M > INT_MAX || W > INT_MAX) {
-    throw std::invalid_argument(std::string("djepa._C.") + what + ": bad sizes M=" +
-                                std::to_string(M) + ", W=" + std::to_string(W));
-  }
-}
-
-void require_ptr(const char* what, const char* name, std::uintptr_t p) {
-  if (p == 0) {
-    throw std::invalid_argument(std::string("djepa._C.") + what + ": " + name + " is required");
-  }
+// The row extent of an [M, W] LayerNorm call in int64 bytes, with `ld` the row stride of mod.
+void check_ln_sizes(const char* what, int64_t M, int64_t W, int64_t ld, int dtype) {
+  require_size(what, "M", M, 0, INT32_MAX);
+  require_size(what, "W", W, 1, INT32_MAX);
+  checked_bytes(what, "mod's extent", checked_mul(what, "mod's extent", M, ld), dtype_bytes(dtype));
 }
 
 void adaln_modulate_fwd(std::uintptr_t x, std::uintptr_t mod, std::uintptr_t ln_w,
                         std::uintptr_t ln_b, std::uintptr_t h, std::uintptr_t stats, int64_t M,
                         int64_t W, double eps, int dtype, std::uintptr_t stream, int64_t mod_ld) {
   const char* what = "adaln_modulate_fwd";
-  const int devices = require_device(what);
-  check_sizes(what, M, W);
+  require_dtype(what, dtype, {kFloat16, kBFloat16, kFloat32});
+  require_size(what, "W", W, 1, INT32_MAX);
   if (mod_ld == 0) mod_ld = 3 * W;
   if (mod_ld < 2 * W) {
-    throw std::invalid_argument(std::string("djepa._C.") + what + ": mod_ld=" +
-                                std::to_string(mod_ld) + " < 2*W");
+    invalid(what, "mod_ld=" + std::to_string(mod_ld) + " < 2*W=" + std::to_string(2 * W) +
+                      " (a row of mod holds shift and scale, W each)");
   }
+  check_ln_sizes(what, M, W, mod_ld, dtype);
   if (M == 0) return;
   require_ptr(what, "x", x);
   require_ptr(what, "mod", mod);
   require_ptr(what, "h", h);
+  const int es = dtype_bytes(dtype);
+  for (Arg p : {Arg{"x", x}, Arg{"mod", mod}, Arg{"ln_w", ln_w}, Arg{"ln_b", ln_b}, Arg{"h", h}}) {
+    require_aligned(what, p.name, p.ptr, es);
+  }
+  require_aligned(what, "stats", stats, 4);
+  require_device(what);
+  OnDevice on(pointers_device(what, {{"x", x}, {"mod", mod}, {"ln_w", ln_w}, {"ln_b", ln_b}, {"h", h},
+                                     {"stats", stats}}),
+              stream, what);
   LnArgs a{x, mod, ln_w, ln_b, h, stats, 0, 0, 0, 0, 0, int(M), int(W), mod_ld, float(eps),
            as_stream(stream)};
-  DeviceGuard guard(reinterpret_cast<const void*>(x), devices, what);
   auto vec_ok = [&](int V) {
     return aligned16(x) && aligned16(mod) && aligned16(h) && aligned16(ln_w) && aligned16(ln_b) &&
            mod_ld % V == 0;
@@ -110,8 +114,7 @@ void adaln_modulate_fwd(std::uintptr_t x, std::uintptr_t mod, std::uintptr_t ln_
   switch (dtype) {
     case kFloat16: return dispatch_ln<__half>(false, a, vec_ok(vec_width<__half>()));
     case kBFloat16: return dispatch_ln<__nv_bfloat16>(false, a, vec_ok(vec_width<__nv_bfloat16>()));
-    case kFloat32: return dispatch_ln<float>(false, a, vec_ok(vec_width<float>()));
-    default: unsupported_dtype(what, dtype);
+    default: return dispatch_ln<float>(false, a, vec_ok(vec_width<float>()));
   }
 }
 
@@ -123,20 +126,32 @@ void adaln_modulate_bwd(std::uintptr_t x, std::uintptr_t mod, std::uintptr_t ln_
                         std::uintptr_t dln_b_partial, int64_t M, int64_t W, int dtype,
                         std::uintptr_t stream) {
   const char* what = "adaln_modulate_bwd";
-  const int devices = require_device(what);
-  check_sizes(what, M, W);
+  require_dtype(what, dtype, {kFloat16, kBFloat16, kFloat32});
+  require_size(what, "W", W, 1, INT32_MAX);
+  check_ln_sizes(what, M, W, 3 * W, dtype);
   if (M == 0) return;
-  for (auto [name, p] : {std::pair<const char*, std::uintptr_t>{"x", x}, {"mod", mod},
-                         {"stats", stats}, {"dh", dh}, {"dx", dx}, {"dmod", dmod}}) {
-    require_ptr(what, name, p);
+  for (Arg p : {Arg{"x", x}, Arg{"mod", mod}, Arg{"stats", stats}, Arg{"dh", dh}, Arg{"dx", dx}, Arg{"dmod", dmod}}) {
+    require_ptr(what, p.name, p.ptr);
   }
   // Partials are only meaningful with an affine LayerNorm; without ln_w they are skipped.
   const std::uintptr_t dw = ln_w ? dln_w_partial : 0;
   const std::uintptr_t db = ln_w ? dln_b_partial : 0;
-  if (ln_w) require_ptr(what, "dln_w_partial", dw);
+  if (ln_w) require_ptr(what, "dln_w_partial", dw, "with ln_w");
+  const int es = dtype_bytes(dtype);
+  for (Arg p : {Arg{"x", x}, Arg{"mod", mod}, Arg{"ln_w", ln_w}, Arg{"ln_b", ln_b}, Arg{"dh", dh}, Arg{"dx", dx},
+                Arg{"dmod", dmod}}) {
+    require_aligned(what, p.name, p.ptr, es);
+  }
+  for (Arg p : {Arg{"stats", stats}, Arg{"dln_w_partial", dw}, Arg{"dln_b_partial", db}}) {
+    require_aligned(what, p.name, p.ptr, 4);
+  }
+  require_device(what);
+  OnDevice on(pointers_device(what, {{"x", x}, {"mod", mod}, {"ln_w", ln_w}, {"ln_b", ln_b}, {"stats", stats},
+                                     {"dh", dh}, {"dx", dx}, {"dmod", dmod}, {"dln_w_partial", dw},
+                                     {"dln_b_partial", db}}),
+              stream, what);
   LnArgs a{x, mod, ln_w, ln_b, 0, stats, dh, dx, dmod, dw, db, int(M), int(W), 3 * W, 0.f,
            as_stream(stream)};
-  DeviceGuard guard(reinterpret_cast<const void*>(x), devices, what);
   auto vec_ok = [&](int) {
     return aligned16(x) && aligned16(mod) && aligned16(ln_w) && aligned16(ln_b) &&
            aligned16(dh) && aligned16(dx) && aligned16(dmod);
@@ -144,8 +159,7 @@ void adaln_modulate_bwd(std::uintptr_t x, std::uintptr_t mod, std::uintptr_t ln_
   switch (dtype) {
     case kFloat16: return dispatch_ln<__half>(true, a, vec_ok(0));
     case kBFloat16: return dispatch_ln<__nv_bfloat16>(true, a, vec_ok(0));
-    case kFloat32: return dispatch_ln<float>(true, a, vec_ok(0));
-    default: unsupported_dtype(what, dtype);
+    default: return dispatch_ln<float>(true, a, vec_ok(0));
   }
 }
 
@@ -183,9 +197,16 @@ int current_sms(const char* what) {
 }
 
 int gemm_splits(int64_t M, int64_t N, int64_t K, int epilogue, bool has_bias, int sms) {
+  const char* what = "gemm_splits";
+  require_size(what, "M", M, 0, INT32_MAX);
+  require_size(what, "N", N, 0, INT32_MAX);
+  require_size(what, "K", K, 0, INT32_MAX);
+  if ((epilogue & ~(15 | kEpF32)) != 0 || (epilogue & 15) > kEpSiluBwd) {
+    invalid(what, "unknown epilogue " + std::to_string(epilogue) + " (0..3, plus 16 for a float32 output)");
+  }
   if (sms <= 0) {
-    require_device("gemm_splits");
-    sms = current_sms("gemm_splits");
+    require_device(what);
+    sms = current_sms(what);
   }
   return split_k_for(M, N, K, epilogue, has_bias, sms);
 }
@@ -193,50 +214,33 @@ int gemm_splits(int64_t M, int64_t N, int64_t K, int epilogue, bool has_bias, in
 void gemm(std::uintptr_t a, std::uintptr_t b, std::uintptr_t c, std::uintptr_t bias, int64_t M,
           int64_t N, int64_t K, int a_trans, int b_trans, int epilogue, std::uintptr_t aux1,
           std::uintptr_t aux2, std::uintptr_t aux_out, int dtype, std::uintptr_t stream,
-          int64_t aux2_ld, std::uintptr_t workspace, int splits) {
+          int64_t aux2_ld, std::uintptr_t workspace, int splits, int64_t workspace_numel) {
   const char* what = "gemm";
-  const int devices = require_device(what);
-  auto bad = [&](const std::string& msg) {
-    throw std::invalid_argument(std::string("djepa._C.gemm: ") + msg);
-  };
-  if (dtype != kFloat16 && dtype != kBFloat16) unsupported_dtype(what, dtype);
-  if (M < 0 || N < 0 || K < 0 || M > INT_MAX || N > INT_MAX || K > INT_MAX) {
-    bad("bad sizes M=" + std::to_string(M) + ", N=" + std::to_string(N) + ", K=" +
-        std::to_string(K));
-  }
-  if ((M + kBM - 1) / kBM > 65535) bad("M=" + std::to_string(M) + " exceeds 65535 row tiles");
-  const int ep = epilogue & 15;
-  if ((epilogue & ~(15 | kEpF32)) != 0 || ep > kEpSiluBwd) {
-    bad("unknown epilogue " + std::to_string(epilogue));
-  }
-  if (M == 0 || N == 0) return;
-  require_ptr(what, "c", c);
-  if (K > 0) {
-    require_ptr(what, "a", a);
-    require_ptr(what, "b", b);
-  }
-  if (ep == kEpGate) {
-    require_ptr(what, "aux1 (residual)", aux1);
-    require_ptr(what, "aux2 (gate)", aux2);
-    if (aux2_ld < N) bad("aux2_ld=" + std::to_string(aux2_ld) + " < N=" + std::to_string(N));
-  }
-  if (ep == kEpSiluBwd) require_ptr(what, "aux1 (pre-activation)", aux1);
-  if (ep == kEpNone || ep == kEpSiluBwd) aux_out = 0;  // nothing to save for these epilogues
-  if (splits < 1 || splits > 65535) bad("splits=" + std::to_string(splits) + " must be in [1, 65535]");
+  GemmArgs g{a, b, c, bias, M, N, K, a_trans, b_trans, epilogue, aux1, aux2, aux_out, dtype, aux2_ld};
+  const bool empty = check_gemm(what, g);
+  if ((M + kBM - 1) / kBM > 65535) invalid(what, "M=" + std::to_string(M) + " exceeds 65535 row tiles");
+  require_size(what, "splits", splits, 1, 65535);
+  if (empty) return;
   const int64_t ktiles = (K + kBK - 1) / kBK;
   int per = 0;
   if (splits > 1) {
     if (epilogue != kEpF32 || bias) {
-      bad("split-K needs a float32 output with no epilogue and no bias (epilogue=16, bias=0)");
+      invalid(what, "split-K needs a float32 output with no epilogue and no bias (epilogue=16, bias=0)");
     }
-    require_ptr(what, "workspace (splits > 1)", workspace);
-    if (workspace % 4) bad("workspace must be 4-byte aligned float32");
+    require_ptr(what, "workspace", workspace, "when splits > 1");
+    require_aligned(what, "workspace", workspace, 4);
+    require_workspace(what, splits - 1, M, N, workspace_numel, "(splits - 1) * M * N");
     per = int((ktiles + splits - 1) / splits);
     if (int64_t(per) * (splits - 1) >= ktiles) {
-      bad("splits=" + std::to_string(splits) + " leaves a split without k-tiles for K=" +
-          std::to_string(K) + " (use gemm_splits)");
+      invalid(what, "splits=" + std::to_string(splits) + " leaves a split without k-tiles for K=" +
+                        std::to_string(K) + " (use gemm_splits)");
     }
   }
+  require_device(what);
+  OnDevice on(pointers_device(what, {{"a", g.a}, {"b", g.b}, {"c", g.c}, {"bias", g.bias}, {"aux1", g.aux1},
+                                     {"aux2", g.aux2}, {"aux_out", g.aux_out},
+                                     {"workspace", splits > 1 ? workspace : 0}}),
+              stream, what);
 
   const int out_bytes = (epilogue & kEpF32) ? 4 : 2;
   GemmParams p{};
@@ -246,7 +250,7 @@ void gemm(std::uintptr_t a, std::uintptr_t b, std::uintptr_t c, std::uintptr_t b
   p.bias = reinterpret_cast<const void*>(bias);
   p.aux1 = reinterpret_cast<const void*>(aux1);
   p.aux2 = reinterpret_cast<const void*>(aux2);
-  p.aux_out = reinterpret_cast<void*>(aux_out);
+  p.aux_out = reinterpret_cast<void*>(g.aux_out);
   p.M = int(M);
   p.N = int(N);
   p.K = int(K);
@@ -257,12 +261,11 @@ void gemm(std::uintptr_t a, std::uintptr_t b, std::uintptr_t c, std::uintptr_t b
   const int64_t b_cont = b_trans ? K : N;
   p.a_fast = aligned16(a) && a_cont % 8 == 0;
   p.b_fast = aligned16(b) && b_cont % 8 == 0;
-  p.pair_ok = N % 2 == 0 && c % (2 * out_bytes) == 0 && aux_out % (2 * out_bytes) == 0 &&
+  p.pair_ok = N % 2 == 0 && c % (2 * out_bytes) == 0 && g.aux_out % (2 * out_bytes) == 0 &&
               aux1 % 4 == 0 && bias % 4 == 0;
   p.splits = splits;
   p.ktiles_per_split = per;
   p.workspace = as_ptr<float>(workspace);
-  DeviceGuard guard(p.c, devices, what);
   cudaStream_t s = as_stream(stream);
   if (dtype == kFloat16) {
     launch_gemm<__half>(p, a_trans, b_trans, s);
@@ -278,31 +281,46 @@ void denoise_update(std::uintptr_t x, std::uintptr_t model_out, std::uintptr_t n
                     double min_log, double max_log, double noise_scale, int dtype,
                     std::uintptr_t stream) {
   const char* what = "denoise_update";
-  require_device(what);
-  auto bad = [&](const std::string& msg) {
-    throw std::invalid_argument(std::string("djepa._C.denoise_update: ") + msg);
-  };
-  if (B < 0 || C <= 0 || C > INT_MAX) {
-    bad("bad sizes B=" + std::to_string(B) + ", C=" + std::to_string(C));
+  require_dtype(what, dtype, {kFloat16, kBFloat16, kFloat32});
+  require_size(what, "B", B, 0, INT64_MAX / 2);
+  require_size(what, "C", C, 1, INT32_MAX);
+  require_flag(what, "cfg", cfg);
+  if (out_ld < 2 * C) {
+    invalid(what, "out_ld=" + std::to_string(out_ld) + " < 2*C=" + std::to_string(2 * C) +
+                      " (a row of model_out holds C eps and C variance values)");
   }
-  if (out_ld < 2 * C) bad("out_ld=" + std::to_string(out_ld) + " < 2*C (eps | variance values)");
+  const int64_t rows = cfg ? 2 * B : B;  // model_out (and xin_out): [cond; uncond] with CFG
+  const int es = dtype_bytes(dtype);
+  checked_bytes(what, "model_out's extent", checked_mul(what, "model_out's extent", rows, out_ld), es);
+  checked_bytes(what, "B * C", checked_mul(what, "B * C", rows, C), 4);
   if (B == 0) return;
   require_ptr(what, "x", x);
   require_ptr(what, "model_out", model_out);
   require_ptr(what, "out", out);
-  if (noise_scale != 0.0 && noise == 0) bad("noise is required when noise_scale != 0");
-  if (cfg && cfg_scale == 0) bad("cfg_scale (a device pointer to one float32) is required when cfg != 0");
+  if (noise_scale != 0.0) require_ptr(what, "noise", noise, "when noise_scale != 0");
+  if (cfg) require_ptr(what, "cfg_scale", cfg_scale, "(a device pointer to one float32) when cfg != 0");
+  const std::uintptr_t noise_used = noise_scale != 0.0 ? noise : 0;
+  const std::uintptr_t scale_used = cfg ? cfg_scale : 0;
+  for (Arg p : {Arg{"x", x}, Arg{"noise", noise_used}, Arg{"out", out}, Arg{"cfg_scale", scale_used}}) {
+    require_aligned(what, p.name, p.ptr, 4);
+  }
+  require_aligned(what, "model_out", model_out, es);
+  require_aligned(what, "xin_out", xin_out, es);
+  require_device(what);
+  OnDevice on(pointers_device(what, {{"x", x}, {"model_out", model_out}, {"noise", noise_used}, {"out", out},
+                                     {"xin_out", xin_out}, {"cfg_scale", scale_used}}),
+              stream, what);
   UpdateParams p{};
   p.x = as_ptr<const float>(x);
   p.model_out = reinterpret_cast<const void*>(model_out);
-  p.noise = as_ptr<const float>(noise);
+  p.noise = as_ptr<const float>(noise_used);
   p.out = as_ptr<float>(out);
   p.xin_out = reinterpret_cast<void*>(xin_out);
   p.B = B;
   p.ld = out_ld;
   p.C = int(C);
   p.cfg = cfg;
-  p.cfg_scale = as_ptr<const float>(cfg_scale);
+  p.cfg_scale = as_ptr<const float>(scale_used);
   p.coef_x = float(coef_x);
   p.coef_eps = float(coef_eps);
   p.min_log = float(min_log);
@@ -318,10 +336,9 @@ void denoise_update(std::uintptr_t x, std::uintptr_t model_out, std::uintptr_t n
     case kBFloat16:
       denoise_update_kernel<__nv_bfloat16><<<int(blocks), threads, 0, s>>>(p);
       break;
-    case kFloat32:
+    default:
       denoise_update_kernel<float><<<int(blocks), threads, 0, s>>>(p);
       break;
-    default: unsupported_dtype(what, dtype);
   }
   check_launch(what);
 }
@@ -344,10 +361,11 @@ void register_denoise(py::module_& m) {
         "c = epilogue(op(a) @ op(b) + bias), tensor cores, fp16/bf16 in, fp32 accumulate",
         arg("a"), arg("b"), arg("c"), arg("bias"), arg("M"), arg("N"), arg("K"), arg("a_trans"),
         arg("b_trans"), arg("epilogue"), arg("aux1"), arg("aux2"), arg("aux_out"), arg("dtype"),
-        arg("stream"), arg("aux2_ld") = 0, arg("workspace") = 0, arg("splits") = 1);
+        arg("stream"), arg("aux2_ld") = 0, arg("workspace") = 0, arg("splits") = 1, arg("workspace_numel") = 0);
   m.def("gemm_splits", &gemm_splits,
         "How many K splits gemm should run for this call (1 = none) on the current GPU, or on a "
-        "GPU with `sms` multiprocessors; splits > 1 needs a float32 workspace of (splits - 1) * M * N",
+        "GPU with `sms` multiprocessors; splits > 1 needs a float32 workspace of (splits - 1) * M * N "
+        "(workspace_numel says how many it holds)",
         arg("M"), arg("N"), arg("K"), arg("epilogue"), arg("has_bias") = false, arg("sms") = 0);
   m.def("denoise_update", &denoise_update,
         "Elementwise tail of one reverse-diffusion step (CFG, posterior mean, learned variance, "

@@ -4,6 +4,9 @@
 // table travels in the kernel's parameter space (CUDA >= 12.1 allows 32 KiB on sm_70+), so no
 // host-to-device copy precedes a launch. Each block updates kBlockElems elements of one tensor,
 // found by binary search over the cumulative block starts; offsets are 64-bit.
+#include <algorithm>
+
+#include "checks.h"
 #include "common.h"
 #include "convert.cuh"
 
@@ -75,22 +78,97 @@ void launch(const EmaTable& table, int64_t blocks, const float* decay_ptr, float
   check_launch("ema_update (ema_kernel)");
 }
 
+// ValueError unless every EMA tensor's bytes are apart from every other tensor's (the kernel
+// reads x and writes ema through __restrict__ pointers; sources may share memory).
+void check_apart(const std::vector<std::uintptr_t>& ema_ptrs, const std::vector<std::uintptr_t>& x_ptrs,
+                 const std::vector<int64_t>& numels, int ema_bytes, int x_bytes) {
+  struct Span {
+    std::uintptr_t lo, hi;
+    bool ema;
+    size_t i;
+  };
+  std::vector<Span> spans;
+  for (size_t i = 0; i < numels.size(); ++i) {
+    if (numels[i] == 0) continue;
+    spans.push_back({ema_ptrs[i], ema_ptrs[i] + std::uintptr_t(numels[i]) * ema_bytes, true, i});
+    spans.push_back({x_ptrs[i], x_ptrs[i] + std::uintptr_t(numels[i]) * x_bytes, false, i});
+  }
+  std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.lo < b.lo; });
+  const Span* reach_any = nullptr;  // of the spans so far, the one reaching furthest; and of the EMA ones
+  const Span* reach_ema = nullptr;
+  for (const Span& s : spans) {
+    const Span* hit = s.ema ? reach_any : reach_ema;
+    if (hit && s.lo < hit->hi) {
+      auto name = [](const Span* t) {
+        return std::string(t->ema ? "ema_ptrs[" : "x_ptrs[") + std::to_string(t->i) + "]";
+      };
+      throw std::invalid_argument("djepa._C.ema_update: " + name(hit) + " and " + name(&s) +
+                                  " overlap; an EMA tensor must not share memory with another tensor");
+    }
+    if (!reach_any || s.hi > reach_any->hi) reach_any = &s;
+    if (s.ema && (!reach_ema || s.hi > reach_ema->hi)) reach_ema = &s;
+  }
+}
+
+// ValueError when a launch (kMaxTensors non-empty tensors, as ema_update groups them) would need
+// more than 2^31 - 1 blocks, checked before the first launch.
+void check_launch_sizes(const std::vector<int64_t>& numels) {
+  int64_t blocks = 0;
+  int count = 0;
+  for (int64_t n : numels) {
+    if (n == 0) continue;
+    if (count == kMaxTensors) blocks = count = 0;
+    blocks += (n + kBlockElems - 1) / kBlockElems;
+    ++count;
+    if (blocks > 0x7fffffffLL) invalid("ema_update", "more than 2^31-1 blocks in one launch");
+  }
+}
+
 void ema_update(const std::vector<std::uintptr_t>& ema_ptrs, const std::vector<std::uintptr_t>& x_ptrs,
                 const std::vector<int64_t>& numels, int ema_dtype, int x_dtype, std::uintptr_t decay_ptr,
                 double decay, double one_minus_decay, std::uintptr_t stream) {
+  const char* what = "ema_update";
   if (ema_ptrs.size() != x_ptrs.size() || ema_ptrs.size() != numels.size()) {
-    throw std::invalid_argument("djepa._C.ema_update: pointer and size lists differ in length");
+    invalid(what, "pointer and size lists differ in length (ema_ptrs " + std::to_string(ema_ptrs.size()) +
+                      ", x_ptrs " + std::to_string(x_ptrs.size()) + ", numels " + std::to_string(numels.size()) + ")");
   }
   const bool supported = (ema_dtype == kFloat32 && (x_dtype == kFloat32 || x_dtype == kFloat16 || x_dtype == kBFloat16)) ||
                          (ema_dtype == kFloat16 && x_dtype == kFloat16) ||
                          (ema_dtype == kBFloat16 && x_dtype == kBFloat16);
   if (!supported) {
-    throw std::invalid_argument(std::string("djepa._C.ema_update: unsupported dtype pair (EMA ") +
-                                dtype_name(ema_dtype) + ", tensor " + dtype_name(x_dtype) + ")");
+    invalid(what, std::string("unsupported dtype pair (EMA ") + dtype_name(ema_dtype) + ", tensor " +
+                      dtype_name(x_dtype) + ")");
   }
-  const int devices = require_device("ema_update");
-  DeviceGuard guard(ema_ptrs.empty() ? nullptr : reinterpret_cast<const void*>(ema_ptrs[0]), devices,
-                    "ema_update");
+  const int eb = dtype_bytes(ema_dtype), xb = dtype_bytes(x_dtype);
+  for (size_t i = 0; i < numels.size(); ++i) {
+    const std::string at = "[" + std::to_string(i) + "]";
+    if (numels[i] < 0) invalid(what, "numels" + at + "=" + std::to_string(numels[i]) + " < 0");
+    if (numels[i] == 0) continue;
+    checked_bytes(what, ("numels" + at + " in bytes").c_str(), numels[i], 4);
+    require_ptr(what, ("ema_ptrs" + at).c_str(), ema_ptrs[i]);
+    require_ptr(what, ("x_ptrs" + at).c_str(), x_ptrs[i]);
+    require_aligned(what, ("ema_ptrs" + at).c_str(), ema_ptrs[i], eb);
+    require_aligned(what, ("x_ptrs" + at).c_str(), x_ptrs[i], xb);
+    if (ema_ptrs[i] > UINTPTR_MAX - std::uintptr_t(numels[i]) * eb ||
+        x_ptrs[i] > UINTPTR_MAX - std::uintptr_t(numels[i]) * xb) {
+      invalid(what, "tensor " + std::to_string(i) + " runs past the end of the address space");
+    }
+  }
+  check_apart(ema_ptrs, x_ptrs, numels, eb, xb);
+  check_launch_sizes(numels);
+  require_aligned(what, "decay_ptr", decay_ptr, 4);
+  require_device(what);
+  std::vector<std::string> names;  // reserved: the Args point into these strings
+  names.reserve(2 * numels.size());
+  std::vector<Arg> args{{"decay_ptr", decay_ptr}};
+  for (size_t i = 0; i < numels.size(); ++i) {
+    if (numels[i] == 0) continue;
+    names.push_back("ema_ptrs[" + std::to_string(i) + "]");
+    args.push_back({names.back().c_str(), ema_ptrs[i]});
+    names.push_back("x_ptrs[" + std::to_string(i) + "]");
+    args.push_back({names.back().c_str(), x_ptrs[i]});
+  }
+  OnDevice on(pointers_device(what, args), stream, what);
   const float* dptr = reinterpret_cast<const float*>(decay_ptr);
   const cudaStream_t s = as_stream(stream);
   size_t pos = 0;
@@ -99,7 +177,7 @@ void ema_update(const std::vector<std::uintptr_t>& ema_ptrs, const std::vector<s
     table.count = 0;
     table.block_start[0] = 0;
     for (; pos < ema_ptrs.size() && table.count < kMaxTensors; ++pos) {
-      if (numels[pos] <= 0) continue;
+      if (numels[pos] == 0) continue;
       const int c = table.count++;
       table.ema[c] = reinterpret_cast<void*>(ema_ptrs[pos]);
       table.x[c] = reinterpret_cast<const void*>(x_ptrs[pos]);
@@ -108,9 +186,6 @@ void ema_update(const std::vector<std::uintptr_t>& ema_ptrs, const std::vector<s
     }
     if (table.count == 0) continue;
     const int64_t blocks = table.block_start[table.count];
-    if (blocks > 0x7fffffffLL) {
-      throw std::invalid_argument("djepa._C.ema_update: more than 2^31-1 blocks in one launch");
-    }
     const float d = static_cast<float>(decay), w = static_cast<float>(one_minus_decay);
     if (ema_dtype == kFloat32 && x_dtype == kFloat32) launch<float, float>(table, blocks, dptr, d, w, s);
     else if (ema_dtype == kFloat32 && x_dtype == kFloat16) launch<float, __half>(table, blocks, dptr, d, w, s);

@@ -426,10 +426,75 @@ def train(settings: TrainSettings, out: str, *, resume=None, given: Optional[dic
 
 def _train(settings, out, dist_info, signals, *, resume, given, loop_given, progress, backend, num_workers,
            plot, stop_after) -> TrainResult:
-    from tqdm.auto import tqdm
-
-    dev = dist_info.device
     show = (sys.stderr.isatty() if progress is None else progress) and dist_info.is_main
+    run = _set_up(settings, out, dist_info, resume=resume, given=given, loop_given=loop_given, backend=backend,
+                  show=show, stop_after=stop_after)
+    return _loop(run, signals, num_workers=num_workers, plot=plot, show=show)
+
+
+@dataclass
+class _Run:
+    """What the loop works with, built by _set_up before the first step."""
+
+    settings: TrainSettings
+    out: str
+    dist: Dist
+    loop: dict  # ckpt_every, log_every, keep
+    start: int
+    stop: int
+    resumed: Optional[str]  # the checkpoint folder the run resumed, if any
+    dataset: object
+    patch: int
+    model: torch.nn.Module
+    net: torch.nn.Module  # the model, wrapped in DDP when there are several processes
+    tokenizer: object
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    sampler: StepBatches
+
+    @property
+    def metrics_path(self) -> str:
+        return os.path.join(self.out, METRICS_FILE)
+
+
+def _set_up(settings, out, dist_info, *, resume, given, loop_given, backend, show, stop_after) -> _Run:
+    """Everything before the first step (as MAR's main_mar.py before engine_mar's
+    train_one_epoch): the settings of a resumed run, the data, the model, the optimizer and
+    random state (restored on resume), the data order, and the run folder."""
+    dev = dist_info.device
+    settings, loop, ckpt_folder, ckpt_state = _resume_point(settings, out, dist_info, resume, given, loop_given)
+    start = ckpt_state["step"] if ckpt_state else 0
+    if start > settings.steps:
+        raise TrainError(f"the checkpoint is at step {start}, past --steps {settings.steps}")
+    dataset, patch, from_data = _load_data(settings, dist_info, show)
+    model = _build_model(settings, from_data, backend, ckpt_state, ckpt_folder)
+    model.to(dev)
+    tokenizer = make_tokenizer(dataset.channels, patch)
+    optimizer = torch.optim.AdamW(_param_groups(model, settings.weight_decay), lr=settings.lr,
+                                  betas=settings.betas, weight_decay=settings.weight_decay)
+    generator = torch.Generator(device=dev)
+    generator.manual_seed(settings.seed * 7919 + dist_info.rank + 1)
+    if ckpt_state is not None:
+        _restore(model, optimizer, generator, settings, dist_info, ckpt_folder, ckpt_state)
+    net = model
+    if dist_info.world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        net = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    stop = settings.steps if stop_after is None else min(settings.steps, start + stop_after)
+    sampler = StepBatches(len(dataset), settings.batch_size, settings.seed, dist_info.rank,
+                          dist_info.world, start, stop)
+    run = _Run(settings, out, dist_info, loop, start, stop, ckpt_folder, dataset, patch, model, net, tokenizer,
+               optimizer, generator, sampler)
+    if dist_info.is_main:  # every check passed: now the folder may change
+        _prepare_folder(run)
+    distributed.broadcast_object(dist_info, None)  # no rank starts before the folder is ready
+    return run
+
+
+def _resume_point(settings, out, dist_info, resume, given, loop_given):
+    """(settings, loop settings, checkpoint folder, checkpoint state) the run starts from: the
+    checkpoint's (checked against what the user gave) on resume, else the fresh run's."""
     ckpt_state, ckpt_folder = None, None
     loop = dict(LOOP_DEFAULTS)
     if resume:
@@ -454,12 +519,12 @@ def _train(settings, out, dist_info, signals, *, resume, given, loop_given, prog
         _check_loop(loop, 0, None)
     except TrainError as exc:
         raise CheckpointError(f"checkpoint {ckpt_folder!r} has unusable loop settings: {exc}") from None
-    start = ckpt_state["step"] if ckpt_state else 0
-    if start > settings.steps:
-        raise TrainError(f"the checkpoint is at step {start}, past --steps {settings.steps}")
+    return settings, loop, ckpt_folder, ckpt_state
 
+
+def _load_data(settings, dist_info, show):
+    """(dataset, patch size, the config fields the data fix), checked against the overrides."""
     from djepa.data import build_dataset
-    from djepa.models import build
 
     dataset = build_dataset(settings.data, "train", progress=show, **settings.data_options)
     skipped = getattr(dataset, "skipped", None)
@@ -472,6 +537,14 @@ def _train(settings, out, dist_info, signals, *, resume, given, loop_given, prog
     for k, v in from_data.items():
         if k in settings.overrides and settings.overrides[k] != v:
             raise TrainError(f"override {k}={settings.overrides[k]} contradicts the data ({k}={v})")
+    return dataset, patch, from_data
+
+
+def _build_model(settings, from_data, backend, ckpt_state, ckpt_folder):
+    """The model, initialised from the run's seed (CheckpointError if a resumed checkpoint's
+    config differs)."""
+    from djepa.models import build
+
     torch.manual_seed(settings.seed)
     try:
         model = build(settings.preset, **{**settings.overrides, **from_data, "backend": backend})
@@ -483,113 +556,130 @@ def _train(settings, out, dist_info, signals, *, resume, given, loop_given, prog
         if diff:
             raise CheckpointError(f"checkpoint {ckpt_folder!r} has another model config "
                                   f"({', '.join(diff)} differ)")
-    model.to(dev)
-    tokenizer = make_tokenizer(dataset.channels, patch)
-    optimizer = torch.optim.AdamW(_param_groups(model, settings.weight_decay), lr=settings.lr,
-                                  betas=settings.betas, weight_decay=settings.weight_decay)
-    generator = torch.Generator(device=dev)
-    generator.manual_seed(settings.seed * 7919 + dist_info.rank + 1)
-    if ckpt_state is not None:
-        load_weights(model, ckpt_folder)
-        restore_optimizer(optimizer, ckpt_folder, ckpt_state)
-        rngs = ckpt_state.get("rng", [])
-        if len(rngs) == dist_info.world:
-            set_rng_state(rngs[dist_info.rank], generator, dev)
-        else:  # another process count: the batches still replay, the masks/noise reseed
-            torch.manual_seed(settings.seed + start)
-            generator.manual_seed(settings.seed * 7919 + dist_info.rank + 1 + start)
+    return model
 
-    net = model
-    if dist_info.world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
 
-        net = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-    stop = settings.steps if stop_after is None else min(settings.steps, start + stop_after)
-    sampler = StepBatches(len(dataset), settings.batch_size, settings.seed, dist_info.rank,
-                          dist_info.world, start, stop)
-    metrics_path = os.path.join(out, METRICS_FILE)
-    if dist_info.is_main:  # every check passed: now the folder may change
-        if ckpt_state is None:
-            _fresh_metrics(out)
-        else:
-            aside = supersede(out, start, also=(METRICS_FILE,))
-            if aside:
-                print(f"djepa train: resuming step {start}: the later checkpoints are moved aside into {aside}",
-                      file=sys.stderr)
-            _truncate_metrics(metrics_path, start)
-    distributed.broadcast_object(dist_info, None)  # no rank starts before the folder is ready
+def _restore(model, optimizer, generator, settings, dist_info, ckpt_folder, ckpt_state):
+    """A resumed run's weights, optimizer state and random state."""
+    start = ckpt_state["step"]
+    load_weights(model, ckpt_folder)
+    restore_optimizer(optimizer, ckpt_folder, ckpt_state)
+    rngs = ckpt_state.get("rng", [])
+    if len(rngs) == dist_info.world:
+        set_rng_state(rngs[dist_info.rank], generator, dist_info.device)
+    else:  # another process count: the batches still replay, the masks/noise reseed
+        torch.manual_seed(settings.seed + start)
+        generator.manual_seed(settings.seed * 7919 + dist_info.rank + 1 + start)
 
-    def checkpoint(step):
-        rng = distributed.all_gather_object(dist_info, rng_state(generator, dev))
-        path = None
-        if dist_info.is_main:
-            doc = {"preset": settings.preset, "config": model.config.to_dict(),
-                   "settings": settings.to_dict(), "loop": loop,
-                   "data": {**dataset.describe(), "spec": settings.data, "patch_size": patch},
-                   "rng": rng, "world_size": dist_info.world,
-                   "djepa_version": _version(), "torch_version": torch.__version__,
-                   "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-            path = save_checkpoint(out, step, model, optimizer, doc, keep=loop["keep"])
-            if plot:
-                _plot_losses(metrics_path, os.path.join(out, LOSS_PLOT))
-        return distributed.broadcast_object(dist_info, path)
 
+def _prepare_folder(run):
+    """A fresh run's metrics start empty; a resumed one moves later checkpoints aside and cuts
+    the metrics back to its step (rank 0)."""
+    if run.resumed is None:
+        _fresh_metrics(run.out)
+        return
+    aside = supersede(run.out, run.start, also=(METRICS_FILE,))
+    if aside:
+        print(f"djepa train: resuming step {run.start}: the later checkpoints are moved aside into {aside}",
+              file=sys.stderr)
+    _truncate_metrics(run.metrics_path, run.start)
+
+
+def _loop(run, signals, *, num_workers, plot, show) -> TrainResult:
+    """The steps from run.start to run.stop: logs every log_every steps, checkpoints every
+    ckpt_every steps, at the end and on a signal (then TrainInterrupted)."""
+    from tqdm.auto import tqdm
+
+    settings, optimizer, dist_info = run.settings, run.optimizer, run.dist
     signum = distributed.any_rank(dist_info, signals.signum)
     if signum:
-        raise TrainInterrupted(signum, start, ckpt_folder, out, dist_info.is_main)
-    bar = tqdm(total=settings.steps, initial=start, disable=not show, desc="train", unit="step",
+        raise TrainInterrupted(signum, run.start, run.resumed, run.out, dist_info.is_main)
+    bar = tqdm(total=settings.steps, initial=run.start, disable=not show, desc="train", unit="step",
                dynamic_ncols=True)
     losses, window, last_ckpt, t0 = [], [], None, time.perf_counter()
-    net.train()
-    step = start
-    for images, labels in _batches(dataset, sampler, num_workers):
-        images = images.to(dev, non_blocking=True)
-        labels = labels.to(dev, non_blocking=True)
+    run.net.train()
+    step = run.start
+    for images, labels in _batches(run.dataset, run.sampler, num_workers):
         lr = settings.lr_at(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        tokens = tokenizer.encode(images)
-        with _autocast(dev, settings.precision):
-            out_dict = net(tokens, labels, generator=generator)
-        loss = out_dict["loss"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            [p for g in optimizer.param_groups for p in g["params"]], settings.grad_clip)
-        optimizer.step()
-        model.update_ema()
+        window.append(_train_step(run, images, labels))
         step += 1
         signum = distributed.any_rank(dist_info, signals.signum)  # every rank stops at the same step
-        window.append(torch.stack([loss.detach().float(), out_dict["diffusion"].detach().float(),
-                                   out_dict["jepa"].detach().float(), grad_norm.detach().float()]))
-        boundary = step % loop["ckpt_every"] == 0 or step == stop or signum
-        if step % loop["log_every"] == 0 or boundary:
-            vals = torch.stack(window).cpu()
+        boundary = step % run.loop["ckpt_every"] == 0 or step == run.stop or signum
+        if step % run.loop["log_every"] == 0 or boundary:
+            losses.extend(_log(run, window, step, lr, t0, bar))
             window = []
-            mean = distributed.mean(dist_info, vals.mean(0))
-            if not (torch.isfinite(vals).all() and torch.isfinite(mean).all()):
-                raise TrainError(f"the loss became non-finite by step {step} (lr {lr:.3g}); "
-                                 f"lower --lr or check the data. The last good checkpoint is kept.")
-            losses.extend({"loss": v[0].item(), "diffusion": v[1].item(), "jepa": v[2].item()} for v in vals)
-            if dist_info.is_main:
-                elapsed = time.perf_counter() - t0
-                rec = {"step": step, "loss": mean[0].item(), "diffusion": mean[1].item(),
-                       "jepa": mean[2].item(), "grad_norm": mean[3].item(), "lr": lr,
-                       "steps_per_s": (step - start) / max(elapsed, 1e-9), "elapsed_s": elapsed}
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}")
         bar.update(1)
         if boundary:
-            last_ckpt = checkpoint(step)
+            last_ckpt = _save(run, step, plot)
         if signum:
             bar.close()
-            raise TrainInterrupted(signum, step, last_ckpt, out, dist_info.is_main)
+            raise TrainInterrupted(signum, step, last_ckpt, run.out, dist_info.is_main)
     bar.close()
-    if step == start and dist_info.is_main:
-        last_ckpt = ckpt_folder
+    if step == run.start and dist_info.is_main:
+        last_ckpt = run.resumed
     return TrainResult(step=step, checkpoint=last_ckpt, losses=losses,
-                       metrics=metrics_path if dist_info.is_main else None, model=model)
+                       metrics=run.metrics_path if dist_info.is_main else None, model=run.model)
+
+
+def _train_step(run, images, labels) -> torch.Tensor:
+    """One optimizer step (forward, backward, clipping, AdamW, EMA) at the learning rate the
+    optimizer holds; returns (loss, diffusion loss, JEPA loss, gradient norm), detached."""
+    settings, optimizer, dev = run.settings, run.optimizer, run.dist.device
+    images = images.to(dev, non_blocking=True)
+    labels = labels.to(dev, non_blocking=True)
+    tokens = run.tokenizer.encode(images)
+    with _autocast(dev, settings.precision):
+        out_dict = run.net(tokens, labels, generator=run.generator)
+    loss = out_dict["loss"]
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(
+        [p for g in optimizer.param_groups for p in g["params"]], settings.grad_clip)
+    optimizer.step()
+    run.model.update_ema()
+    return torch.stack([loss.detach().float(), out_dict["diffusion"].detach().float(),
+                        out_dict["jepa"].detach().float(), grad_norm.detach().float()])
+
+
+def _log(run, window, step, lr, t0, bar) -> list:
+    """The window's rows, averaged over them and the ranks into a metrics.jsonl record (rank 0);
+    TrainError if any is not finite. Returns this rank's per-step losses."""
+    vals = torch.stack(window).cpu()
+    mean = distributed.mean(run.dist, vals.mean(0))
+    if not (torch.isfinite(vals).all() and torch.isfinite(mean).all()):
+        raise TrainError(f"the loss became non-finite by step {step} (lr {lr:.3g}); "
+                         f"lower --lr or check the data. The last good checkpoint is kept.")
+    if run.dist.is_main:
+        elapsed = time.perf_counter() - t0
+        rec = {"step": step, "loss": mean[0].item(), "diffusion": mean[1].item(),
+               "jepa": mean[2].item(), "grad_norm": mean[3].item(), "lr": lr,
+               "steps_per_s": (step - run.start) / max(elapsed, 1e-9), "elapsed_s": elapsed}
+        with open(run.metrics_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}")
+    return [{"loss": v[0].item(), "diffusion": v[1].item(), "jepa": v[2].item()} for v in vals]
+
+
+def _save(run, step, plot) -> Optional[str]:
+    """A checkpoint at `step` (rank 0 writes it, every rank's random state in it) and the loss
+    plot; returns its folder on every rank."""
+    dist_info = run.dist
+    rng = distributed.all_gather_object(dist_info, rng_state(run.generator, dist_info.device))
+    path = None
+    if dist_info.is_main:
+        settings = run.settings
+        doc = {"preset": settings.preset, "config": run.model.config.to_dict(),
+               "settings": settings.to_dict(), "loop": run.loop,
+               "data": {**run.dataset.describe(), "spec": settings.data, "patch_size": run.patch},
+               "rng": rng, "world_size": dist_info.world,
+               "djepa_version": _version(), "torch_version": torch.__version__,
+               "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        path = save_checkpoint(run.out, step, run.model, run.optimizer, doc, keep=run.loop["keep"])
+        if plot:
+            _plot_losses(run.metrics_path, os.path.join(run.out, LOSS_PLOT))
+    return distributed.broadcast_object(dist_info, path)
 
 
 def _plot_losses(metrics_path, png):

@@ -87,6 +87,18 @@ def _gpu_machine_dispatch(monkeypatch):
     monkeypatch.setattr(interpreter.InterpretedFunction, "run", launch)
 
 
+@pytest.fixture(scope="session")
+def ext():
+    """The built djepa._C (tests/test_build*.py); skips where it was not built, and fails instead
+    under DJEPA_REQUIRE_C=1 (CI, which builds it)."""
+    module = backends.cuda_extension()
+    if module is None:
+        if os.environ.get("DJEPA_REQUIRE_C") == "1":
+            pytest.fail(f"DJEPA_REQUIRE_C=1 but {backends.cuda_extension_error()}")
+        pytest.skip(f"djepa._C is not built here: {backends.cuda_extension_error()}")
+    return module
+
+
 @pytest.fixture
 def triton_device():
     if backends.triton_unavailable_reason("ema_update_", TRITON_DEVICE) is not None:

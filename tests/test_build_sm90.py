@@ -2,7 +2,7 @@
 registered, documented, built with sm_90a code when the build names 90a, and refuse clearly
 (RuntimeError naming the function, never a crash) without a GPU.
 
-Skipped where _C was not built, unless DJEPA_REQUIRE_C=1 (CI), as tests/test_build.py does.
+Skipped where _C was not built, unless DJEPA_REQUIRE_C=1 (CI): the `ext` fixture of conftest.py.
 """
 import os
 import shutil
@@ -13,18 +13,7 @@ import torch
 
 from djepa import backends
 
-REQUIRE = os.environ.get("DJEPA_REQUIRE_C") == "1"
 SM90_FUNCTIONS = ("masked_attention_fwd_sm90", "masked_attention_bwd_sm90", "gemm_sm90")
-
-
-@pytest.fixture(scope="module")
-def ext():
-    module = backends.cuda_extension()
-    if module is None:
-        if REQUIRE:
-            pytest.fail(f"DJEPA_REQUIRE_C=1 but {backends.cuda_extension_error()}")
-        pytest.skip(f"djepa._C is not built here: {backends.cuda_extension_error()}")
-    return module
 
 
 @pytest.mark.parametrize("name", SM90_FUNCTIONS)
@@ -58,10 +47,85 @@ def test_sm90_entry_points_refuse_without_a_gpu(ext, name):
         _calls(ext)[name]()
 
 
+# --- the boundary of gemm_sm90: gemm's argument checks, its own split range and workspace -----
+HOST = torch.zeros(1 << 16)
+P = HOST.data_ptr()  # host memory: refused before anything reads it
+GEMM = dict(a=P, b=P, c=P, bias=0, M=16, N=16, K=16, a_trans=0, b_trans=1, epilogue=0, aux1=0, aux2=0, aux_out=0,
+            dtype=1, stream=0)
+SPLIT = dict(K=512, splits=2, workspace=P)  # any epilogue may split on sm_90a
+WRONG = [
+    (dict(dtype=0), r"unsupported dtype code 0 \(float32\)"),
+    (dict(M=-1), r"M=-1 is outside \[0, 2147483647\]"),
+    (dict(K=2 ** 31), r"K=2147483648 is outside"),
+    (dict(b_trans=3), r"b_trans must be 0 or 1, got 3"),
+    (dict(epilogue=20), r"unknown epilogue 20"),
+    (dict(epilogue=2, aux1=P, aux2=P, aux2_ld=15), r"aux2_ld .*=15 is outside \[16, "),
+    (dict(epilogue=2, aux2=P, aux2_ld=48), r"aux1 is required by epilogue 2"),
+    (dict(epilogue=3), r"aux1 is required by epilogue 3"),
+    (dict(c=0), r"c is required"),
+    (dict(b=0), r"b is required when K > 0"),
+    (dict(aux2=P + 1, epilogue=2, aux1=P, aux2_ld=48), r"aux2=0x[0-9a-f]+ is not aligned to 2 bytes"),
+    (dict(epilogue=17, c=P + 2, aux_out=P), r"c=0x[0-9a-f]+ is not aligned to 4 bytes"),
+    (dict(splits=65), r"splits \(0 = automatic\)=65 is outside \[0, 64\]"),
+    (dict(splits=-1), r"splits \(0 = automatic\)=-1 is outside \[0, 64\]"),
+    (dict(SPLIT, workspace=P + 4, workspace_numel=512), r"workspace=0x[0-9a-f]+ is not aligned to 16 bytes"),
+    (dict(SPLIT), r"workspace_numel=0 float32 is too small for splits \* M \* N = 512"),
+    (dict(SPLIT, workspace_numel=511), r"workspace_numel=511 float32 is too small for splits \* M \* N = 512"),
+    (dict(SPLIT, epilogue=1, splits=3, workspace_numel=767), r"workspace_numel=767 float32 is too small for splits \* M \* N = 768"),
+    # 10 k-tiles of 64 asked to split 6 ways run as 5 splits of 2: the workspace holds 5 partials
+    (dict(SPLIT, K=640, splits=6, workspace_numel=5 * 256 - 1), r"workspace_numel=1279 float32 is too small for splits \* M \* N = 1280"),
+]
+STILL_VALID = [
+    dict(SPLIT, workspace_numel=512),
+    dict(SPLIT, K=640, splits=6, workspace_numel=5 * 256),
+    dict(SPLIT, workspace=0),             # no workspace: the call allocates its own
+    dict(splits=1, workspace=P),          # one split: the workspace is not used, its size not asked
+    dict(epilogue=2, aux1=P, aux2=P + 64, aux2_ld=16),
+]
+
+
+@pytest.mark.parametrize("changes, message", WRONG, ids=["-".join(c) for c, _ in WRONG])
+def test_gemm_sm90_refuses_each_wrong_argument_before_the_gpu(ext, changes, message):
+    with pytest.raises(ValueError, match=rf"^djepa\._C\.gemm_sm90: {message}"):
+        ext.gemm_sm90(**{**GEMM, **changes})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU refusal; a GPU is visible")
+@pytest.mark.parametrize("changes", STILL_VALID, ids=["-".join(c) for c in STILL_VALID])
+def test_gemm_sm90_lets_valid_calls_through_to_the_device(ext, changes):
+    with pytest.raises(RuntimeError, match=r"^djepa\._C\.gemm_sm90: no (usable )?CUDA device"):
+        ext.gemm_sm90(**{**GEMM, **changes})
+
+
+def test_an_empty_gemm_sm90_returns_without_a_gpu(ext):
+    assert ext.gemm_sm90(**{**GEMM, "M": 0, "a": 0, "b": 0, "c": 0}) is None
+
+
+def test_gemm_sm90_splits_checks_its_arguments(ext):
+    for kw, message in [(dict(M=-1), r"M=-1 is outside"), (dict(N=2 ** 31), r"N=2147483648 is outside"),
+                        (dict(K=-5), r"K=-5 is outside"), (dict(splits=65), r"splits \(0 = automatic\)=65")]:
+        with pytest.raises(ValueError, match=rf"^djepa\._C\.gemm_sm90_splits: {message}"):
+            ext.gemm_sm90_splits(**{**dict(M=16, N=16, K=16, sms=132), **kw})
+
+
+@pytest.mark.parametrize("archs, holds", [
+    ("90a", True), ("80,90a", True), ("80;90a", True), ("80, 90a-real", True), ("90a-virtual", True),
+    ("80,90", False), ("90", False), ("80", False), ("", False), ("90a0", False), ("890a", False),
+    ("90a-realistic", False), ("native", False), ("all-major", False),
+])
+def test_the_sm90a_entry_points_know_a_90a_build_from_a_plain_90_one(ext, archs, holds):
+    """The rule gemm_sm90 applies to this build's arch list before anything else (a plain 90 pass
+    compiles the Hopper kernels as empty bodies); this build (`cuda_archs`) passes it iff it
+    names 90a, and lists wgmma ops iff it does."""
+    assert ext.build_has_arch(archs, "90a") is holds
+    assert ext.build_has_arch(ext.cuda_archs, "90a") == ("90a" in backends.parse_archs(ext.cuda_archs))
+    assert bool(ext.wgmma_ops) == ext.build_has_arch(ext.cuda_archs, "90a")
+
+
 def test_gemm_sm90_takes_an_optional_split_count(ext):
     # The extra trailing argument (splits) of gemm_sm90 over gemm's contract has a default.
     doc = ext.gemm_sm90.__doc__ or ""
-    assert "splits" in doc and "aux2_ld" in doc, doc
+    assert "splits" in doc and "aux2_ld" in doc and "workspace_numel" in doc, doc
 
 
 def _cuobjdump():

@@ -704,41 +704,13 @@ def test_adaln_block_triton_several_row_tiles_per_program(triton_device, M, W, d
 
 
 # --------------- the CUDA path's plumbing, on the CPU with a stand-in for djepa._C -----------
-class _FakeDenoiseC:
-    """djepa._C's denoise entry points as Python sees them (no kernel runs): records each call
-    with the device current at the call (set by the fake device guard) and the stream's device,
-    and what gemm was asked to split. gemm_splits answers 3 for the weight gradients."""
-
-    def __init__(self, guard, streams):
-        self.guard, self.streams, self.calls = guard, streams, []
-
-    def _rec(self, name, stream, **info):
-        self.calls.append(dict(name=name, current=self.guard.current, stream=self.streams[stream], **info))
-
-    def adaln_rows_per_block(self):
-        return 64
-
-    def gemm_splits(self, M, N, K, epilogue, has_bias):
-        self.calls.append(dict(name="gemm_splits", current=self.guard.current, stream=None))
-        return 3 if epilogue == 16 and not has_bias else 1
-
-    def adaln_modulate_fwd(self, x, mod, ln_w, ln_b, h, stats, M, W, eps, dtype, stream, mod_ld):
-        self._rec("adaln_modulate_fwd", stream)
-
-    def adaln_modulate_bwd(self, x, mod, ln_w, ln_b, stats, dh, dx, dmod, dwp, dbp, M, W, dtype, stream):
-        self._rec("adaln_modulate_bwd", stream)
-
-    def gemm(self, a, b, c, bias, M, N, K, a_trans, b_trans, epilogue, aux1, aux2, aux_out, dtype, stream,
-             aux2_ld, workspace=0, splits=1):
-        self._rec("gemm", stream, epilogue=epilogue, workspace=workspace, splits=splits)
-
-    def denoise_update(self, x, model_out, noise, out, xin_out, B, C, out_ld, cfg, cfg_scale, coef_x, coef_eps,
-                       min_log, max_log, noise_scale, dtype, stream):
-        self._rec("denoise_update", stream)
-
-
-def _fake_denoise_c(monkeypatch):
+def _fake_denoise_c(monkeypatch, rows_per_block=64):
+    """tests/fake_c.FakeC behind the ops: each call records the device current at the call (set by
+    a fake device guard), its stream's device, and the bytes of every buffer handed over, checked
+    against the kernel's contract. gemm_splits answers 3 for the weight gradients."""
     import contextlib
+
+    from fake_c import FakeC, watch_denoise
 
     from djepa.ops import _dispatch
 
@@ -756,7 +728,9 @@ def _fake_denoise_c(monkeypatch):
             return cm()
 
     guard, streams = Guard(), {}
-    ext = _FakeDenoiseC(guard, streams)
+    ext = FakeC(watch_denoise(monkeypatch), current=lambda: guard.current, stream_device=streams.get,
+                splits=lambda M, N, K, epilogue, has_bias: 3 if epilogue == 16 and not has_bias else 1,
+                rows_per_block=rows_per_block)
     monkeypatch.setattr(backends, "cuda_extension", lambda: ext)
     monkeypatch.setattr(backends, "cuda_unavailable_reason", lambda op, device: None)
     monkeypatch.setattr(_dispatch, "on_device", guard)
@@ -780,12 +754,70 @@ def test_cuda_paths_launch_under_the_tensors_device_and_split_weight_gradients(m
         ce = mlp.cond_embed(torch.randn(6, 6, generator=gen).half())
         denoise_step(mlp, xs, ce, d, 5, cfg_scale=2.0, backend="cuda")
         sample(mlp, torch.randn(6, 6, generator=gen).half(), steps=2, cfg_scale=2.0, backend="cuda")
-    names = {c["name"] for c in ext.calls}
+    names = {c.name for c in ext.calls}
     assert {"adaln_modulate_fwd", "adaln_modulate_bwd", "gemm", "gemm_splits", "denoise_update"} <= names
     for c in ext.calls:
-        assert c["current"] == x.device, f"{c['name']} ran outside the tensors' device guard"
-        assert c["stream"] in (None, x.device), f"{c['name']} got another device's stream"
-    grads = [c for c in ext.calls if c["name"] == "gemm" and c["epilogue"] == 16]
-    assert len(grads) == 2 and all(c["splits"] == 3 and c["workspace"] != 0 for c in grads)
-    assert all(c["splits"] == 1 and c["workspace"] == 0 for c in ext.calls if c["name"] == "gemm" and c["epilogue"] != 16)
+        assert c.current == x.device, f"{c.name} ran outside the tensors' device guard"
+        assert c.stream in (None, x.device), f"{c.name} got another device's stream"
+    grads = [c for c in ext.named("gemm") if c.arg["epilogue"] == 16]
+    assert len(grads) == 2 and all(c.arg["splits"] == 3 and c.arg["workspace"] != 0 for c in grads)
+    assert all(c.arg["splits"] == 1 and c.arg["workspace"] == 0 for c in ext.named("gemm") if c.arg["epilogue"] != 16)
     assert guard.current is None
+
+
+def test_cuda_adaln_block_hands_cpp_buffers_of_the_contract_sizes(monkeypatch):
+    """The bytes behind every pointer of the block's forward and backward: the split-K weight
+    gradients' workspace holds (splits - 1) * W * W floats and says so, the LayerNorm partials
+    ceil(M / rows_per_block) rows, the gate a view of mod with its row stride."""
+    ext, _ = _fake_denoise_c(monkeypatch, rows_per_block=4)
+    gen = torch.Generator().manual_seed(6)
+    M, W = 9, 16
+    ts = [t.half().requires_grad_() for t in _block_inputs(M, W, torch.float32, "cpu", gen)]
+    adaln_block(*ts, backend="cuda").sum().backward()
+    fwd, = ext.named("adaln_modulate_fwd")
+    assert fwd.arg["mod_ld"] == 3 * W and fwd.sizes["mod"] == M * 3 * W * 2 and fwd.sizes["stats"] == M * 2 * 4
+    assert fwd.sizes["x"] == fwd.sizes["h"] == M * W * 2 and fwd.sizes["ln_w"] == W * 2
+    bwd, = ext.named("adaln_modulate_bwd")
+    assert bwd.sizes["dln_w_partial"] == bwd.sizes["dln_b_partial"] == math.ceil(M / 4) * W * 4
+    assert bwd.sizes["dmod"] == bwd.sizes["mod"] == M * 3 * W * 2 and bwd.sizes["stats"] == M * 2 * 4
+    gemms = ext.named("gemm")
+    assert [c.arg["epilogue"] for c in gemms] == [1, 2, 16, 3, 16, 0]
+    silu, gate, dw2, dp, dw1, dh = gemms
+    assert silu.sizes["aux_out"] == gate.sizes["aux_out"] == M * W * 2  # saved pre-activations
+    assert gate.arg["aux2_ld"] == 3 * W and gate.sizes["aux2"] == (M * 3 * W - 2 * W) * 2  # the gate chunk of mod
+    assert dp.sizes["aux1"] == M * W * 2
+    for g in (dw2, dw1):  # weight gradients [W, W] float32, K = M tokens split in 3
+        assert (g.arg["M"], g.arg["N"], g.arg["K"], g.arg["splits"]) == (W, W, M, 3)
+        assert g.sizes["c"] == W * W * 4
+        assert g.arg["workspace_numel"] == 2 * W * W and g.sizes["workspace"] == 2 * W * W * 4
+    for g in (silu, gate, dp, dh):
+        assert g.arg["splits"] == 1 and g.arg["workspace"] == 0 and g.arg["workspace_numel"] == 0
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 2.0])
+def test_cuda_denoise_step_hands_cpp_buffers_of_the_contract_sizes(monkeypatch, cfg_scale):
+    """One fused step: every block's LayerNorm reads its own chunk of the one modulation GEMM's
+    output (row stride (3 * depth + 2) * W), the update reads [B or 2B, 2C] model outputs."""
+    ext, _ = _fake_denoise_c(monkeypatch)
+    gen = torch.Generator().manual_seed(7)
+    depth, W, C, B = 2, 32, 4, 3
+    mlp = _head(gen, in_ch=C, w=W, depth=depth).half()
+    cfg = cfg_scale != 1.0
+    rows = 2 * B if cfg else B
+    with torch.no_grad():
+        ce = mlp.cond_embed(torch.randn(rows, 6, generator=gen).half())
+        denoise_step(mlp, torch.randn(B, C, generator=gen), ce, create_diffusion("10"), 5, cfg_scale=cfg_scale,
+                     backend="cuda")
+    NM = (3 * depth + 2) * W
+    lns = ext.named("adaln_modulate_fwd")
+    assert len(lns) == depth + 1 and all(c.arg["mod_ld"] == NM and c.arg["M"] == rows for c in lns)
+    offsets = [3 * W * i for i in range(depth)] + [3 * W * depth]
+    assert [c.sizes["mod"] for c in lns] == [(rows * NM - off) * 2 for off in offsets]
+    assert [c.arg["ln_w"] != 0 for c in lns] == [True] * depth + [False]  # the final layer has no affine
+    update, = ext.named("denoise_update")
+    assert (update.arg["B"], update.arg["C"], update.arg["out_ld"], update.arg["cfg"]) == (B, C, 2 * C, int(cfg))
+    assert update.sizes["model_out"] == rows * 2 * C * 2
+    assert update.sizes["x"] == update.sizes["out"] == update.sizes["noise"] == B * C * 4
+    assert update.sizes.get("cfg_scale") == (4 if cfg else None)
+    gates = [c for c in ext.named("gemm") if c.arg["epilogue"] == 2]
+    assert [c.sizes["aux2"] for c in gates] == [(rows * NM - 3 * W * i - 2 * W) * 2 for i in range(depth)]

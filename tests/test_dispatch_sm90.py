@@ -21,6 +21,7 @@ from djepa.ops import _dispatch, adaln_block, masked_attention, masked_attention
 from djepa.ops import attention as attn_op
 from djepa.ops import denoise as denoise_op
 from djepa.testing import assert_close_to_reference, poison_
+from fake_c import Buffers, Call, FakeC, watch_denoise
 
 ATTENTION_FNS = ("masked_attention_fwd", "masked_attention_bwd")
 SM90_ATTENTION_FNS = ("masked_attention_fwd_sm90", "masked_attention_bwd_sm90")
@@ -71,29 +72,18 @@ def test_gemm_sm90_splits_plans_without_a_gpu_given_the_sm_count():
 
 
 # ----------------------------------------------------------------------------- faked GPU
-class _Ext:
-    """A djepa._C stand-in: the attributes the dispatch reads, and every entry point recording
-    (name, args) without running anything."""
+class _Ext(FakeC):
+    """A djepa._C stand-in: the attributes the dispatch reads, the denoise entry points of
+    tests/fake_c.FakeC (recording the bytes behind every pointer, checked against the contract),
+    and the attention entry points recording (name, args) without running anything."""
 
-    cuda_version = "13.0"
-    registered = ()
-
-    def __init__(self, archs="80,90a", wgmma_ops=WGMMA_OPS, splits=1):
-        self.cuda_archs, self.wgmma_ops, self.splits, self.calls = archs, tuple(wgmma_ops), splits, []
-
-    def adaln_rows_per_block(self):
-        return 64
-
-    def gemm_splits(self, M, N, K, epilogue, has_bias):
-        return 1
-
-    def gemm_sm90_splits(self, M, N, K, splits=0, sms=0):
-        self.calls.append(("gemm_sm90_splits", (M, N, K)))
-        return self.splits if K >= 64 else 1
+    def __init__(self, archs="80,90a", wgmma_ops=WGMMA_OPS, splits=1, buffers=None):
+        super().__init__(buffers or Buffers(), archs=archs, wgmma_ops=wgmma_ops,
+                         sm90_splits=lambda M, N, K: splits if K >= 64 else 1)
 
     def __getattr__(self, name):
-        if name.startswith(("masked_attention_", "gemm", "adaln_modulate_", "denoise_update", "ema_update")):
-            return lambda *args: self.calls.append((name, args))
+        if name.startswith("masked_attention_"):
+            return lambda *args: self.calls.append(Call(name, args))
         raise AttributeError(name)
 
 
@@ -186,7 +176,7 @@ def test_no_keys_launches_nothing_on_the_sm90_path(faked, monkeypatch):
 
 @pytest.mark.parametrize("splits", [1, 3])
 def test_denoise_gemms_go_to_gemm_sm90_with_a_workspace_for_split_k(faked, monkeypatch, splits):
-    faked["ext"] = ext = _Ext(splits=splits)
+    faked["ext"] = ext = _Ext(splits=splits, buffers=watch_denoise(monkeypatch))
     _device_free_launches(monkeypatch, True)
     gen = torch.Generator().manual_seed(3)
     M, W = 70, 64
@@ -195,22 +185,27 @@ def test_denoise_gemms_go_to_gemm_sm90_with_a_workspace_for_split_k(faked, monke
     adaln_block(*ts, backend="cuda").sum().backward()
     names = [c[0] for c in ext.calls]
     assert "gemm" not in names and "gemm_splits" not in names
-    gemms = [args for name, args in ext.calls if name == "gemm_sm90"]
+    gemms = ext.named("gemm_sm90")
     assert len(gemms) == 6 and names.count("gemm_sm90_splits") == 6  # 2 forward, 4 backward
-    for args in gemms:
-        assert len(args) == 18
-        workspace, n = args[16], args[17]
-        assert n == splits and (workspace != 0) == (splits > 1)
-    assert {args[9] for args in gemms} == {0, 1, 2, 3, 16}  # none, SiLU, gate, dSiLU, fp32 weight gradients
+    for c in gemms:
+        assert len(c[1]) == 19
+        assert c.arg["splits"] == splits and (c.arg["workspace"] != 0) == (splits > 1)
+        # every split's M x N float32 partial, and the workspace says how many floats it holds
+        need = splits * c.arg["M"] * c.arg["N"] if splits > 1 else 0
+        assert c.arg["workspace_numel"] == need and c.sizes.get("workspace", 0) == need * 4
+    assert [c.arg["epilogue"] for c in gemms] == [1, 2, 16, 3, 16, 0]  # none, SiLU, gate, dSiLU, fp32 weight gradients
+    assert [(c.arg["M"], c.arg["N"], c.arg["K"]) for c in gemms] == [
+        (M, W, W), (M, W, W), (W, W, M), (M, W, W), (W, W, M), (M, W, W)]
 
 
 def test_denoise_gemms_stay_on_gemm_where_there_is_no_wgmma(faked, monkeypatch):
-    faked["ext"] = ext = _Ext()
+    faked["ext"] = ext = _Ext(buffers=watch_denoise(monkeypatch))
     _device_free_launches(monkeypatch, False)
     ts = [torch.randn(*s).half() for s in ((5, 16), (5, 48), (16,), (16,), (16, 16), (16,), (16, 16), (16,))]
     adaln_block(*ts, backend="cuda")
     names = {c[0] for c in ext.calls}
     assert "gemm" in names and not any(n.startswith("gemm_sm90") for n in names)
+    assert all(c.sizes["c"] == 5 * 16 * 2 for c in ext.named("gemm"))
 
 
 def test_static_rule_prefers_the_wgmma_kernels_on_sm90_and_info_says_so(faked, monkeypatch):
@@ -421,5 +416,5 @@ def test_gemm_sm90_layouts_and_forced_splits(kernels, a_trans, b_trans, M, N, K,
         c = poison_(torch.empty(M, N, device="cuda", dtype=out_dtype))
         ext.gemm_sm90(a.data_ptr(), b.data_ptr(), c.data_ptr(), 0, M, N, K, a_trans, b_trans, epilogue, 0, 0, 0,
                       _dispatch.dtype_code(torch.bfloat16), _dispatch.stream_handle(c.device), 0,
-                      0 if ws is None else ws.data_ptr(), s)
+                      0 if ws is None else ws.data_ptr(), s, 0 if ws is None else ws.numel())
         assert_close_to_reference(c, low, ref, atol=1e-2, what=f"gemm_sm90 splits={s} out={out_dtype}")

@@ -460,14 +460,16 @@ def test_triton_aligned_fast_path_and_element_tails(triton_device, ema_dtype, x_
     assert torch.equal(flat[untouched], flat_before[untouched])
 
 
-def test_cuda_path_launches_under_the_tensors_device_on_its_stream(monkeypatch):
-    """With a stand-in for djepa._C on the CPU: every launch happens under the tensors' device
-    (the fake guard records it) and gets that device's stream."""
+def _fake_ema_c(monkeypatch, *tensors):
+    """tests/fake_c.FakeC behind the op, knowing `tensors`' buffers, with a fake device guard:
+    (fake, state) where state["current"] is the device the guard made current."""
     import contextlib
+
+    from fake_c import Buffers, FakeC
 
     from djepa.ops import _dispatch
 
-    calls, state = [], {"current": None}
+    state = {"current": None}
 
     @contextlib.contextmanager
     def guard(device):
@@ -477,21 +479,57 @@ def test_cuda_path_launches_under_the_tensors_device_on_its_stream(monkeypatch):
         finally:
             state["current"] = prev
 
-    class Ext:
-        def ema_update(self, ema_ptrs, x_ptrs, numels, edt, xdt, decay_ptr, decay, one_minus, stream):
-            calls.append((state["current"], stream))
-
-    monkeypatch.setattr(backends, "cuda_extension", lambda: Ext())
+    ext = FakeC(Buffers().add(*tensors), current=lambda: state["current"])
+    monkeypatch.setattr(backends, "cuda_extension", lambda: ext)
     monkeypatch.setattr(backends, "cuda_unavailable_reason", lambda op, device: None)
     monkeypatch.setattr(_dispatch, "on_device", guard)
     monkeypatch.setattr(_dispatch, "stream_handle", lambda device: ("stream of", device))
+    return ext, state
+
+
+def test_cuda_path_launches_under_the_tensors_device_on_its_stream(monkeypatch):
+    """With a stand-in for djepa._C on the CPU: every launch happens under the tensors' device
+    (the fake guard records it), gets that device's stream, and hands C++ each pair's element
+    counts and dtypes, whose bytes the buffers hold exactly."""
     emas, xs = _pairs([3, 5], torch.float32, torch.bfloat16, "cpu", 0)
     emas += [e.to(torch.bfloat16) for e in emas]
     xs += [x.clone() for x in xs]
+    ext, state = _fake_ema_c(monkeypatch, *emas, *xs)
     ema_update_(emas, xs, 0.9, backend="cuda")
-    assert len(calls) == 2  # one launch per dtype pair
-    assert all(cur == xs[0].device and stream == ("stream of", xs[0].device) for cur, stream in calls)
+    assert len(ext.calls) == 2  # one launch per dtype pair
+    assert all(c.current == xs[0].device and c.stream == ("stream of", xs[0].device) for c in ext.calls)
     assert state["current"] is None
+    for c, (es, ds) in zip(ext.calls, [(emas[:2], xs[:2]), (emas[2:], xs[2:])]):
+        assert c.arg["numels"] == [3, 5]
+        assert (c.arg["ema_dtype"], c.arg["x_dtype"]) == (_dispatch_code(es[0].dtype), _dispatch_code(ds[0].dtype))
+        assert (c.arg["decay"], c.arg["one_minus_decay"], c.arg["decay_ptr"]) == (0.9, 1.0 - 0.9, 0)
+        for i, (e, x) in enumerate(zip(es, ds)):
+            assert c.arg["ema_ptrs"][i] == e.data_ptr() and c.arg["x_ptrs"][i] == x.data_ptr()
+            assert c.sizes[f"ema_ptrs[{i}]"] == c.needs[f"ema_ptrs[{i}]"] == e.numel() * e.element_size()
+            assert c.sizes[f"x_ptrs[{i}]"] == c.needs[f"x_ptrs[{i}]"] == x.numel() * x.element_size()
+
+
+def _dispatch_code(dtype):
+    from djepa.ops import _dispatch
+
+    return _dispatch.dtype_code(dtype)
+
+
+def test_cuda_path_skips_empty_pairs_and_passes_views_by_their_own_extent(monkeypatch):
+    """Views into one flat buffer: each pointer is the view's first element and its count the
+    view's numel (never the rest of the buffer); empty pairs are not handed over at all."""
+    flat_e, flat_x = torch.zeros(40), torch.ones(40)
+    emas = [flat_e[0:7], flat_e[7:7], flat_e[10:30]]
+    xs = [flat_x[5:12], flat_x[0:0], flat_x[20:40]]
+    ext, _ = _fake_ema_c(monkeypatch, flat_e, flat_x, *emas, *xs)
+    ema_update_(emas, xs, torch.tensor(0.5), backend="cuda")
+    call, = ext.calls
+    assert call.arg["numels"] == [7, 20]
+    assert call.arg["ema_ptrs"] == [emas[0].data_ptr(), emas[2].data_ptr()]
+    assert call.arg["x_ptrs"] == [xs[0].data_ptr(), xs[2].data_ptr()]
+    assert call.needs == {"ema_ptrs[0]": 28, "x_ptrs[0]": 28, "ema_ptrs[1]": 80, "x_ptrs[1]": 80}
+    assert call.sizes == {"ema_ptrs[0]": 160, "x_ptrs[0]": 140, "ema_ptrs[1]": 120, "x_ptrs[1]": 80}
+    assert (call.arg["decay"], call.arg["one_minus_decay"]) == (0.5, 0.5)  # a CPU decay is read on the host
 
 
 @pytest.mark.parametrize("schedule", ["constant", "linear", "official"])
@@ -501,7 +539,7 @@ def test_ema_update_compiles_without_graph_breaks_or_recompiles(schedule):
     eager updates."""
     import copy
 
-    from djepa.models.official import official_ema_schedule
+    from djepa.models.ema_schedule import official_ema_schedule
     from djepa.nn import EMA
 
     torch._dynamo.reset()

@@ -1,6 +1,5 @@
 """tools/static_check.py: the gate's rules on synthetic records, its parsers, and one run of its
 default subset (compiles for sm_90 without a GPU: Triton's ptxas, nvcc for csrc/ema.cu)."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,16 +10,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOL = ROOT / "tools" / "static_check.py"
+sys.path.insert(0, str(ROOT / "tools"))
 
-
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("static_check", TOOL)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-sc = _load_tool()
+import sass  # noqa: E402  (tools/: the gate's modules)
+import static_cuda  # noqa: E402
+import static_report  # noqa: E402
+import static_rules  # noqa: E402
 
 
 def _rec(**kw):
@@ -29,50 +24,63 @@ def _rec(**kw):
     extra = {k: base.pop(k) for k in list(base) if k not in
              ("backend", "kernel", "variant", "arch", "regs", "spill_bytes", "stack_bytes", "smem_bytes",
               "wgmma", "mma_sync", "hot")}
-    return sc.record(base.pop("backend"), base.pop("kernel"), base.pop("variant"), base.pop("arch"), **base, **extra)
+    return static_rules.record(base.pop("backend"), base.pop("kernel"), base.pop("variant"), base.pop("arch"), **base, **extra)
 
 
 # ------------------------------------------------------------------------------ the rules
 def test_a_clean_record_passes():
-    assert sc.violations(_rec(regs=96)) == []
+    assert static_rules.violations(_rec(regs=96)) == []
 
 
 def test_a_spilling_hot_variant_fails():
-    assert any("spills" in v for v in sc.violations(_rec(spill_bytes=8)))
-    assert any("stack" in v for v in sc.violations(_rec(stack_bytes=16)))
+    assert any("spills" in v for v in static_rules.violations(_rec(spill_bytes=8)))
+    assert any("stack" in v for v in static_rules.violations(_rec(stack_bytes=16)))
 
 
 def test_spills_outside_the_hot_set_are_reported_not_failed():
-    assert sc.violations(_rec(spill_bytes=4096, stack_bytes=4096, hot=False)) == []
+    assert static_rules.violations(_rec(spill_bytes=4096, stack_bytes=4096, hot=False)) == []
 
 
 def test_shared_memory_over_the_limit_fails_hot_or_not():
-    assert sc.violations(_rec(smem_bytes=232448)) == []
+    assert static_rules.violations(_rec(smem_bytes=232448)) == []
     for hot in (True, False):
-        assert any("shared memory" in v for v in sc.violations(_rec(smem_bytes=262144, hot=hot)))
+        assert any("shared memory" in v for v in static_rules.violations(_rec(smem_bytes=262144, hot=hot)))
     # sm_80 has less: 163 KiB
-    assert any("shared memory" in v for v in sc.violations(_rec(arch=80, smem_bytes=166913)))
-    assert sc.violations(_rec(arch=80, smem_bytes=166912)) == []
+    assert any("shared memory" in v for v in static_rules.violations(_rec(arch=80, smem_bytes=166913)))
+    assert static_rules.violations(_rec(arch=80, smem_bytes=166912)) == []
 
 
 def test_a_matmul_kernel_without_wgmma_fails_on_sm90_only():
     mm = dict(kernel="_fwd_kernel", dtype="bfloat16", mma_sync=24)
-    assert any("wgmma" in v for v in sc.violations(_rec(**mm)))
-    assert sc.violations(_rec(**mm, wgmma=12)) == []
-    assert sc.violations(_rec(**mm, arch=80)) == []
-    assert sc.violations(_rec(**{**mm, "dtype": "float32"})) == []  # IEEE fp32 has no tensor-core path
-    assert sc.violations(_rec(**{**mm, "backend": "cuda"})) == []   # CUDA's Hopper kernels: issue 12
+    assert any("wgmma" in v for v in static_rules.violations(_rec(**mm)))
+    assert static_rules.violations(_rec(**mm, wgmma=12)) == []
+    assert static_rules.violations(_rec(**mm, arch=80)) == []
+    assert static_rules.violations(_rec(**{**mm, "dtype": "float32"})) == []  # IEEE fp32 has no tensor-core path
+    assert static_rules.violations(_rec(**{**mm, "backend": "cuda"})) == []   # CUDA's Hopper kernels: issue 12
 
 
 def test_the_ema_without_16_byte_accesses_fails():
     ema = dict(kernel="_ema_kernel", dtype="float32")
-    assert any("16-byte" in v for v in sc.violations(_rec(**ema, vector_ldst=dict(ld128=0, st128=0))))
-    assert any("16-byte" in v for v in sc.violations(_rec(**ema, vector_ldst=dict(ld128=4, st128=0))))
-    assert sc.violations(_rec(**ema, vector_ldst=dict(ld128=4, st128=2))) == []
+    assert any("16-byte" in v for v in static_rules.violations(_rec(**ema, vector_ldst=dict(ld128=0, st128=0))))
+    assert any("16-byte" in v for v in static_rules.violations(_rec(**ema, vector_ldst=dict(ld128=4, st128=0))))
+    assert static_rules.violations(_rec(**ema, vector_ldst=dict(ld128=4, st128=2))) == []
+
+
+def test_a_kernel_whose_wgmma_ptxas_serialized_fails_hot_or_not():
+    msg = ("(C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized due to non wgmma "
+           "instructions defining accumulator registers of a wgmma between start and end of the pipeline stage "
+           "in the function 'k'")
+    for backend, kernel in (("cuda", "attn_fwd_sm90_kernel"), ("triton", "_fwd_kernel")):
+        for hot in (True, False):
+            got = static_rules.violations(_rec(backend=backend, kernel=kernel, wgmma=8, hot=hot,
+                                               wgmma_serialized=[msg]))
+            assert len(got) == 1 and "serialized" in got[0] and "C7515" in got[0]
+    assert static_rules.violations(_rec(backend="cuda", kernel="attn_fwd_sm90_kernel", wgmma=8,
+                                        wgmma_serialized=[])) == []
 
 
 def test_a_variant_that_does_not_compile_fails():
-    assert sc.violations(_rec(error="ptxas failed")) == ["does not compile: ptxas failed"]
+    assert static_rules.violations(_rec(error="ptxas failed")) == ["does not compile: ptxas failed"]
 
 
 def test_records_carry_the_issue_fields():
@@ -86,22 +94,22 @@ def test_merge_replaces_only_the_backend_that_ran():
     old = [_rec(backend="cuda", kernel="ema_kernel", variant="<float, float>", regs=40),
            _rec(kernel="ln_mod_bwd_kernel", variant="a", regs=1), _rec(kernel="gemm_kernel", variant="b", regs=2)]
     new = [_rec(backend="cuda", kernel="gemm_kernel", variant="<__half>", regs=99)]
-    got = sc.merge(old, new, {"cuda"})
+    got = static_report.merge(old, new, {"cuda"})
     assert [(r["backend"], r["kernel"], r["regs"]) for r in got] == [
         ("cuda", "gemm_kernel", 99), ("triton", "gemm_kernel", 2), ("triton", "ln_mod_bwd_kernel", 1)]
     # a Triton refresh of one kernel keeps the other kernels' records
-    got = sc.merge(old, [_rec(kernel="gemm_kernel", variant="c", regs=3)], {"triton"}, "gemm")
+    got = static_report.merge(old, [_rec(kernel="gemm_kernel", variant="c", regs=3)], {"triton"}, "gemm")
     assert [(r["kernel"], r["variant"]) for r in got if r["backend"] == "triton"] == [
         ("gemm_kernel", "c"), ("ln_mod_bwd_kernel", "a")]
     assert any(r["backend"] == "cuda" for r in got)
     with pytest.raises(ValueError, match="archs"):
-        sc.merge(old, [_rec(arch=80)], {"triton"})
+        static_report.merge(old, [_rec(arch=80)], {"triton"})
 
 
 def test_markdown_names_each_backends_toolchain():
     recs = [dict(_rec(backend="cuda", kernel="ema_kernel"), toolchain="nvcc 13.0", date="2026-12-01"),
             dict(_rec(), toolchain="triton 3.9.0", date="2026-12-02")]
-    head = sc.markdown(recs, 90, 1.0, True).splitlines()[2]
+    head = static_report.markdown(recs, 90, 1.0, True).splitlines()[2]
     assert "nvcc 13.0 on 2026-12-01 (1 records)" in head and "triton 3.9.0 on 2026-12-02 (1 records)" in head
 
 
@@ -132,30 +140,43 @@ SASS = """\
 
 
 def test_parse_ptxas():
-    got = sc.parse_ptxas(PTXAS_LOG)
+    got = sass.parse_ptxas(PTXAS_LOG)
     fwd = got["_ZN5djepa7denoise16adaln_fwd_kernelI6__halfLi8ELi4EEEvPKT_"]
     assert fwd == dict(regs=64, spill_bytes=40, stack_bytes=8, static_smem=1024)
     assert got["gemm_kernel"] == dict(regs=168, spill_bytes=0, stack_bytes=0, static_smem=0)
 
 
+def test_parse_wgmma_serialized_names_the_kernel():
+    log = PTXAS_LOG + (
+        "ptxas info    : (C7511) Potential Performance Loss: wgmma.mma_async instructions are serialized due to "
+        "insufficient register resources for the wgmma pipeline in the function 'gemm_kernel'\n"
+        "ptxas info    : Compiling entry function 'attn' for 'sm_90a'\n"
+        "ptxas info    : (C7520) Potential Performance Loss: wgmma.mma_async instructions are serialized\n")
+    got = sass.parse_wgmma_serialized(log)
+    assert set(got) == {"gemm_kernel", "attn"}
+    assert got["gemm_kernel"][0].startswith("(C7511)") and "insufficient register" in got["gemm_kernel"][0]
+    assert got["attn"] == ["(C7520) Potential Performance Loss: wgmma.mma_async instructions are serialized"]
+    assert sass.parse_wgmma_serialized(PTXAS_LOG) == {}
+
+
 def test_parse_sass():
-    got = sc.parse_sass(SASS)
+    got = sass.parse_sass(SASS)
     assert got["gemm_kernel"] == dict(wgmma=2, mma_sync=0, ld128=1, st128=1)
     assert got["_ZN5djepa9attention10fwd_kernelI6__halfLi64EEEvNS0_6ParamsE"] == dict(
         wgmma=0, mma_sync=1, ld128=0, st128=0)
 
 
 def test_split_template():
-    assert sc.split_template("void djepa::attention::fwd_kernel<__nv_bfloat16, 128>(djepa::attention::Params)") == \
+    assert sass.split_template("void djepa::attention::fwd_kernel<__nv_bfloat16, 128>(djepa::attention::Params)") == \
         ("djepa::attention::fwd_kernel", ["__nv_bfloat16", "128"])
-    assert sc.split_template("void djepa::(anonymous namespace)::ema_kernel<float, __half>("
+    assert sass.split_template("void djepa::(anonymous namespace)::ema_kernel<float, __half>("
                              "djepa::(anonymous namespace)::EmaTable, float const*, float, float)") == \
         ("djepa::ema_kernel", ["float", "__half"])
 
 
 def test_cuda_hot_follows_the_host_dispatch():
     dims, widths = {64, 80, 128}, {128, 1024, 1280, 1536}
-    hot = lambda name, *args: sc.cuda_hot(name, list(args), dims, widths)  # noqa: E731
+    hot = lambda name, *args: static_cuda.cuda_hot(name, list(args), dims, widths)  # noqa: E731
     assert hot("djepa::attention::fwd_kernel", "__nv_bfloat16", "80")
     assert not hot("djepa::attention::fwd_kernel", "__nv_bfloat16", "96")
     # W = 1024 / 1280 / 1536 in 16-bit: 4, 5 -> 6, 6 chunks of 32 lanes x 8 elements
@@ -174,7 +195,7 @@ def test_cli_rejects_a_bad_arch():
 
 # ------------------------------------------------------------------------------ the subset
 def _nvcc_available():
-    return sc._tool("nvcc") is not None
+    return sass.find_tool("nvcc") is not None
 
 
 @pytest.fixture(scope="module")

@@ -434,3 +434,17 @@ def test_weight_decay_groups_and_learning_rate(tmp_path, monkeypatch):
     lr = opt.param_groups[0]["lr"]
     assert torch.allclose(w.detach().double(), w0.double() * (1 - lr * 0.25), rtol=1e-6, atol=0)
     assert torch.equal(v.detach(), v0)
+
+
+def test_no_function_of_the_training_loop_runs_over_80_lines():
+    """The loop reads as a loop: set-up, one step, logging and checkpoints are functions apart."""
+    import ast
+    import inspect
+
+    import djepa.train as module
+
+    tree = ast.parse(inspect.getsource(module))
+    lengths = {node.name: node.end_lineno - node.lineno + 1 for node in ast.walk(tree)
+               if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    assert {"_train", "_set_up", "_loop", "_train_step"} <= set(lengths)
+    assert {name: n for name, n in lengths.items() if n > 80} == {}

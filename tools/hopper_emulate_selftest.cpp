@@ -517,9 +517,15 @@ static bool proxy_case(bool fenced) {
 // 1 consumer warpgroup (threads 0..127) + 1 producer warp (128..159): the producer gathers the
 // rows perm[j] of a [rows][64] bf16 matrix into a 2-stage ring (K-major 128B swizzle, 64-row
 // tiles) with cp.async, each lane arriving (noinc) on the stage's full barrier (count 32); the
-// consumer multiplies each tile by a fixed B and accumulates; `skip_wait` plants the bug (the
-// first tile is read without waiting: its copies have not landed, the tile is 0xFF = NaN).
-static bool cpasync_case(bool skip_wait) {
+// consumer multiplies each tile by a fixed B and accumulates, and releases a stage only when the
+// producer will refill it. `skip_wait` plants the bug: the last tile is read without waiting, so
+// its copies have not landed and the consumer multiplies the stage's previous tile. (Planted on
+// the first tile instead, the consumer's early release of stage 0 could complete the empty phase
+// before a slow producer lane's first wait on it, which then waited on the wrong parity for
+// ever: a hang of the test, not a finding. After the last tile nobody waits on anything.)
+// `slow_lane` >= 0: that producer lane sleeps 200 ms before its first empty-barrier wait, the
+// schedule that stranded it when the bug was planted on the first tile.
+static bool cpasync_case(bool skip_wait, int slow_lane = -1) {
   const int rows = 64 * 5;
   std::mt19937 rng(7);
   std::normal_distribution<float> nd(0.f, 1.f);
@@ -556,6 +562,7 @@ static bool cpasync_case(bool skip_wait) {
       const int lane = t - 128;
       for (int it = 0; it < tiles; ++it) {
         const int st = it % 2;
+        if (lane == slow_lane && it == 0) std::this_thread::sleep_for(std::chrono::milliseconds(200));
         mbar_wait(empty + st, ((it / 2) & 1) ^ 1);
         for (int q = lane; q < 64 * 8; q += 32) {
           const int r = q / 8, c = q % 8;
@@ -568,9 +575,7 @@ static bool cpasync_case(bool skip_wait) {
     float d[8] = {};
     for (int it = 0; it < tiles; ++it) {
       const int st = it % 2;
-      // The planted bug skips the first wait only: skipping them all lets the consumer run two
-      // phases ahead of the producer, whose parity wait then never returns (a hang, not data).
-      if (!(skip_wait && it == 0)) mbar_wait(full + st, (it / 2) & 1);
+      if (!(skip_wait && it == tiles - 1)) mbar_wait(full + st, (it / 2) & 1);
       fence_proxy_async();
       wgmma_fence();
       for (int kk = 0; kk < 4; ++kk)
@@ -578,7 +583,7 @@ static bool cpasync_case(bool skip_wait) {
                                           make_desc(smem_u32(sb) + 32 * kk, 16, 1024, kSwizzle128), 1);
       wgmma_commit();
       wgmma_wait<0>();
-      if (t == 0) mbar_arrive(empty + st);
+      if (t == 0 && it + 2 < tiles) mbar_arrive(empty + st);  // the producer refills this stage
     }
     for (int i = 0; i < 8; ++i) {
       int r, c;
@@ -597,9 +602,11 @@ static bool cpasync_case(bool skip_wait) {
     }
   char detail[64];
   std::snprintf(detail, sizeof(detail), "max rel err %.2e", max_err);
+  const std::string slow = slow_lane >= 0 ? ", producer lane " + std::to_string(slow_lane) + " slow" : "";
   if (skip_wait)
-    return report(!(run && max_err < 1e-4), "cpasync ring: consumer skipping the full-barrier wait is caught", detail);
-  return report(run && max_err < 1e-4, "cpasync ring (gathered rows, noinc arrivals, 2 stages, 5 tiles)", detail);
+    return report(!(run && max_err < 1e-4), "cpasync ring: consumer skipping the full-barrier wait is caught" + slow,
+                  detail);
+  return report(run && max_err < 1e-4, "cpasync ring (gathered rows, noinc arrivals, 2 stages, 5 tiles)" + slow, detail);
 }
 
 // ----------------------------------------------------------------------------------- deadlock
@@ -636,6 +643,7 @@ int main(int argc, char** argv) {
   if (run("cpasync")) {
     all = cpasync_case(false) && all;
     all = cpasync_case(true) && all;
+    all = cpasync_case(true, 5) && all;  // finishes (a stranded lane would trip the watchdog)
   }
   std::printf(all ? "ALL OK\n" : "SOME FAILED\n");
   return all ? 0 : 1;

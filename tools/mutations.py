@@ -54,7 +54,7 @@ MUTATIONS = [
       "return start + (end - start) * min(step, steps) / steps",
       "return start + (end - start) * min(step, steps) / (steps + 1)",
       "tests/test_ema.py", "I-JEPA ramp never reaches its end"),
-    M("ema-official-schedule", "djepa/models/official.py",
+    M("ema-official-schedule", "djepa/models/ema_schedule.py",
       "decay = rate if ramp_steps is None else step / ramp_steps * (1.0 - rate) + rate",
       "decay = rate if ramp_steps is None else step / ramp_steps * (1.0 - rate) + rate * 0.999",
       "tests/test_official.py::test_official_ema_schedule", "official EMA ramp starts below ema_rate"),

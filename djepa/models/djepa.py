@@ -190,7 +190,7 @@ class DJEPA(nn.Module):
         ema_backend = None if config.backend is None else ("eager" if config.backend == "eager" else "auto")
         schedule = None
         if config.ema_schedule == "official":
-            from djepa.models.official import official_ema_schedule
+            from djepa.models.ema_schedule import official_ema_schedule
 
             schedule = official_ema_schedule(config.ema_decay, config.ema_ramp_steps)
         self.ema = EMA(self.net, decay=config.ema_decay, schedule=schedule, backend=ema_backend)

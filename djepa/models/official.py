@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from djepa.models.config import DJEPAConfig
+from djepa.models.ema_schedule import official_ema_schedule  # noqa: F401 (public here too)
 
 __all__ = ["SOURCES", "OfficialCheckpoint", "load_official", "official_config", "from_official",
            "official_ema_schedule", "preset_for", "matching_preset"]
@@ -28,27 +29,6 @@ _HEADS_BY_NAME = {"base": 12, "large": 16, "huge": 16}
 _HEADS_BY_WIDTH = {768: 12, 1024: 16, 1280: 16}
 _PREFIXES = ("_orig_mod.", "module.")
 _MAX_NAMED = 6
-
-
-def official_ema_schedule(ema_rate: float, ramp_steps: Optional[int] = None, cap: float = 0.9999):
-    """D-JEPA's `ema_sched.adjust_ema_decay` as a `djepa.nn.EMA` schedule (update count -> decay):
-    `min(step / ramp_steps * (1 - ema_rate) + ema_rate, 0.9999)`, where the official code's
-    fractional epoch over its epoch count is step / ramp_steps. `ramp_steps` None: no ramp."""
-    if ramp_steps is not None and (isinstance(ramp_steps, bool) or not isinstance(ramp_steps, int) or ramp_steps < 1):
-        raise ValueError(f"official_ema_schedule: ramp_steps must be None or an int >= 1, got {ramp_steps!r}")
-    rate = float(ema_rate)
-
-    def schedule(step: int) -> float:
-        decay = rate if ramp_steps is None else step / ramp_steps * (1.0 - rate) + rate
-        return min(decay, cap)
-
-    def as_tensor(num_updates):  # the same on the device, for a compiled EMA.update
-        if ramp_steps is None:
-            return min(rate, cap)
-        return (num_updates.double() / ramp_steps * (1.0 - rate) + rate).clamp(max=cap).float()
-
-    schedule.as_tensor = as_tensor
-    return schedule
 
 
 # ----------------------------------------------------------------------------- reading

@@ -46,7 +46,7 @@ _C.adaln_modulate_bwd(x, mod, ln_w, ln_b, stats, dh, dx, dmod, dln_w_partial, dl
     Python allocates ceil(M / that) rows). ln_w may be 0 (no affine: partials not written,
     may be 0).
 _C.gemm(a, b, c, bias, M, N, K, a_trans, b_trans, epilogue, aux1, aux2, aux_out, dtype,
-        stream, aux2_ld)
+        stream, aux2_ld, workspace, splits, workspace_numel)
     y = op(a) @ op(b) + bias; a [M, K] (or [K, M] stored when a_trans), b [K, N] (or [N, K]
     stored when b_trans: x @ W.T of an nn.Linear weight W [N, K] is b_trans=1); bias [N] or 0.
     epilogue & 15: 0 -> c = y;
@@ -58,10 +58,19 @@ _C.gemm(a, b, c, bias, M, N, K, a_trans, b_trans, epilogue, aux1, aux2, aux_out,
                         (pre-activation), s = sigmoid(p)   (the MLP's dSiLU, fused)
     epilogue & 16: c (and aux_out) are float32 (weight gradients); else the input dtype.
     aux tensors have the input dtype; bias has the input dtype.
+    splits > 1 (= _C.gemm_splits(M, N, K, epilogue, has_bias), float32 output, no epilogue or
+    bias): K is split over that many blocks, whose partials go to `workspace`, a float32 buffer
+    of workspace_numel >= (splits - 1) * M * N elements (ValueError when smaller).
 _C.gemm_sm90(a, b, c, bias, M, N, K, a_trans, b_trans, epilogue, aux1, aux2, aux_out, dtype,
-             stream, aux2_ld, workspace, splits)     (builds with sm_90a code; _Cuda picks it on sm_90)
+             stream, aux2_ld, workspace, splits, workspace_numel)
+                                                     (builds with sm_90a code; _Cuda picks it on sm_90)
     gemm's contract with wgmma/TMA kernels; any epilogue may split K: with
-    splits = _C.gemm_sm90_splits(M, N, K) > 1, workspace holds splits * M * N float32.
+    splits = _C.gemm_sm90_splits(M, N, K) > 1, workspace holds workspace_numel >= splits * M * N
+    float32 (ValueError when fewer).
+Every entry point checks its arguments before it touches the GPU (csrc/checks.h): dtype codes,
+sizes and their int64 extents, row strides, flags, pointers present and aligned to their element
+size, workspace sizes, the build's archs (ValueError / RuntimeError naming the function); then
+that every buffer is GPU memory of one GPU, which it makes current for the launch.
 _C.denoise_update(x, model_out, noise, out, xin_out, B, C, out_ld, cfg, cfg_scale, coef_x,
                   coef_eps, min_log, max_log, noise_scale, dtype, stream)
     The elementwise tail of one reverse step, for r < B, j < C (f32 math):
@@ -216,6 +225,10 @@ def _ptr(t):
     return 0 if t is None else t.data_ptr()
 
 
+def _numel(t):
+    return 0 if t is None else t.numel()
+
+
 class _Cuda:
     """djepa._C per the contract in this module's docstring. Its GEMMs go to gemm_sm90 (wgmma,
     TMA) on an sm_90 GPU where the build has sm_90a code (djepa.backends.uses_wgmma; adaln_block
@@ -269,7 +282,7 @@ class _Cuda:
             ws = torch.empty(splits * M * N, device=c.device, dtype=torch.float32) if splits > 1 else None
             self.C.gemm_sm90(_ptr(a), _ptr(b), _ptr(c), _ptr(bias), M, N, K, int(a_trans), int(b_trans), epilogue,
                              _ptr(aux1), _ptr(aux2), _ptr(aux_out), _dispatch.dtype_code(a.dtype), self._s(),
-                             aux2_ld, _ptr(ws), splits)
+                             aux2_ld, _ptr(ws), splits, _numel(ws))
             return
         # Weight gradients (float32, no epilogue): _C may split K over more blocks than there are
         # output tiles; the partial products go to a workspace it adds up in a fixed order.
@@ -277,7 +290,7 @@ class _Cuda:
         if hasattr(self.C, "gemm_splits"):  # (an older _C has neither it nor the arguments)
             splits = int(self.C.gemm_splits(M, N, K, epilogue, bias is not None))
             ws = torch.empty((splits - 1) * M * N, device=c.device, dtype=torch.float32) if splits > 1 else None
-            split = (_ptr(ws), splits)
+            split = (_ptr(ws), splits, _numel(ws))
         self.C.gemm(_ptr(a), _ptr(b), _ptr(c), _ptr(bias), M, N, K, int(a_trans), int(b_trans), epilogue,
                     _ptr(aux1), _ptr(aux2), _ptr(aux_out), _dispatch.dtype_code(a.dtype), self._s(), aux2_ld,
                     *split)
