@@ -404,24 +404,24 @@ def _mask_args(kv_index, kv_count, q):
     return kv_index, kv_count, True
 
 
-def _dropout_args(rng, dropout_p, q):
-    """(RNG pointer, 16-bit threshold, 1 / (1 - p), DROPOUT) for the kernels."""
+def _dropout_args(rng, q):
+    """(RNG pointer, DROPOUT) for the kernels."""
     if rng is None:
-        return torch.empty(2, dtype=torch.int64, device=q.device), 0, 1.0, False
-    from djepa.ops.attention import dropout_threshold
-
-    return rng, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), True
+        return torch.empty(2, dtype=torch.int64, device=q.device), False
+    return rng, True
 
 
-def attention_fwd(q, k, v, o, lse, kv_index, kv_count, scale, rng=None, dropout_p=0.0, keep_out=None):
+def attention_fwd(q, k, v, o, lse, kv_index, kv_count, scale, rng=None, threshold=0, keep_scale=1.0,
+                  keep_out=None):
     """Fill o [B,H,Nq,D] (contiguous) and lse [B,H,Nq] (float32). Validation is the caller's.
-    Dropout: rng = djepa.ops.attention.philox_state(...), dropout_p in (0, 1); keep_out (debug,
-    uint8 [B,H,Nq,Nk] contiguous) receives the keep bits over compacted key positions."""
+    Dropout (rng not None): rng = djepa.ops.attention.philox_state(...), threshold = its
+    dropout_threshold(p), keep_scale = 1 / (1 - p); keep_out (debug, uint8 [B,H,Nq,Nk]
+    contiguous) receives the keep bits over compacted key positions."""
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     bd, bd2 = _head_split(D)
     idx, cnt, has_mask = _mask_args(kv_index, kv_count, q)
-    rng, threshold, keep_scale, dropout = _dropout_args(rng, dropout_p, q)
+    rng, dropout = _dropout_args(rng, q)
     block_m, block_n, warps, stages = _config("fwd", D, q.dtype, dropout)
     write_keep = dropout and keep_out is not None
     grid = (triton.cdiv(Nq, block_m), B * H)
@@ -434,16 +434,17 @@ def attention_fwd(q, k, v, o, lse, kv_index, kv_count, scale, rng=None, dropout_
     )
 
 
-def attention_bwd(q, k, v, o, do, lse, kv_index, kv_count, dq, dk, dv, delta, scale, rng=None, dropout_p=0.0):
+def attention_bwd(q, k, v, o, do, lse, kv_index, kv_count, dq, dk, dv, delta, scale, rng=None, threshold=0,
+                  keep_scale=1.0):
     """Fill dq, dk, dv (contiguous, input dtype) and the float32 workspace delta [B,H,Nq]; with
-    dropout, from the same rng / dropout_p as the forward (the keep bits are regenerated)."""
+    dropout, from the forward's rng, threshold and keep_scale (the keep bits are regenerated)."""
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     idx, cnt, has_mask = _mask_args(kv_index, kv_count, q)
     common = _common_args(q, k, v)
     ieee = q.dtype == torch.float32
     bd, bd2 = _head_split(D)
-    rng, threshold, keep_scale, dropout = _dropout_args(rng, dropout_p, q)
+    rng, dropout = _dropout_args(rng, q)
     block_m, block_n, warps, stages = _config("dq", D, q.dtype, dropout)
     _bwd_dq_kernel[(triton.cdiv(Nq, block_m), B * H)](
         q, k, v, o, do, lse, delta, dq, idx, cnt, rng, *common,

@@ -334,6 +334,13 @@ def _strides3(t):
     return (t.stride(0), t.stride(1), t.stride(2))
 
 
+def _triton_dropout(rng, dropout_p):
+    """The dropout arguments of djepa.kernels.attention (none without dropout)."""
+    if dropout_p <= 0.0:
+        return {}
+    return dict(rng=rng, threshold=dropout_threshold(dropout_p), keep_scale=1.0 / (1.0 - dropout_p))
+
+
 def _fwd_impl(q, k, v, kv_index, kv_count, scale, backend, rng=None, dropout_p=0.0, keep_out=None):
     """(o, lse); with dropout (rng: philox_state, dropout_p > 0), keep_out (uint8 [B, H, Nq, Nk],
     zeroed) receives the keep bits the forward used, over compacted key positions."""
@@ -359,8 +366,8 @@ def _fwd_impl(q, k, v, kv_index, kv_count, scale, backend, rng=None, dropout_p=0
     elif backend == "triton":
         from djepa.kernels import attention as kern
 
-        kern.attention_fwd(q, k, v, o, lse, kv_index, kv_count, scale,
-                           rng=rng if dropout else None, dropout_p=dropout_p, keep_out=keep_out)
+        kern.attention_fwd(q, k, v, o, lse, kv_index, kv_count, scale, keep_out=keep_out,
+                           **_triton_dropout(rng, dropout_p))
     else:
         raise ValueError(f"{_OP}: unknown kernel backend {backend!r}")
     return o, lse
@@ -392,7 +399,7 @@ def _bwd_impl(do, q, k, v, o, lse, kv_index, kv_count, scale, backend, rng=None,
         from djepa.kernels import attention as kern
 
         kern.attention_bwd(q, k, v, o, do, lse, kv_index, kv_count, dq, dk, dv, delta, scale,
-                           rng=rng if dropout else None, dropout_p=dropout_p)
+                           **_triton_dropout(rng, dropout_p))
     else:
         raise ValueError(f"{_OP}: unknown kernel backend {backend!r}")
     return dq, dk, dv
