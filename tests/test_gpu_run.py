@@ -176,6 +176,62 @@ def test_partial_benchmark_json_survives_a_killed_session(tmp_path):
     assert "test_a" in open(md).read()
 
 
+def test_benchmark_json_carries_the_machine_and_a_cuda_error_ends_the_suite_charged_to_djepa(tmp_path):
+    """Under the fake GPU: pytest-benchmark's JSON and the partial one record the machine (GPU,
+    driver, CUDA, torch, triton, djepa, djepa._C's build, the sm_90a switch, the commit); a CUDA
+    error found by the synchronize after a djepa case, or wrapped in a peer's skip, fails that
+    case, is charged to djepa, drops that case's timing and stops the suite (the rest is not
+    run, the JSON keeps what came before)."""
+    (tmp_path / "conftest.py").write_text((ROOT / "benchmarks" / "conftest.py").read_text())
+    (tmp_path / "test_fake_bench.py").write_text(
+        "import os, pytest, torch\n"
+        "syncs = []\n"
+        "def sync():\n"
+        "    syncs.append(1)\n"
+        "    if len(syncs) == int(os.environ['FAIL_AT_SYNC']):\n"
+        "        raise RuntimeError('CUDA error: an illegal memory access was encountered\\nmore')\n"
+        "torch.cuda.synchronize = sync\n"
+        "@pytest.mark.parametrize('impl', ['djepa-cuda', 'sdpa', 'flex', 'djepa-triton', 'eager'])\n"
+        "def test_case(benchmark, impl):\n"
+        "    benchmark.group = 'g'\n"
+        "    benchmark.extra_info['ms'] = 1.0\n"
+        "    benchmark.pedantic(lambda: None, rounds=2, iterations=1)\n"
+        "    if impl == 'flex' and os.environ.get('PEER_ERROR'):\n"
+        "        pytest.skip('flex: RuntimeError: CUDA error: misaligned address')\n")
+
+    def run(**env):
+        full, partial = tmp_path / "full.json", tmp_path / "partial.json"
+        for f in (full, partial):
+            f.unlink(missing_ok=True)
+        e = dict(os.environ, PYTHONPATH=str(ROOT / "tools" / "fake_gpu"), DJEPA_FAKE_GPU="1",
+                 DJEPA_BENCH_PARTIAL_JSON=str(partial), DJEPA_SM90_KERNELS="0", **env)
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path),
+                            f"--benchmark-json={full}"], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                           env=e)
+        return r, json.loads(full.read_text()), json.loads(partial.read_text())
+
+    r, full, partial = run(FAIL_AT_SYNC="2")  # the second djepa case's synchronize
+    assert r.returncode != 0 and "CUDA error in" in r.stdout, r.stdout[-3000:]
+    names = [b["name"] for b in full["benchmarks"]]
+    assert names == ["test_case[djepa-cuda]", "test_case[sdpa]", "test_case[flex]"], names  # eager not run
+    err = full["cuda_error"]
+    assert err["case"].endswith("test_case[djepa-triton]") and err["charged_to"] == "djepa"
+    assert "djepa's case" in err["surfaced_in"] and "illegal memory access" in err["error"]
+    for doc in (full, partial):
+        m = doc["machine_info"]
+        assert m["gpu"] == "NVIDIA H200 (faked)" and m["gpu_capability"] == [9, 0] and m["sm90_kernels"] is False
+        for key in ("gpu_driver", "cuda", "triton", "djepa", "djepa_C"):
+            assert key in m
+        assert m["torch"] == __import__("torch").__version__ and m["git"]["from"] == "git" and m["git"]["commit"]
+    assert partial["cuda_error"] == err and len(partial["collected"]) == 5
+
+    r, full, _ = run(FAIL_AT_SYNC="99", PEER_ERROR="1")  # a CUDA error inside a peer's skip reason
+    err = full["cuda_error"]
+    assert err["case"].endswith("test_case[flex]") and "a peer's case" in err["surfaced_in"]
+    assert [b["name"] for b in full["benchmarks"]] == ["test_case[djepa-cuda]", "test_case[sdpa]"]
+    assert "1 failed" in r.stdout and "misaligned address" in r.stdout
+
+
 @pytest.fixture
 def bench_peers(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
