@@ -287,6 +287,46 @@ def test_a_test_stage_runs_with_its_plugin_and_streams_its_results(tmp_path):
     assert all(x["outcome"] == "skipped" and "needs a CUDA GPU" in x["message"] for x in ran)
 
 
+def test_a_sticky_error_or_a_hang_in_a_test_stage_reruns_the_rest_and_an_sm90_hang_turns_them_off(tmp_path):
+    """The test stages for real, on planted tests (DJEPA_GPU_RUN_TESTS): in tests-gpu a sticky
+    CUDA error stops the session and a hang (the process ended as pytest-timeout ends it) kills
+    the next; each time the rest runs again in a fresh process, the hung test is not rerun, and
+    the sm_90a kernels stay on (that session runs without them). In tests-sm90 a hang turns them
+    off for every later stage, said in the summary."""
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    body = ("import os, pytest\n"
+            "pytestmark = pytest.mark.gpu\n"
+            "@pytest.mark.parametrize('kernels', ['sm90', 'sm80'])\n"
+            "def test_k(kernels):\n"
+            "    if kernels == 'sm90' and os.environ.get('HANG_SM90'):\n"
+            "        os._exit(1)\n"
+            "def test_a():\n    assert os.environ['DJEPA_SM90_KERNELS'] == '0'\n"
+            "def test_sticky():\n    raise RuntimeError('CUDA error: an illegal memory access was encountered')\n"
+            "def test_hang():\n    os._exit(1)\n"
+            "def test_z():\n    pass\n")
+    (planted / "test_dispatch_sm90.py").write_text(body)
+    out = tmp_path / "out"
+    r = _run(["--budget", "300", "tests-gpu", "tests-sm90", "env"], tmp_path, OUT=str(out),
+             DJEPA_GPU_RUN_TESTS=str(planted), DJEPA_GPU_RUN_MIN_STAGE="1", HANG_SM90="1",
+             PATH=_fake_bin(tmp_path, "exit 1"), timeout=300)
+    summary = _summary(out)
+    status = {x["stage"]: x for x in summary["stages"]}
+    assert status["tests-gpu"]["status"] == "failed" and status["tests-gpu"]["sm90_kernels"] == "on", r.stdout[-4000:]
+    assert "a session was killed in " in status["tests-gpu"]["note"] and "test_hang" in status["tests-gpu"]["note"]
+    results = [json.loads(ln) for ln in next(out.glob("*_results.jsonl")).read_text().splitlines()]
+    gpu = [(x["nodeid"].split("::")[-1], x["outcome"]) for x in results
+           if x["stage"] == "tests-gpu" and x["event"] == "result"]
+    assert gpu == [("test_k[sm80]", "passed"), ("test_a", "passed"), ("test_sticky", "failed"),
+                   ("test_hang", "hung"), ("test_z", "passed")], gpu
+    assert status["tests-sm90"]["status"] == "failed"
+    off = summary["sm90_kernels"]
+    assert off == {"on": False, "off_since": "tests-sm90", "why": "tests-sm90: "
+                   f"{planted.name}/test_dispatch_sm90.py::test_k[sm90] hung (its session was killed)"} or \
+        (off["off_since"] == "tests-sm90" and "test_k[sm90] hung" in off["why"]), off
+    assert status["env"]["sm90_kernels"] == "off (DJEPA_SM90_KERNELS=0)"
+
+
 def test_render_copies_and_renders_what_came_back(tmp_path):
     came_back, results, tables = tmp_path / "back", tmp_path / "results", tmp_path / "tables"
     came_back.mkdir()

@@ -83,7 +83,7 @@
 # DJEPA_BENCH_DENOISE_M=2048, DJEPA_BENCH_DENOISE_TRAIN_M=8192,
 # DJEPA_BENCH_DENOISE_COMPILE_MODE=reduce-overhead; DJEPA_BENCH_PRESETS=B, DJEPA_BENCH_SAMPLE_BATCH=32.
 # DJEPA_GPU_RUN_SMOKE_LIMIT (20; dry run 3), DJEPA_GPU_RUN_TEST_TIMEOUT (120 s per test),
-# DJEPA_GPU_RUN_WHEELS (.gpu-carry/wheels), PYTHON (default python3).
+# DJEPA_GPU_RUN_WHEELS (.gpu-carry/wheels), DJEPA_GPU_RUN_TESTS (tests), PYTHON (default python3).
 set -uo pipefail
 SELF=$(cd "$(dirname "$0")" && pwd)/$(basename "$0")
 cd "$(dirname "$0")/.."
@@ -97,6 +97,7 @@ MAX_FILES=8
 GPU_PYTHON_TAG=${DJEPA_GPU_PYTHON_TAG:-cpython-312}  # the GPU machine's python3 (3.12)
 TEST_TIMEOUT=${DJEPA_GPU_RUN_TEST_TIMEOUT:-120}
 WHEELS=${DJEPA_GPU_RUN_WHEELS:-$ROOT/.gpu-carry/wheels}
+TESTS=${DJEPA_GPU_RUN_TESTS:-tests}  # the test folder (tests/test_gpu_run.py points it at planted hangs)
 export PYTHONUNBUFFERED=1
 
 # name | estimate s | limit s | exit bit | what          (priority order)
@@ -195,7 +196,7 @@ has_pytest_timeout() { "$PY" -c "import pytest_timeout" 2>/dev/null; }
 
 pytest_tests_args() {  # stage [marker expression] -> ARGS, the pytest arguments of the test stage
   ARGS=(-m pytest)
-  if [ "$1" = tests-sm90 ]; then ARGS+=(tests/test_dispatch_sm90.py); else ARGS+=(tests); fi
+  if [ "$1" = tests-sm90 ]; then ARGS+=("$TESTS/test_dispatch_sm90.py"); else ARGS+=("$TESTS"); fi
   ARGS+=(-v -p no:cacheprovider -p djepa_gpu_run -rfEs --durations=15 --durations-min=1
          -o faulthandler_timeout=60)
   [ -n "${2-x}" ] && ARGS+=(-m "${2-$(stage_marker "$1")}")
@@ -362,7 +363,11 @@ EOF
 
 rest_of_stage() { echo $(( ${STAGE_END:-0} - $(date +%s) )); }
 
-stage_pytest() {  # stage kind(tests|bench) ARGS...: the session, rerun in a fresh process after a sticky CUDA error or a hang
+stage_pytest() {  # stage kind(tests|bench) ARGS...: the session; what a kill or a sticky CUDA error means
+  # tests-gpu, tests-triton: the rest again in a fresh process (twice at most, time permitting), the
+  # hung test skipped; a kill that ends the stage turns the sm_90a kernels off for the later stages.
+  # tests-sm90: a kill (a hung wgmma test) turns them off at once, no retry. Benchmarks: no retry
+  # (a second session would rewrite the suite's JSON); a kill ends the stage (and the sm_90a kernels).
   local stage=$1 kind=$2 rc worst=0 tries=0 st; shift 2
   if [ "$DRY" = 1 ]; then
     echo "(dry run) would run: DJEPA_SM90_KERNELS=${DJEPA_SM90_KERNELS:-} DJEPA_GPU_RUN_SELECT=${DJEPA_GPU_RUN_SELECT:-} $PY $*"
@@ -372,18 +377,23 @@ stage_pytest() {  # stage kind(tests|bench) ARGS...: the session, rerun in a fre
   while :; do
     "$PY" "$@"; rc=$?
     st=$("$PY" "$LIB/djepa_gpu_run.py" status "$RESULTS_FILE" "$stage" --record-kill)
-    echo "== $stage: pytest exit $rc; session: $st"
-    case $st in killed*) echo "$stage: ${st%% passed=*}" >> "$STATE/killed" ;; esac
+    printf "\n== %s: pytest exit %s; session: %s\n" "$stage" "$rc" "$st"
     if [ $tries -gt 0 ] && [ $rc -eq 5 ]; then rc=0; fi  # a rerun with nothing left to run
     [ $rc -ne 0 ] && worst=$rc
     case $st in
-      stopped*|killed*)
-        if [ "$stage" = tests-sm90 ] && [ "${st%% *}" = killed ]; then break; fi  # a hung wgmma kernel: no retry
-        if [ $tries -lt 2 ] && [ "$(rest_of_stage)" -gt 30 ]; then
-          tries=$((tries + 1)); export DJEPA_GPU_RUN_SKIP_DONE=1
-          echo "== $stage: the rest again, in a fresh process ($(rest_of_stage)s left of the stage)"; continue
-        fi ;;
+      killed*)
+        local what; what=$(printf '%s' "$st" | awk '{print $2}')
+        if [ "$stage" = tests-sm90 ]; then echo "tests-sm90: $what hung (its session was killed)" >> "$STATE/sm90_off"; break; fi
+        if [ "$kind" = bench ]; then echo "$stage: its session was killed in $what" >> "$STATE/killed"; break; fi
+        echo "$stage: a session was killed in $what (the rest ran again)" >> "$STATE/notes" ;;
+      stopped*) [ "$kind" = bench ] && break ;;
+      *) break ;;
     esac
+    if [ $tries -lt 2 ] && [ "$(rest_of_stage)" -gt 30 ]; then
+      tries=$((tries + 1)); export DJEPA_GPU_RUN_SKIP_DONE=1
+      echo "== $stage: the rest again, in a fresh process ($(rest_of_stage)s left of the stage)"; continue
+    fi
+    case $st in killed*) echo "$stage: its last session was killed, no time to go on" >> "$STATE/killed" ;; esac
     break
   done
   return $worst
@@ -639,7 +649,7 @@ run_plan() {  # every stage of PLAN under its limit and the deadline; the fallba
     [ "$limit" -gt "$left" ] && limit=$left
     echo; echo "== stage $s (limit ${limit}s; $((SECONDS - START))s into the run; sm_90a kernels $( [ $SM90_ON = 1 ] && echo on || echo off))"
     t0=$SECONDS
-    rm -f "$STATE/sm90_off" "$STATE/killed"
+    rm -f "$STATE/sm90_off" "$STATE/killed" "$STATE/notes"
     # the stage in a process group of its own (timeout's), which is killed whole once it ends:
     # nothing it started outlives it (inner timeouts are --foreground, so they stay in the group)
     STAGE_LIMIT=$limit STAGE_END=$(( $(date +%s) + limit )) \
@@ -648,8 +658,9 @@ run_plan() {  # every stage of PLAN under its limit and the deadline; the fallba
     wait "$tpid"; rc=$?
     kill -KILL -- "-$tpid" 2>/dev/null && echo "== $s: killed what the stage left running"
     dt=$((SECONDS - t0))
-    killed=$( [ -s "$STATE/killed" ] && tr '\n' ';' < "$STATE/killed" | sed 's/;$//')
-    note=${killed:+killed: $killed}
+    killed=$( [ -s "$STATE/killed" ] && tr '\n' ';' < "$STATE/killed" | sed 's/;$//; s/;/; /g')
+    note=$( [ -s "$STATE/notes" ] && tr '\n' ';' < "$STATE/notes" | sed 's/;$//; s/;/; /g')
+    note=$note${killed:+${note:+; }killed: $killed}
     if [ $rc -eq 0 ]; then record "$s" ok 0 "$dt" "$note"
     elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then record "$s" cut "$rc" "$dt" "cut at its ${limit}s limit${note:+; $note}" $((bit | 16))
     else record "$s" failed "$rc" "$dt" "${note:-see the log}" "$bit"
@@ -660,7 +671,7 @@ run_plan() {  # every stage of PLAN under its limit and the deadline; the fallba
     fi
     if [ -s "$STATE/sm90_off" ]; then sm90_off "$(tr '\n' ';' < "$STATE/sm90_off" | sed 's/;$//; s/;/; /g')"
     elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then sm90_off "the $s stage ended killed (cut at its ${limit}s limit)"
-    elif [ -n "$killed" ]; then sm90_off "a session of the $s stage was killed ($killed)"
+    elif [ -n "$killed" ]; then sm90_off "the $s stage ended killed ($killed)"
     fi
     if [ "$DRY" != 1 ] && [ "$s" = install ] && [ $rc -ne 0 ] && ! "$PY" -c "import djepa.kernels.denoise" 2>/dev/null; then
       t0=$SECONDS  # cut mid-build, or nothing installed: the later stages need djepa (Triton needs no _C)
