@@ -327,6 +327,7 @@ stage_smoke() {  # each sanitize case in its own process; sm_90a ones that hang 
     echo "== smoke $name ($kind): $outcome in ${dt}s${note:+ ($note)}"
     if [ $r -ne 0 ]; then
       rc=1
+      echo "smoke case $name ($kind) $outcome" >> "$STATE/notes"
       [ "$kind" = sm_90a ] && echo "$name $outcome ($note)" >> "$STATE/sm90_off"
     fi
   done < <("$PY" tools/sanitize_cases.py --list)
@@ -370,7 +371,7 @@ stage_pytest() {  # stage kind(tests|bench) ARGS...: the session; what a kill or
   # (a second session would rewrite the suite's JSON); a kill ends the stage (and the sm_90a kernels).
   local stage=$1 kind=$2 rc worst=0 tries=0 st; shift 2
   if [ "$DRY" = 1 ]; then
-    echo "(dry run) would run: DJEPA_SM90_KERNELS=${DJEPA_SM90_KERNELS:-} DJEPA_GPU_RUN_SELECT=${DJEPA_GPU_RUN_SELECT:-} $PY $*"
+    echo "(dry run) would run: DJEPA_SM90_KERNELS=${DJEPA_SM90_KERNELS:-(unset: on)}${DJEPA_GPU_RUN_SELECT:+ DJEPA_GPU_RUN_SELECT=$DJEPA_GPU_RUN_SELECT} $PY $*"
     return 0
   fi
   export DJEPA_GPU_RUN_RESULTS=$RESULTS_FILE DJEPA_GPU_RUN_STAGE=$stage PYTHONPATH="$LIB${PYTHONPATH:+:$PYTHONPATH}"
@@ -668,6 +669,7 @@ run_plan() {  # every stage of PLAN under its limit and the deadline; the fallba
     if [ -s "$STATE/pythonpath" ]; then
       export PYTHONPATH="$(cat "$STATE/pythonpath")${PYTHONPATH:+:$PYTHONPATH}"
       echo "== later stages import the carried test tools from $(cat "$STATE/pythonpath")"
+      rm -f "$STATE/pythonpath"
     fi
     if [ -s "$STATE/sm90_off" ]; then sm90_off "$(tr '\n' ';' < "$STATE/sm90_off" | sed 's/;$//; s/;/; /g')"
     elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then sm90_off "the $s stage ended killed (cut at its ${limit}s limit)"
