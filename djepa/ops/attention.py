@@ -153,9 +153,9 @@ def _choose_backend(backend, device, dtype, head_dim, num_keys=None, train=False
     probe = torch.empty((0, 0, 0, head_dim), dtype=dtype, device="meta")
     bucket = None
     if num_keys is not None:
-        from djepa import tune
+        from djepa import tune_table
 
-        bucket = tune.bucket(_OP, D=head_dim, Nk=num_keys, train=train)
+        bucket = tune_table.bucket(_OP, D=head_dim, Nk=num_keys, train=train)
     return _dispatch.select_backend(
         _OP, backend, device,
         cuda_reason=_cuda_reason(probe), triton_reason=_triton_reason(probe, device),
