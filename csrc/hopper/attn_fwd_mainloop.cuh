@@ -54,7 +54,7 @@ __device__ __forceinline__ void fwd_tiles(const Params& p, OAcc<D>& acc, Softmax
     unsigned char* kt = stages + stage * 2 * C::kKVBytes;
     const uint32_t ks = smem_u32(kt), vs = ks + C::kKVBytes;
     DJEPA_FAULT_SKIP(kPlantWait, first_item && t == 0) mbar_wait(&k_full[stage], phase);
-    if (p.kv_path != kPathTma) fence_proxy_async();
+    if (p.kv_path != kPathTma) DJEPA_FAULT_SKIP(kPlantFence, true) fence_proxy_async();
 
     float s[kBN / 2];
     wgmma_fence();
@@ -82,8 +82,8 @@ __device__ __forceinline__ void fwd_tiles(const Params& p, OAcc<D>& acc, Softmax
 #pragma unroll
     for (int kk = 0; kk < kBN / 16; ++kk) to_a_frag<T>(pa[kk], &s[8 * kk]);
     mbar_wait(&v_full[stage], phase);
-    if (p.kv_path != kPathTma) fence_proxy_async();
-    wgmma_fence();
+    if (p.kv_path != kPathTma) DJEPA_FAULT_SKIP(kPlantFence, true) fence_proxy_async();
+    DJEPA_FAULT_SKIP(kPlantRegFence, true) wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kBN / 16; ++kk) {
       wgmma_rs<T, 64, 1>(acc.o0, pa[kk], nmajor_desc<D>(vs, kBN, 0, 16 * kk), 1);

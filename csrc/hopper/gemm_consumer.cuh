@@ -42,14 +42,14 @@ __device__ __forceinline__ void mainloop(float (&acc)[64], const Unit& w, uint32
   for (int kt = w.kt0; kt < w.kt1; ++kt) {
     DJEPA_FAULT_SKIP(kPlantWait, first_unit && kt == w.kt0) mbar_wait(&full[stage], phase);
     const uint32_t sa = stages + uint32_t(stage) * kStageBytes, sb = sa + kTileBytes;
-    wgmma_fence();
+    DJEPA_FAULT_SKIP(kPlantRegFence, true) wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kBK / 16; ++kk) {
       // B N-major: N = 128 spans both 64-wide halves (LBO); B K-major: all 128 rows.
       wgmma_ss<T, kBN, A_K ? 0 : 1, B_K ? 0 : 1>(acc, operand_desc<A_K>(sa, cw, kk), operand_desc<B_K>(sb, 0, kk), 1);
     }
     wgmma_commit();
-    wgmma_wait<1>();
+    DJEPA_FAULT_SKIP(kPlantEarlyRelease, true) wgmma_wait<1>();
     if (prev >= 0 && lane == 0) mbar_arrive(&empty[prev]);
     prev = stage;
     if (++stage == kStages) {

@@ -52,9 +52,11 @@ enum Plant : int {
   kPlantStride = 2,        // the descriptors' stride byte offset (8-row group pitch) is half of it
   kPlantWait = 3,          // consumers read a stage without waiting for its full barrier
   kPlantFragment = 4,      // the epilogue takes accumulator column (i + 1) for column i
-  kPlantFence = 5,         // no fence.proxy.async after the fallback path's ordinary smem stores
+  kPlantFence = 5,         // no fence.proxy.async for ordinary smem stores / cp.async (either side)
   kPlantWgmmaWait = 6,     // the accumulators are read before wgmma.wait_group 0
-  kPlantCount = 7,
+  kPlantEarlyRelease = 7,  // a stage is released (empty barrier) before the wgmma reading it retired
+  kPlantRegFence = 8,      // no wgmma.fence between writing wgmma registers and the wgmma
+  kPlantCount = 9,
 };
 
 // The fault-injection hook, the only way kernels refer to planted bugs:
