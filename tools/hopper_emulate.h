@@ -60,9 +60,12 @@
 //    waiting thread waits on and exits with status 3 (a missing arrive hangs a GPU).
 //  * DJEPA_EMU_LAG="tids:ms": the given threads sleep after every barrier wait, to expose races
 //    that need one thread to lag behind the others.
-// Not emulated: clusters / multicast, generic loads of shared memory (so no generic-read ->
-// async-write check), the real concurrency of the copy engine (copies land lazily, at waits),
-// timing.
+// Not emulated: clusters / multicast, TMA stores (cp.async.bulk shared -> global), generic loads
+// of shared memory (so no generic-read -> async-write check), the real concurrency of the copy
+// engine (copies land lazily, at waits), timing. Limits: shared memory written by plain C++
+// stores is invisible to the checks (kernels store through st_shared16; a wgmma reading such
+// bytes is reported as reading what nothing wrote); a warpgroup's wgmma operands are checked
+// with the clocks of its first thread (every consumer thread of these kernels waits and fences).
 #pragma once
 
 #ifndef DJEPA_HOPPER_EMULATE
