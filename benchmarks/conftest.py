@@ -1,9 +1,11 @@
 """The two physical ceilings the suites report against, measured once per session on the GPU
-(design.md: bytes over measured copy bandwidth, FLOPs over measured bf16 matmul rate)."""
+(design.md: bytes over measured copy bandwidth, FLOPs over measured bf16 matmul rate); the
+machine info, synchronize and CUDA-error handling around every case; the partial JSON."""
 import datetime
 import json
 import os
 import platform
+import re
 
 import pytest
 import torch
@@ -33,12 +35,94 @@ def copy_bandwidth():
 
 
 # ------------------------------------------------------------------------------------------
-# DJEPA_BENCH_PARTIAL_JSON=PATH: after every case, PATH is rewritten (atomically) with what this
-# session has measured so far, in pytest-benchmark's JSON layout (plus "partial": true and the
-# skip reasons), so a run cut short by a timeout still leaves its results. With
-# --benchmark-json=PATH too, pytest-benchmark's own file replaces it when the session ends.
+# What every JSON records, and what happens around each case:
+# - machine_info (GPU, driver, CUDA, torch, triton, djepa, djepa._C's build, sm_90a kernels on or
+#   off, git commit and dirty flag: djepa.benchreport.machine_info) in pytest-benchmark's JSON and
+#   in the partial one;
+# - after each djepa case the GPU is synchronized, so an asynchronous CUDA error of djepa's
+#   kernels surfaces in djepa's case, not in the next (a peer's);
+# - a CUDA error (raised, or found by that synchronize, or inside a peer's skip reason) fails its
+#   case, is recorded as "cuda_error" (charged to djepa: the suite cannot tell a sticky error's
+#   origin, and djepa's run must not pass over it) and ends the suite: the context is unusable.
+# DJEPA_BENCH_PARTIAL_JSON=PATH: after collection and after every case, PATH is rewritten
+# (atomically) with what this session has measured so far, in pytest-benchmark's JSON layout
+# (plus "partial": true, the skip reasons, the collected cases and any CUDA error), so a run cut
+# short by a timeout still leaves its results. With --benchmark-json=PATH too, pytest-benchmark's
+# own file replaces it when the session ends (with the same additions).
 # ------------------------------------------------------------------------------------------
 _skipped = []
+_collected = []
+_state = {}
+_CUDA_ERROR = re.compile(r"CUDA error|cudaError|illegal memory access|illegal instruction|unspecified launch "
+                         r"failure|device-side assert|misaligned address|CUBLAS_STATUS_EXECUTION_FAILED|"
+                         r"AcceleratorError")
+
+
+def _machine_info():
+    if "machine" not in _state:
+        from djepa import benchreport
+
+        _state["machine"] = benchreport.machine_info()
+    return _state["machine"]
+
+
+def _is_djepa_case(item):
+    """A case that runs djepa's own path (not a peer's)."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return any(isinstance(v, str) and v.startswith("djepa") for v in params.values()) \
+        or params.get("backend") in ("auto", "cuda", "triton")
+
+
+def _cuda_error_text(exc):
+    """The first line of `exc` when it is a CUDA error (a peer's skip that wraps one too)."""
+    if exc is None:
+        return None
+    text = str(getattr(exc, "msg", None) or exc)
+    if type(exc).__name__ == "AcceleratorError" or _CUDA_ERROR.search(text):
+        return f"{type(exc).__name__}: {(text.strip().splitlines() or [''])[0][:300]}"
+    return None
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    machine_info.update(_machine_info())
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    output_json["skipped"] = _skipped
+    if "cuda_error" in _state:
+        output_json["cuda_error"] = _state["cuda_error"]
+        output_json["benchmarks"] = [b for b in output_json.get("benchmarks", []) if not _errored(b)]
+
+
+def _errored(bench):
+    """The measurement of the case a CUDA error surfaced in (not trusted: dropped)."""
+    err = _state.get("cuda_error")
+    return err is not None and err["case"].endswith(str(bench.get("fullname") or bench.get("name")))
+
+
+def pytest_collection_finish(session):
+    _collected[:] = [item.nodeid for item in session.items]
+    _write_partial(session.config)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    outcome = yield
+    excinfo = outcome.excinfo
+    djepa_case = _is_djepa_case(item)
+    error = _cuda_error_text(excinfo[1] if excinfo else None)
+    if error is None and djepa_case and torch.cuda.is_available():
+        try:
+            torch.cuda.synchronize()
+        except Exception as exc:  # noqa: BLE001 (any failure to synchronize after djepa's kernels)
+            error = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]} (at the synchronize " \
+                    f"after the case)"
+    if error is None:
+        return
+    where = "djepa's case" if djepa_case else "a peer's case (a sticky error may come from an earlier launch)"
+    _state["cuda_error"] = {"case": item.nodeid, "surfaced_in": where, "charged_to": "djepa", "error": error}
+    item.session.shouldstop = f"CUDA error in {item.nodeid}: the suite stops (the CUDA context is unusable)"
+    outcome.force_exception(RuntimeError(f"CUDA error, charged to djepa (it surfaced in {where}): {error}"))
 
 
 def pytest_runtest_logreport(report):
@@ -49,19 +133,25 @@ def pytest_runtest_logreport(report):
 
 @pytest.hookimpl(trylast=True)
 def pytest_runtest_teardown(item, nextitem):
+    _write_partial(item.config)
+
+
+def _write_partial(config):
     path = os.environ.get("DJEPA_BENCH_PARTIAL_JSON")
-    session = getattr(item.config, "_benchmarksession", None)
-    if not path or session is None:
+    if not path:
         return
+    session = getattr(config, "_benchmarksession", None)
     doc = {
         "partial": True,
-        "machine_info": {"node": platform.node(), "python_version": platform.python_version(),
-                         "torch": torch.__version__,
-                         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
+        "machine_info": {"node": platform.node(), "python_version": platform.python_version(), **_machine_info()},
         "datetime": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "benchmarks": [b.as_dict(include_data=False) for b in session.benchmarks if not b.has_error],
+        "benchmarks": [d for d in (b.as_dict(include_data=False) for b in (session.benchmarks if session else ())
+                                   if not b.has_error) if not _errored(d)],
         "skipped": _skipped,
+        "collected": _collected,
     }
+    if "cuda_error" in _state:
+        doc["cuda_error"] = _state["cuda_error"]
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
         json.dump(doc, f, indent=1, default=str)

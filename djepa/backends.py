@@ -2,11 +2,11 @@
 what `backend="auto"` picks for each op there, and why.
 
 `auto` on a GPU follows, in this order: a tuning table measured on this GPU with these versions
-(`djepa tune`, see djepa/tune.py), then the static rule: for matmul-bound ops a tensor-core path
-native to the arch (wgmma on sm_90) before an mma.sync one, and djepa._C before Triton where both
-use the same instructions or the op is memory-bound. A backend that cannot serve a call is skipped;
-eager comes last. `describe()` (and `djepa info`) prints it all, with the reason for anything
-unavailable and the rule that chose each op's backend.
+(`djepa tune` writes them, djepa/tune_table.py reads them), then the static rule: for
+matmul-bound ops a tensor-core path native to the arch (wgmma on sm_90) before an mma.sync one,
+and djepa._C before Triton where both use the same instructions or the op is memory-bound. A
+backend that cannot serve a call is skipped; eager comes last. `describe()` (and `djepa info`)
+prints it all, with the reason for anything unavailable and the rule that chose each op's backend.
 """
 import functools
 import importlib
@@ -14,6 +14,8 @@ import os
 import platform
 
 import torch
+
+from djepa import tune_table
 
 BACKENDS = ("auto", "cuda", "triton", "eager")
 
@@ -239,38 +241,67 @@ _AUTO_CACHE = {}
 
 def reset_caches():
     """Forget cached tuning tables and auto decisions (after writing a table, or in tests)."""
-    from djepa import tune
-
     _AUTO_CACHE.clear()
-    tune.reset()
+    tune_table.reset()
+
+
+def build_versions() -> dict:
+    """The versions a tuning table is measured with (everything but the GPU)."""
+    tri = triton_module()
+    ext = cuda_extension()
+    try:
+        driver = int(torch._C._cuda_getDriverVersion()) if torch.cuda.is_available() else None
+    except Exception:  # older torch, no driver
+        driver = None
+    return {"torch": torch.__version__, "triton": tri.__version__ if tri else None, "cuda_driver": driver,
+            "djepa": _djepa_version(),
+            "c_build": f"{ext.cuda_version}/{ext.cuda_archs}" if ext is not None else "none"}
+
+
+def table_environment(device: torch.device) -> dict:
+    """What a tuning table measured on `device` records about it, and what a table must match
+    to be followed there: the GPU, the versions, and whether the sm_90a kernels are on."""
+    info = device_info(device)
+    env = {"gpu": info["name"], "capability": list(info["capability"]), "sms": info["sms"]}
+    env.update(build_versions())
+    env["sm90_kernels"] = sm90_kernels_enabled()
+    return env
+
+
+def active_table(device: torch.device):
+    """The tuning table auto follows on `device` (None: the static rule)."""
+    return tune_table.select_table(device, table_environment, sm90_kernels_enabled())[0]
+
+
+def describe_tables(device: torch.device) -> str:
+    """Which tuning table auto follows on `device`, and the ones it ignored and why."""
+    return tune_table.describe_tables(device, table_environment, sm90_kernels_enabled())
 
 
 def auto_order(op: str, device: torch.device, dtype=None, bucket=None, wgmma_reason=None):
     """(backend order, why) that backend="auto" tries for one call of `op` on `device`.
 
     dtype: the call's dtype (torch.dtype or its name); bucket: its shape bucket
-    (djepa.tune.bucket(op, ...), or a function returning it, called only when a tuning table for
+    (djepa.tune_table.bucket(op, ...), or a function returning it, called only when a tuning table for
     this GPU is active). Without both, or without a measurement near the bucket, the static rule
     (wgmma_reason: see static_rule).
     """
     if device.type != "cuda":
         return static_rule(op, device)
-    from djepa import tune
-
-    table = tune.active_table(device)
+    table = active_table(device)
     if table is None or dtype is None or bucket is None:
         key = (op, device, None, None, None, wgmma_reason)
     else:
         if callable(bucket):
             bucket = bucket()
-        key = (op, device, tune.dtype_name(dtype), tuple(bucket), id(table), wgmma_reason)
+        key = (op, device, tune_table.dtype_name(dtype), tuple(bucket), id(table), wgmma_reason)
     hit = _AUTO_CACHE.get(key)
     if hit is None:
         order, why = static_rule(op, device, wgmma_reason)
         if key[2] is not None:
             entry, dist = table.lookup(op, key[2], key[3])
             if entry is not None:
-                order, why = tune.order_from_entry(entry, order), tune.explain(table, entry, dist)
+                order, why = tune_table.order_from_entry(entry, order), tune_table.explain(table, entry, dist)
         hit = _AUTO_CACHE[key] = (order, why)
     return hit
 
@@ -315,8 +346,6 @@ def describe() -> str:
 
 
 def _describe_ops(device):
-    from djepa import tune
-
     head = f"ops on {device}"
     if device.type == "cuda":
         info = device_info(device)
@@ -324,8 +353,8 @@ def _describe_ops(device):
     lines = [head + ":"]
     table = None
     if device.type == "cuda":
-        table = tune.active_table(device)
-        lines.append("  tuning     " + tune.describe_tables(device))
+        table = active_table(device)
+        lines.append("  tuning     " + describe_tables(device))
     for op in OPS:
         _, rule = static_rule(op, device)
         lines.append(f"  {op:18s} auto -> {auto_backend(op, device)}  [{rule}]")

@@ -297,7 +297,7 @@ def cmd_bench(args) -> int:
             md, png = benchreport.render(args.render)
         except benchreport.ReportError as exc:
             raise CLIError(str(exc)) from None
-        print(f"wrote {md} and {png}")
+        print(f"wrote {md}" + (f" and {png}" if png else " (a tuning table: Markdown only)"))
         return 0
     import pytest
 
@@ -541,7 +541,8 @@ def _add_tune(sub):
     p.add_argument("--dtype", action="append", choices=["bfloat16", "float16", "float32"],
                    help="only this dtype (repeatable)")
     p.add_argument("--budget", type=float, default=None, metavar="SECONDS",
-                   help="start no new case after this many seconds (the table is then marked partial)")
+                   help="start no new case after this many seconds (the table is then marked partial; "
+                        "it is rewritten after every case, and SIGINT/SIGTERM leave it partial too)")
     p.add_argument("--dry-run", action="store_true",
                    help="list the cases and where the table would go; time nothing (works without a GPU)")
     p.add_argument("--device", default=None, help="CUDA device to tune (default: the current one)")
@@ -617,7 +618,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="benchmark folder (default ./benchmarks, else the source tree's, for an editable install)")
     b.add_argument("--json", default=None, help="output (default benchmarks/results/<date>-<gpu>.json)")
     b.add_argument("--render", metavar="JSON", default=None,
-                   help="only render an existing benchmark JSON as a Markdown table and PNG beside it")
+                   help="only render an existing benchmark JSON as a Markdown table and PNG beside it "
+                        "(a tuning table from djepa tune: as a Markdown table)")
     b.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     b.set_defaults(func=cmd_bench)
 

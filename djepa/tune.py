@@ -1,308 +1,31 @@
-"""Tuning tables: which backend is fastest for each op, shape bucket and dtype on one GPU.
+"""`djepa tune`: which backend is fastest for each op, shape bucket and dtype on this GPU.
 
-`djepa tune` (`run` below) times every backend that serves each case of `cases()` (the preset
-and benchmark shapes of every op) on this GPU, with `triton.testing.do_bench` (median, after a
-warm-up call that also compiles and autotunes), and writes a table:
-
-    {"format": 1, "gpu": "NVIDIA H200", "capability": [9, 0], "torch": "2.11.0+cu130",
-     "triton": "3.6.0", "cuda_driver": 13000, "djepa": "0.1.0+cu130", "c_build": "13.0/90a",
-     "complete": true, "created": "2026-12-01T12:00:00",
-     "entries": [{"op": "masked_attention", "dtype": "bfloat16", "bucket": {"D": 64, "Nk": 512,
-                  "mode": "train"}, "key": "D64-Nk512-train", "shape": "B64 H12 N320 D64 mask 0.5",
-                  "backend": "triton", "ms": {"cuda": 0.91, "triton": 0.62, "eager": 4.1},
-                  "unserved": {}}, ...]}
-
-`backend="auto"` (djepa.backends.auto_order) follows the first table that matches this GPU and
-these versions, searched in: $DJEPA_TUNE_TABLE (a file; "off" disables tables), then the user
-cache (~/.cache/djepa, or $XDG_CACHE_HOME/djepa: tune-*.json, where `djepa tune` writes by
-default), then the tables shipped in djepa/tune_tables/. A table for another GPU, torch, triton,
-driver, djepa or djepa._C build is ignored, and `djepa info` says why. A call whose bucket was
-not measured follows the nearest measured bucket of its op and dtype (distance: the sum of
-|log2| of the size ratios) when it is within MAX_DISTANCE, else the static rule.
+`run` times every backend that serves each case of `cases()` (the preset and benchmark shapes of
+every op, built from the model presets) with `triton.testing.do_bench` (median, after a warm-up
+call that also compiles and autotunes), and `main` writes what it measured as a tuning table
+(the format, matching and lookup: djepa/tune_table.py, which the dispatch layer reads without
+importing this module or the models). The table is rewritten after every case, so a run cut
+short (--budget spent, SIGINT, SIGTERM, even SIGKILL) leaves what it measured, marked partial.
 """
-import datetime
 import functools
-import json
 import math
-import os
-import platform
+import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-FORMAT = 1
-ENV_VAR = "DJEPA_TUNE_TABLE"
-SHIPPED_DIR = Path(__file__).with_name("tune_tables")
-# What must match between the table and this machine for the table to be followed.
-MATCH_FIELDS = ("gpu", "torch", "triton", "cuda_driver", "djepa", "c_build")
-MAX_DISTANCE = 2.0  # e.g. a 4x larger M, or 2x in two sizes
-BACKEND_NAMES = ("cuda", "triton", "eager")
-
-
-class TableError(ValueError):
-    """A tuning table that cannot be read."""
-
-
-# ----------------------------------------------------------------------------- shape buckets
-def _p2(n: int) -> int:
-    """The power of two >= n (0 for n <= 0)."""
-    n = int(n)
-    return 0 if n <= 0 else 1 << (n - 1).bit_length()
-
-
-def bucket(op: str, **dims) -> tuple:
-    """The shape bucket of one call of `op`, as ((name, value), ...) (hashable, JSON-able).
-
-    masked_attention: D (head dim), Nk (keys, rounded up to a power of two), train (grad needed)
-    adaln_block:      W (width), M (rows, power of two), train
-    denoise_step:     W, M (rows of the MLP: 2B with CFG, power of two)
-    ema_update_:      numel (all tensors' elements, power of two)
-    """
-    if op == "masked_attention":
-        return (("D", int(dims["D"])), ("Nk", _p2(dims["Nk"])), ("mode", "train" if dims["train"] else "infer"))
-    if op == "adaln_block":
-        return (("W", int(dims["W"])), ("M", _p2(dims["M"])), ("mode", "train" if dims["train"] else "infer"))
-    if op == "denoise_step":
-        return (("W", int(dims["W"])), ("M", _p2(dims["M"])))
-    if op == "ema_update_":
-        return (("numel", _p2(dims["numel"])),)
-    raise ValueError(f"no shape bucket is defined for op {op!r}")
-
-
-def bucket_key(b) -> str:
-    """'D64-Nk512-train' for (('D', 64), ('Nk', 512), ('mode', 'train'))."""
-    items = b.items() if isinstance(b, dict) else b
-    return "-".join(str(v) if isinstance(v, str) else f"{k}{v}" for k, v in items)
-
-
-def distance(a, b) -> float:
-    """sum |log2(x / y)| over the numeric sizes of two buckets; inf when a label or a size is
-    missing, differs, or is zero on one side only."""
-    a, b = dict(a), dict(b)
-    if a.keys() != b.keys():
-        return math.inf
-    d = 0.0
-    for k, x in a.items():
-        y = b[k]
-        if isinstance(x, str) or isinstance(y, str):
-            if x != y:
-                return math.inf
-        elif x != y:
-            if x <= 0 or y <= 0:
-                return math.inf
-            d += abs(math.log2(x / y))
-    return d
-
-
-def dtype_name(dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
-# ----------------------------------------------------------------------------- environment
-def versions() -> dict:
-    """The versions a table is measured with (everything but the GPU)."""
-    import djepa
-    from djepa import backends
-
-    tri = backends.triton_module()
-    ext = backends.cuda_extension()
-    driver = None
-    try:
-        driver = int(torch._C._cuda_getDriverVersion()) if torch.cuda.is_available() else None
-    except Exception:  # older torch, no driver
-        driver = None
-    return {"torch": torch.__version__, "triton": tri.__version__ if tri else None, "cuda_driver": driver,
-            "djepa": djepa.__version__,
-            "c_build": f"{ext.cuda_version}/{ext.cuda_archs}" if ext is not None else "none"}
+from djepa import backends as _backends
+from djepa.tune_table import (BACKEND_NAMES, ENV_VAR, FORMAT, MATCH_FIELDS, MAX_DISTANCE,  # noqa: F401
+                              SHIPPED_DIR, Table, TableError, bucket, bucket_key, build_mismatch,
+                              candidate_paths, default_path, distance, dtype_name, explain, is_table,
+                              order_from_entry, served_arch, user_cache_dir, write_table)
 
 
 def environment(device: torch.device) -> dict:
-    """What a table measured on `device` records about it (GPU and versions)."""
-    from djepa import backends
-
-    info = backends.device_info(device)
-    env = {"gpu": info["name"], "capability": list(info["capability"]), "sms": info["sms"]}
-    env.update(versions())
-    return env
-
-
-# ----------------------------------------------------------------------------- tables
-class Table:
-    """One tuning table read from `path` (see the module docstring for the format)."""
-
-    def __init__(self, meta: dict, entries: list, path=None):
-        self.meta, self.entries, self.path = meta, entries, path
-        self._index = {}
-        for e in entries:
-            self._index.setdefault((e["op"], e["dtype"]), []).append(e)
-
-    @classmethod
-    def load(cls, path):
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise TableError(f"{path}: no such file") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise TableError(f"{path}: not a readable JSON tuning table ({exc})") from None
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise TableError(f"{path}: not a djepa tuning table of format {FORMAT}")
-        entries = data.get("entries")
-        if not isinstance(entries, list):
-            raise TableError(f"{path}: no entries list")
-        clean = []
-        for i, e in enumerate(entries):
-            try:
-                b = tuple((str(k), v) for k, v in e["bucket"].items())
-                ms = {str(k): float(v) for k, v in e["ms"].items()}
-                if e["backend"] not in BACKEND_NAMES or e["backend"] not in ms:
-                    raise ValueError(f"backend {e['backend']!r} was not timed")
-                clean.append(dict(e, bucket=b, ms=ms, key=bucket_key(b)))
-            except (KeyError, TypeError, ValueError, AttributeError) as exc:
-                raise TableError(f"{path}: entry {i} is malformed ({exc})") from None
-        meta = {k: v for k, v in data.items() if k != "entries"}
-        return cls(meta, clean, path)
-
-    def mismatch(self, env: dict):
-        """Why this table does not describe the machine `env` (None when it does)."""
-        for field in MATCH_FIELDS:
-            if self.meta.get(field) != env.get(field):
-                return f"measured with {field} {self.meta.get(field)!r}, this machine has {env.get(field)!r}"
-        return None
-
-    def lookup(self, op: str, dtype: str, b):
-        """(entry, distance) of the measured bucket nearest to `b` for op and dtype, or
-        (None, None) when none is within MAX_DISTANCE."""
-        best, best_d = None, math.inf
-        for e in self._index.get((op, dtype), ()):
-            d = distance(e["bucket"], b)
-            if d < best_d:
-                best, best_d = e, d
-        if best is None or best_d > MAX_DISTANCE:
-            return None, None
-        return best, best_d
-
-    def rows(self, op: str) -> list:
-        """One line per measured bucket of `op`: dtype, bucket -> backend (timings)."""
-        out = []
-        for e in self.entries:
-            if e["op"] == op:
-                ms = ", ".join(f"{k} {v:.3g} ms" for k, v in sorted(e["ms"].items(), key=lambda kv: kv[1]))
-                out.append(f"{e['dtype']:9s} {e['key']:18s} -> {e['backend']:6s} ({ms})")
-        return out
-
-    def describe(self) -> str:
-        m = self.meta
-        return (f"{self.path} ({m.get('gpu')}, torch {m.get('torch')}, triton {m.get('triton')}, "
-                f"{len(self.entries)} entries{'' if m.get('complete', True) else ', partial'})")
-
-
-def order_from_entry(entry: dict, static_order) -> tuple:
-    """The backends of a measured entry, fastest first, then any unmeasured ones in the static
-    order (so a backend that cannot serve a call hands it to the next fastest)."""
-    timed = sorted(entry["ms"], key=lambda b: entry["ms"][b])
-    return tuple(timed) + tuple(b for b in static_order if b not in timed)
-
-
-def explain(table: Table, entry: dict, dist: float) -> str:
-    where = "measured bucket" if dist == 0 else f"nearest measured bucket (distance {dist:.2g})"
-    ms = ", ".join(f"{k} {v:.3g} ms" for k, v in sorted(entry["ms"].items(), key=lambda kv: kv[1]))
-    return f"tuning table {table.path}: {where} {entry['dtype']} {entry['key']}: {ms}"
-
-
-def user_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "djepa"
-
-
-def default_path(gpu_name: str) -> Path:
-    slug = "".join(ch if ch.isalnum() else "-" for ch in gpu_name.replace("NVIDIA", "")).strip("-").lower()
-    return user_cache_dir() / f"tune-{slug or 'gpu'}.json"
-
-
-def candidate_paths():
-    """([table paths in search order], note about $DJEPA_TUNE_TABLE or None)."""
-    env = os.environ.get(ENV_VAR)
-    if env is not None and env.strip().lower() in ("off", "none", "0", "false"):
-        return [], f"${ENV_VAR}={env}: tuning tables are off"
-    if env:
-        return [Path(env)], None
-    found = sorted(user_cache_dir().glob("tune-*.json"))
-    if SHIPPED_DIR.is_dir():
-        found += sorted(SHIPPED_DIR.glob("*.json"))
-    return found, None
-
-
-_ACTIVE = {}  # (device index, $DJEPA_TUNE_TABLE) -> (Table or None, notes)
-
-
-def reset():
-    _ACTIVE.clear()
-
-
-def _device_index(device):
-    return device.index if device.index is not None else torch.cuda.current_device()
-
-
-def select_table(device: torch.device):
-    """(the Table auto follows on `device` or None, [notes on the tables ignored and why])."""
-    ckey = (_device_index(device), os.environ.get(ENV_VAR))
-    hit = _ACTIVE.get(ckey)
-    if hit is not None:
-        return hit
-    paths, note = candidate_paths()
-    notes = [note] if note else []
-    chosen = None
-    env = environment(device) if paths else None
-    for path in paths:
-        try:
-            table = Table.load(path)
-        except TableError as exc:
-            notes.append(f"ignored: {exc}")
-            continue
-        why = table.mismatch(env)
-        if why is not None:
-            notes.append(f"ignored {path}: {why}")
-            continue
-        chosen = table
-        break
-    if not paths and not notes:
-        notes.append(f"no table found (${ENV_VAR}, {user_cache_dir()}/tune-*.json, {SHIPPED_DIR}/*.json)")
-    _ACTIVE[ckey] = (chosen, notes)
-    return chosen, notes
-
-
-def active_table(device: torch.device):
-    return select_table(device)[0]
-
-
-def describe_tables(device: torch.device) -> str:
-    table, notes = select_table(device)
-    head = f"following {table.describe()}" if table else "no tuning table for this GPU: the static rule applies"
-    return "; ".join([head] + notes)
-
-
-def write_table(path, env: dict, entries: list, complete: bool = True) -> Path:
-    """Writes the table atomically (a temporary file renamed over `path`)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = dict(format=FORMAT, **env, complete=bool(complete),
-                created=datetime.datetime.now().isoformat(timespec="seconds"),
-                host=platform.node(), entries=[dict(e, bucket=dict(e["bucket"])) for e in entries])
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    """What a table measured on `device` records about it (djepa.backends.table_environment)."""
+    return _backends.table_environment(device)
 
 
 # ----------------------------------------------------------------------------- cases
@@ -503,11 +226,11 @@ def gpu_timer(fn, backend=None, case=None) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def run(case_list, device, timer=gpu_timer, backends=BACKEND_NAMES, budget_s=None, log=None):
+def run(case_list, device, timer=gpu_timer, backends=BACKEND_NAMES, budget_s=None, log=None, on_entry=None):
     """Times each backend of each case; returns (entries, complete). `timer(fn, backend, case)`
     returns the milliseconds of fn() (one call of the case's op with that backend) or raises
     Unserved. Stops starting new cases once `budget_s` seconds have passed (complete is then
-    False)."""
+    False). `on_entry(entries)` is called after every timed case with the entries so far."""
     t0 = time.monotonic()
     entries = []
     for i, case in enumerate(case_list):
@@ -535,15 +258,21 @@ def run(case_list, device, timer=gpu_timer, backends=BACKEND_NAMES, budget_s=Non
         if log:
             times = "  ".join(f"{b} {ms[b]:8.3f}" for b in sorted(ms, key=ms.get))
             log(f"{case.op:17s} {dtype_name(case.dtype):9s} {case.key:18s} -> {best:6s}  {times}  ms")
+        if on_entry is not None:
+            on_entry(entries)
     return entries, True
 
 
 # ----------------------------------------------------------------------------- command line
+def _sigterm_as_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(args) -> int:
     """`djepa tune` (its options: djepa/cli.py). Exit 0 after writing the table (or listing the
-    cases with --dry-run), 1 without a GPU (one line on stderr, nothing written), 2 on bad options."""
-    from djepa import backends
-
+    cases with --dry-run; a --budget spent still writes the table, marked partial), 1 without a
+    GPU (one line on stderr, nothing written), 2 on bad options, 130 when interrupted (SIGINT or
+    SIGTERM: the partial table is written first)."""
     if args.budget is not None and not args.budget > 0:
         print("djepa tune: error: --budget must be a positive number of seconds", file=sys.stderr)
         return 2
@@ -551,9 +280,10 @@ def main(args) -> int:
     if args.dry_run:
         for c in selected:
             print(f"{c.op:17s} {dtype_name(c.dtype):9s} {c.key:18s} {c.shape}")
-        print(f"{len(selected)} case(s); table -> {args.out or user_cache_dir() / 'tune-<gpu>.json'}")
+        budget = "" if args.budget is None else f", no new case after {args.budget:g} s"
+        print(f"{len(selected)} case(s){budget}; table -> {args.out or user_cache_dir() / 'tune-<gpu>.json'}")
         return 0
-    if not backends.gpu_available():
+    if not _backends.gpu_available():
         print("djepa tune: no CUDA GPU is visible: tuning times the kernels on a GPU (nothing written)",
               file=sys.stderr)
         return 1
@@ -566,11 +296,29 @@ def main(args) -> int:
         return 2
     env = environment(device)
     out = Path(args.out) if args.out else default_path(env["gpu"])
-    print(f"tuning on {env['gpu']} (torch {env['torch']}, triton {env['triton']}, djepa._C {env['c_build']}): "
-          f"{len(selected)} case(s)", flush=True)
-    with torch.cuda.device(device):
-        entries, complete = run(selected, device, budget_s=args.budget, log=lambda m: print(m, flush=True))
-    write_table(out, env, entries, complete)
-    backends.reset_caches()
+    print(f"tuning on {env['gpu']} (torch {env['torch']}, triton {env['triton']}, djepa._C {env['c_build']}, "
+          f"sm_90a kernels {'on' if env['sm90_kernels'] else 'off'}): {len(selected)} case(s)"
+          f"{'' if args.budget is None else f', no new case after {args.budget:g} s'}", flush=True)
+    done = []
+
+    def save(entries, complete=False, why=None):
+        done[:] = entries
+        extra = {} if complete else {"partial": why or f"{len(entries)} of {len(selected)} case(s) timed so far"}
+        write_table(out, env, entries, complete, **extra)
+
+    previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    try:
+        with torch.cuda.device(device):
+            entries, complete = run(selected, device, budget_s=args.budget, log=lambda m: print(m, flush=True),
+                                    on_entry=save)
+    except KeyboardInterrupt:
+        save(done, why=f"interrupted after {len(done)} of {len(selected)} case(s)")
+        print(f"interrupted: wrote {out} ({len(done)} entries, partial)", flush=True)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    save(entries, complete, why=None if complete else
+         f"--budget {args.budget:g} s spent after {len(entries)} of {len(selected)} case(s)")
+    _backends.reset_caches()
     print(f"wrote {out} ({len(entries)} entries{'' if complete else ', partial: budget spent'})")
     return 0

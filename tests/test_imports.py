@@ -18,17 +18,6 @@ ROOT = Path(__file__).resolve().parents[1]
 # setup.py installs kernels/ as djepa.kernels
 PACKAGE_DIRS = {"djepa": ROOT / "djepa", "djepa.kernels": ROOT / "kernels"}
 
-# TODO(issue 25): the one cycle still expected on this branch, through djepa.tune, which is both
-# the tuning runner (it builds model-shaped cases: tune -> models.presets -> models.djepa -> ...)
-# and the table reader that auto's dispatch uses (backends -> tune, ops.* -> tune):
-#     backends -> tune -> models.presets -> models.djepa -> models.config -> backends
-# The tune split (a table reader apart from the runner, another branch of issue 25) removes these
-# edges. Once it is merged, delete KNOWN_EDGES and test_the_known_cycle_is_still_there, which
-# fails then, saying so.
-KNOWN_EDGES = frozenset({("djepa.backends", "djepa.tune"), ("djepa.ops.attention", "djepa.tune"),
-                         ("djepa.ops.denoise", "djepa.tune"), ("djepa.ops.ema", "djepa.tune")})
-
-
 def module_files():
     """{module name: file} for every module of the package."""
     found = {}
@@ -176,16 +165,6 @@ def test_the_graph_covers_the_package():
 
 
 def test_no_import_cycles():
-    graph = {m: [d for d in deps if (m, d) not in KNOWN_EDGES] for m, deps in import_graph().items()}
-    found = cycles(graph)
+    found = cycles(import_graph())
     assert not found, "import cycles among djepa's modules:\n" + "\n".join(
         f"  {_show(cycle)}   (all of: {', '.join(sorted(comp))})" for comp, cycle in found)
-
-
-def test_the_known_cycle_is_still_there():
-    graph = import_graph()
-    present = {(m, d) for m, deps in graph.items() for d in deps}
-    through_tune = [cycle for comp, cycle in cycles(graph) if "djepa.tune" in comp]
-    if not (KNOWN_EDGES & present and through_tune):
-        pytest.fail("the known cycle through djepa.tune is gone: delete KNOWN_EDGES and this test from "
-                    "tests/test_imports.py (TODO issue 25)")

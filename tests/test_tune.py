@@ -1,5 +1,6 @@
-"""backend="auto" follows evidence: the static rule per arch, tuning tables (djepa.tune) that
-`djepa tune` writes on a GPU, and `djepa info`'s account of both. Everything here runs on the
+"""backend="auto" follows evidence: the static rule per arch, tuning tables (read by
+djepa.tune_table) that `djepa tune` (djepa.tune) writes on a GPU, and `djepa info`'s account of
+both. Everything here runs on the
 CPU: the GPU is faked (name, capability, versions) and the timer is a fake that returns set
 timings, so the mechanism is checked without measuring anything."""
 import json
@@ -10,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from djepa import backends, tune
+from djepa import backends, tune, tune_table
 from djepa.ops import _dispatch
 
 GPU = torch.device("cuda", 0)
@@ -28,13 +29,13 @@ def fake_gpu(monkeypatch, tmp_path):
         "name": state["name"], "capability": state["capability"], "sms": 132})
     monkeypatch.setattr(backends, "cuda_unavailable_reason", lambda op, device: None)
     monkeypatch.setattr(backends, "triton_unavailable_reason", lambda op, device: None)
-    monkeypatch.setattr(tune, "versions", lambda: dict(VERSIONS))
+    monkeypatch.setattr(backends, "build_versions", lambda: dict(VERSIONS))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=None: state["name"])
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.delenv(tune.ENV_VAR, raising=False)
-    monkeypatch.setattr(tune, "SHIPPED_DIR", tmp_path / "shipped")
+    monkeypatch.setattr(tune_table, "SHIPPED_DIR", tmp_path / "shipped")
     # djepa._C as built here, less its sm_90a kernels (tests/test_dispatch_sm90.py has them)
     monkeypatch.setenv("DJEPA_SM90_KERNELS", "0")
     backends.reset_caches()
@@ -176,24 +177,61 @@ def test_unreadable_tables_are_ignored_with_a_reason(fake_gpu, tmp_path, monkeyp
         bad.write_text(content)
         monkeypatch.setenv(tune.ENV_VAR, str(bad))
         backends.reset_caches()
-        assert tune.active_table(GPU) is None
-        assert reason in tune.describe_tables(GPU)
+        assert backends.active_table(GPU) is None
+        assert reason in backends.describe_tables(GPU)
     monkeypatch.setenv(tune.ENV_VAR, str(tmp_path / "missing.json"))
     backends.reset_caches()
-    assert "no such file" in tune.describe_tables(GPU)
+    assert "no such file" in backends.describe_tables(GPU)
+
+
+def test_served_arch_is_the_code_a_build_runs_on_the_gpu():
+    assert tune_table.served_arch(["80", "90a"], (9, 0)) == "90a"
+    assert tune_table.served_arch(["90a"], (9, 0)) == "90a"
+    assert tune_table.served_arch(["80"], (9, 0)) == "ptx80"   # sm_80 SASS does not run on sm_90: its PTX
+    assert tune_table.served_arch(["80", "86"], (8, 9)) == "86"
+    assert tune_table.served_arch(["90a"], (8, 0)) is None
+    assert tune_table.served_arch(["90a", "100a"], (10, 0)) == "100a"
+
+
+@pytest.mark.parametrize("machine,followed", [("13.0.88/80,90a", True), ("13.0.88/90a", True),
+                                              ("13.0.88/90a,100a", True), ("13.0.88/80", False),
+                                              ("12.8.93/80,90a", False), ("none", False)])
+def test_a_table_of_a_90a_build_serves_every_build_that_holds_90a(fake_gpu, tmp_path, monkeypatch, machine,
+                                                                  followed):
+    path = _table(tmp_path / "t.json", [
+        _entry("masked_attention", "bfloat16", dict(D=64, Nk=512, train=True), {"cuda": 1.0, "triton": 2.0})],
+        c_build="13.0.88/90a")
+    monkeypatch.setattr(backends, "build_versions", lambda: dict(VERSIONS, c_build=machine))
+    monkeypatch.setenv(tune.ENV_VAR, str(path))
+    assert (backends.active_table(GPU) is not None) == followed
+    if not followed:
+        assert "c_build '13.0.88/90a'" in backends.describe_tables(GPU) and machine in backends.describe_tables(GPU)
+
+
+def test_a_table_measured_with_the_sm90a_kernels_on_is_ignored_while_they_are_off(fake_gpu, tmp_path,
+                                                                                   monkeypatch):
+    path = _table(tmp_path / "t.json", [
+        _entry("masked_attention", "bfloat16", dict(D=64, Nk=512, train=True), {"cuda": 1.0, "triton": 2.0})],
+        sm90_kernels=True)
+    monkeypatch.setenv(tune.ENV_VAR, str(path))
+    assert backends.active_table(GPU) is None  # the fixture sets DJEPA_SM90_KERNELS=0
+    assert "sm_90a kernels on" in backends.describe_tables(GPU)
+    monkeypatch.delenv("DJEPA_SM90_KERNELS")
+    assert backends.active_table(GPU).path == path  # no reset needed: the switch is part of the cache key
 
 
 def test_search_order_user_cache_then_shipped_and_off_switch(fake_gpu, tmp_path, monkeypatch):
     e = _entry("masked_attention", "bfloat16", dict(D=64, Nk=512, train=True), {"cuda": 1.0, "triton": 2.0})
-    shipped = _table(tune.SHIPPED_DIR / "h200.json", [e])
-    assert tune.active_table(GPU).path == shipped
+    _table(tune_table.SHIPPED_DIR / "2026-11-30-0900_h200_tune.json", [e])
+    shipped = _table(tune_table.SHIPPED_DIR / "2026-12-01-1203_h200_tune.json", [e])
+    assert backends.active_table(GPU).path == shipped  # of the shipped ones, the newest (dated name) first
     backends.reset_caches()
     user = _table(tune.default_path("NVIDIA H200"), [dict(e, backend="triton", ms={"cuda": 2.0, "triton": 1.0})])
     assert user.parent == tmp_path / "cache" / "djepa" and user.name == "tune-h200.json"
-    assert tune.active_table(GPU).path == user
+    assert backends.active_table(GPU).path == user
     assert _auto("masked_attention", D=64, Nk=512, train=True) == "triton"
     monkeypatch.setenv(tune.ENV_VAR, "off")
-    assert tune.active_table(GPU) is None and "off" in tune.describe_tables(GPU)
+    assert backends.active_table(GPU) is None and "off" in backends.describe_tables(GPU)
 
 
 def test_describe_names_each_ops_rule_and_the_tuned_buckets(fake_gpu, tmp_path, monkeypatch):
@@ -250,10 +288,50 @@ def test_run_times_every_backend_and_the_written_table_drives_auto(fake_gpu, tmp
 def test_run_stops_at_the_budget_and_marks_the_table_partial(monkeypatch):
     clock = iter([0.0, 0.0, 10.0, 20.0, 30.0])
     monkeypatch.setattr(tune.time, "monotonic", lambda: next(clock))
-    logged = []
+    logged, saved = [], []
     entries, complete = tune.run(_tiny_cases(), torch.device("cpu"), timer=lambda fn, b, c: 1.0, budget_s=5,
-                                 log=logged.append)
-    assert not complete and len(entries) == 1 and "budget" in logged[-1]
+                                 log=logged.append, on_entry=lambda e: saved.append(len(e)))
+    assert not complete and len(entries) == 1 and "budget" in logged[-1] and "2 case(s) not timed" in logged[-1]
+    assert saved == [1]  # the table is rewritten after every timed case
+
+
+def _main_with(monkeypatch, fake_run, *args):
+    import contextlib
+
+    from djepa import cli
+
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    monkeypatch.setattr(tune, "run", fake_run)
+    return cli.main(["tune", "--quick", *args])
+
+
+def test_tune_writes_a_partial_table_when_interrupted_or_out_of_budget(fake_gpu, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "t.json"
+    e = _entry("masked_attention", "bfloat16", dict(D=64, Nk=512, train=True), {"cuda": 1.0, "triton": 2.0})
+    n = len(tune.cases(quick=True))
+
+    def interrupted(selected, device, budget_s, log, on_entry):
+        on_entry([e])
+        on_entry([e, dict(e, key="x")])
+        raise KeyboardInterrupt  # SIGINT from `timeout`, or SIGTERM (turned into the same)
+
+    assert _main_with(monkeypatch, interrupted, "--out", str(out)) == 130
+    table = tune_table.Table.load(out)
+    assert len(table.entries) == 2 and table.meta["complete"] is False
+    assert table.meta["partial"] == f"interrupted after 2 of {n} case(s)"
+    assert table.meta["sm90_kernels"] is False and table.meta["c_build"] == VERSIONS["c_build"]
+    assert "interrupted: wrote" in capsys.readouterr().out
+
+    def budget_spent(selected, device, budget_s, log, on_entry):
+        assert budget_s == 30
+        on_entry([e])
+        return [e], False
+
+    assert _main_with(monkeypatch, budget_spent, "--budget", "30", "--out", str(out)) == 0
+    table = tune_table.Table.load(out)
+    assert table.meta["partial"] == f"--budget 30 s spent after 1 of {n} case(s)" and len(table.entries) == 1
+    assert _main_with(monkeypatch, lambda *a, **k: ([e], True), "--out", str(out)) == 0
+    assert tune_table.Table.load(out).meta["complete"] is True and "partial" not in tune_table.Table.load(out).meta
 
 
 def test_gpu_timer_reports_an_unserved_backend():
@@ -310,3 +388,85 @@ def test_cli_info_shows_the_rule_per_op():
     assert r.returncode == 0
     for op in backends.OPS:
         assert any(ln.strip().startswith(op) and "auto ->" in ln and "[" in ln for ln in r.stdout.splitlines())
+
+
+# ----------------------------------------------------------------------------- layers
+def _module_files():
+    """{module name: file} of djepa's modules (djepa.kernels lives in kernels/)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    files = {}
+    for base, package in ((root / "djepa", "djepa"), (root / "kernels", "djepa.kernels")):
+        for f in base.rglob("*.py"):
+            parts = list(f.relative_to(base).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            files[".".join([package, *parts])] = f
+    return files
+
+
+def _imports(name, path, known):
+    """The djepa modules `name` imports anywhere in its file (inside functions too)."""
+    import ast
+
+    is_package = path.name == "__init__.py"
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = name.split(".")[: len(name.split(".")) - node.level + (1 if is_package else 0)]
+                base = ".".join(parts + ([node.module] if node.module else []))
+            targets = [base] + [f"{base}.{a.name}" for a in node.names]
+        else:
+            continue
+        for t in targets:
+            while t and t not in known:  # djepa.ops.attention.masked_attention -> djepa.ops.attention
+                t = t.rpartition(".")[0]
+            if t and t != name:
+                out.add(t)
+    return out
+
+
+def test_dispatch_and_ops_never_import_the_tuning_runner_or_the_models():
+    """The layers run one way (cli -> train -> models -> nn -> ops -> dispatch/backends ->
+    kernels): what auto's dispatch needs of a tuning table is djepa.tune_table, which imports
+    nothing from djepa; djepa.tune (the runner, which builds model-shaped cases) sits above the
+    models. Walks every import, lazy ones inside functions too, transitively."""
+    files = _module_files()
+    graph = {name: _imports(name, path, files) for name, path in files.items()}
+    assert "djepa.tune" in graph["djepa.cli"] or any("djepa.tune" in v for v in graph.values())  # the walk sees it
+    assert graph["djepa.tune_table"] <= {"djepa"}, graph["djepa.tune_table"]
+    start = ["djepa.backends", "djepa.tune_table"] + [n for n in files if n.startswith(("djepa.ops", "djepa.kernels"))]
+    above = ("djepa.tune", "djepa.models", "djepa.nn", "djepa.train", "djepa.cli")
+    for first in start:
+        seen, todo, via = {first}, [first], {first: None}
+        while todo:
+            mod = todo.pop()
+            for dep in graph[mod] - seen:
+                seen.add(dep)
+                via[dep] = mod
+                todo.append(dep)
+        bad = sorted(m for m in seen if m.startswith(above) and m != "djepa.tune_table")
+        chains = []
+        for m in bad:
+            chain = [m]
+            while via[chain[-1]] is not None:
+                chain.append(via[chain[-1]])
+            chains.append(" <- ".join(chain))
+        assert not bad, f"{first} reaches a higher layer: " + "; ".join(chains)
+        if first in ("djepa.backends", "djepa.tune_table"):  # (a package and its modules import each other)
+            assert first not in {d for m in seen - {first} for d in graph[m]}, f"an import cycle through {first}"
+
+
+def test_the_walk_catches_an_import_of_the_runner(tmp_path):
+    """The check above would fail if dispatch imported djepa.tune (as it did before the split)."""
+    f = tmp_path / "backends.py"
+    f.write_text("def f():\n    from djepa import tune\n    return tune.bucket\n")
+    files = _module_files()
+    assert _imports("djepa.backends", f, files) - {"djepa"} == {"djepa.tune"}
+    f.write_text("from . import tune_table\nfrom .tune_table import bucket\n")
+    assert _imports("djepa.backends", f, files) - {"djepa"} == {"djepa.tune_table"}

@@ -1,33 +1,71 @@
 // Runs the sm_90a kernels of csrc/hopper/ on the CPU (tools/*_sm90_emulate.cpp), on top of
-// tools/cuda_emulate.h (threadIdx/blockIdx, __syncthreads, one std::thread per CUDA thread).
+// tools/cuda_emulate.h (threadIdx/blockIdx, one std::thread per CUDA thread).
 //
-// Emulated from the PTX ISA, with the checks a GPU would not give:
+// Emulated from the PTX ISA, with the checks a GPU would not give (each an EMU-ERROR):
 //  * wgmma.mma_async (m64nNk16, f16/bf16 -> f32; A from shared memory or registers): the matrix
 //    descriptor is decoded field by field (start address, leading / stride byte offsets, swizzle
 //    mode 128/64/32 B or none, base offset), each element's address follows the canonical
 //    K-major / MN-major layouts and the swizzle is applied to the address bits, as the hardware
-//    does. Asynchrony: an mma runs at the wgmma.wait_group that retires its group (the latest
-//    moment the ISA allows), so accumulators read before the wait are stale and a stage released
-//    before the wait is read after the producer refilled it. Accumulator and register-A
-//    fragments follow the ISA's m64nNk16 layouts. Checks: descriptor address inside the block's
-//    shared memory, base offset 0 with the pattern starting on its boundary, and no operand byte
-//    written by ordinary stores (or cp.async) without a fence.proxy.async after it.
+//    does; accumulator and register-A fragments follow the ISA's m64nNk16 layouts.
+//    Asynchrony: an mma runs at the wgmma.wait_group that retires its group (the latest moment
+//    the ISA allows). Between issue and that wait the accumulator and register-A fragment hold
+//    signalling NaNs (the values live in a shadow copy): a write to them there is an error (found
+//    at the next issue or at the retirement), and a read traps (SIGFPE on the arithmetic, with
+//    FE_INVALID unmasked while registers are in flight; DJEPA_EMU_FPE=0 turns that off).
+//    wgmma.fence: a thread's stack is snapshotted at each wgmma.fence; an accumulator or A
+//    fragment written after the fence and before the wgmma.mma_async that uses it (not chained
+//    in flight) is an error, as is a wgmma with no wgmma.fence before it.
+//  * Happens-before: every thread, warpgroup (its retired wgmma groups) and mbarrier (its
+//    completed phases) has a vector-clock component. mbarrier arrive / complete and wait,
+//    bar.sync / bar.arrive and __syncthreads order threads as the ISA's release / acquire
+//    patterns do; a second clock per thread tracks which generic-proxy writes a
+//    fence.proxy.async has made visible to the async proxy, and travels along the same edges.
+//    Shared memory is tracked in 16-byte chunks (last writer, in-flight copies, the wgmma groups
+//    reading it). Errors, whatever the thread schedule:
+//      - a wgmma reading a chunk a TMA / cp.async has not finished writing, or whose copy's
+//        mbarrier phase it has not observed, or that nothing wrote;
+//      - a wgmma reading ordinary stores (st.shared, or landed cp.async: both the generic proxy)
+//        without a fence.proxy.async that comes after the store (in the storing thread, or in a
+//        thread that observed the store) and before the wgmma: a fence by another thread that
+//        has not synchronised with the store does not count;
+//      - a chunk written (st.shared, or a TMA / cp.async issued into it) before the wgmma groups
+//        reading it have retired (wgmma.wait_group) and that retirement is ordered before the
+//        write (a stage released on its empty barrier too early);
+//      - a TMA (async proxy) overwriting ordinary stores without a proxy fence between them, and
+//        writes not ordered after the previous copy into the chunk completed.
+//    The other direction (an async-proxy access, then a generic access) needs no fence once the
+//    completion is observed: the ISA follows the completion of cp.async.bulk and of
+//    wgmma.mma_async by an implicit generic-async proxy fence; before it is observed, it is the
+//    race above.
 //  * mbarrier: init / arrive / arrive.expect_tx / try_wait.parity with phases and transaction
-//    counts; too many arrivals is an error. TMA (cp.async.bulk.tensor 2-5d) and cp.async
-//    (16 B, zero fill, .mbarrier.arrive.noinc) are queued on their barrier and land only when a
-//    thread waits on it (or the barrier's next phase gets its first arrival): data read without
-//    waiting is not there (0xFF poison or a stale tile).
-//    The tensor map is emulated: encode_tiled() has cuTensorMapEncodeTiled's signature and checks
-//    (alignment, strides, box limits, inner box = swizzle span); OOB elements are zero filled;
-//    the destination must be aligned to the swizzle pattern.
+//    counts; too many arrivals is an error, as is a use not ordered after the init. TMA
+//    (cp.async.bulk.tensor 2-5d) and cp.async (16 B, zero fill, .mbarrier.arrive.noinc) are
+//    queued on their barrier and land only when a thread waits on it (or the barrier's next
+//    phase gets its first arrival): data read without waiting is not there (0xFF poison or a
+//    stale tile). The tensor map is emulated: encode_tiled() has cuTensorMapEncodeTiled's
+//    signature and checks; OOB elements are zero filled; the destination must be aligned to the
+//    swizzle pattern.
+//  * setmaxnreg: 24..256 in multiples of 8, .inc never below and .dec never above the warp's
+//    count, the same sequence in every warp of a warpgroup and every lane of a warp, and the
+//    registers come from the CTA's pool (threads x the count at entry, 65536 / threads rounded
+//    down to 8): an .inc waits for registers released by .dec, and one that no warp can satisfy
+//    any more (the warpgroups ask for more than the CTA holds) is an error.
+//  * CTAs: blocks run two at a time (DJEPA_EMU_CTAS), each with its own shared memory and
+//    barriers, the higher-numbered one started first and the next once it is under way, so a
+//    persistent grid's CTAs interleave as on the GPU and a kernel that relies on CTAs running in
+//    order (or one at a time) is caught. atomicAdd / atomicExch / atomicCAS / __threadfence for global memory.
 //  * named barriers (bar.sync / bar.arrive with thread counts), warp shuffles for up to 32 warps,
-//    setmaxnreg (no-op), ex2.approx.
+//    ex2.approx.
 //  * a watchdog: no progress for DJEPA_EMU_DEADLOCK_S seconds (default 30) prints what every
 //    waiting thread waits on and exits with status 3 (a missing arrive hangs a GPU).
 //  * DJEPA_EMU_LAG="tids:ms": the given threads sleep after every barrier wait, to expose races
 //    that need one thread to lag behind the others.
-// Not emulated: clusters / multicast, the real concurrency of the copy engine with other work
-// (copies land lazily, at waits), register-count limits of setmaxnreg, timing.
+// Not emulated: clusters / multicast, TMA stores (cp.async.bulk shared -> global), generic loads
+// of shared memory (so no generic-read -> async-write check), the real concurrency of the copy
+// engine (copies land lazily, at waits), timing. Limits: shared memory written by plain C++
+// stores is invisible to the checks (kernels store through st_shared16; a wgmma reading such
+// bytes is reported as reading what nothing wrote); a warpgroup's wgmma operands are checked
+// with the clocks of its first thread (every consumer thread of these kernels waits and fences).
 #pragma once
 
 #ifndef DJEPA_HOPPER_EMULATE
@@ -37,6 +75,9 @@
 #include "cuda_emulate.h"
 
 #include <cuda.h>
+#include <fenv.h>
+#include <signal.h>
+#include <unistd.h>
 
 #include <array>
 #include <atomic>
@@ -54,25 +95,51 @@ namespace hemu {
 
 constexpr size_t kWindowBytes = 256 * 1024;   // the emulated shared window of one block
 constexpr size_t kSmemLimit = 232448;          // 227 KiB: sm_90's per-block opt-in maximum
+constexpr size_t kChunks = kWindowBytes / 16;
+constexpr int kMaxWarpGroups = 8;
+constexpr int kMaxBars = 64;                   // mbarriers per block with a clock component
+constexpr int kSmRegisters = 65536;
 
 // ------------------------------------------------------------------------------ errors / stats
 inline std::atomic<int> g_errors{0};
 inline std::mutex g_print_m;
 
-inline void fail(const char* fmt, ...) {
+inline void vfail(const char* fmt, va_list ap) {
   const int n = g_errors.fetch_add(1);
-  if (n >= 12) return;
+  if (n >= 16) return;
   std::lock_guard<std::mutex> lk(g_print_m);
-  va_list ap;
-  va_start(ap, fmt);
   std::printf("EMU-ERROR (block %u, thread %u): ", blockIdx.x, threadIdx.x);
   std::vprintf(fmt, ap);
   std::printf("\n");
-  va_end(ap);
   std::fflush(stdout);
 }
+inline void fail(const char* fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  vfail(fmt, ap);
+  va_end(ap);
+}
+// Rules whose message is printed once per launch (every violation still counts as an error).
+enum Rule : int {
+  kRuleInFlightWrite, kRuleNoFence, kRuleFenceWrite, kRuleReadPending, kRuleReadUnwritten, kRuleReadUnordered,
+  kRuleProxy, kRuleWriteWhileRead, kRuleWriteRace, kRuleProxyWaw, kRuleCount
+};
+inline std::atomic<unsigned> g_reported{0};
+inline void fail_rule(Rule r, const char* fmt, ...) {
+  if (g_reported.fetch_or(1u << r) & (1u << r)) {
+    g_errors.fetch_add(1);
+    return;
+  }
+  va_list ap;
+  va_start(ap, fmt);
+  vfail(fmt, ap);
+  va_end(ap);
+}
 // Errors since the last call (a test case passes only with none).
-inline int take_errors() { return g_errors.exchange(0); }
+inline int take_errors() {
+  g_reported = 0;
+  return g_errors.exchange(0);
+}
 
 struct Stats {
   std::atomic<long> wgmma{0}, tma_boxes{0}, cp_async{0}, st_shared{0}, named_bar{0}, mbar_waits{0};
@@ -80,68 +147,226 @@ struct Stats {
 };
 inline Stats g_stats;
 
+// ------------------------------------------------------------------------------ vector clocks
+using VC = std::vector<uint32_t>;
+inline void join(VC& a, const VC& b) {
+  for (size_t i = 0; i < a.size() && i < b.size(); ++i) a[i] = a[i] < b[i] ? b[i] : a[i];
+}
+
 // ------------------------------------------------------------------------------ block state
-alignas(4096) inline unsigned char g_window[kWindowBytes];
-inline size_t g_dyn_offset = 16;  // dynamic smem starts here (as if 16 bytes of static smem)
-inline size_t g_dyn_bytes = 0;
-inline std::mutex g_m;                  // guards everything below
-inline std::condition_variable g_cv;
-inline std::atomic<unsigned long> g_progress{0};
-inline unsigned g_block_id = 0;
-
-constexpr int kClean = -1, kAnyFence = -2;  // chunk owners (16-byte chunks of the window)
-inline std::unique_ptr<std::atomic<int>[]> g_owner(new std::atomic<int>[kWindowBytes / 16]);
-inline std::vector<uint32_t> g_any_dirty;
-
 struct Copy {
   void* dst;
   const void* src;
   int src_bytes;
 };
+struct Mbar;
 struct Deferred {
   std::function<void()> tma;  // performs the copy and its complete_tx
-  std::vector<Copy> cp;       // cp.async copies, then one arrival
+  std::vector<Copy> cp;       // cp.async copies, then one arrival ...
+  VC vc, av;                  // ... carrying the arriving thread's clocks
 };
 struct Mbar {
   bool init = false;
   int count = 0, pending = 0;
   long long tx = 0;
   unsigned long phase = 0;
+  int comp = -1;               // clock component: the number of completed phases
+  uint32_t completions = 0;
+  unsigned init_tid = 0;
+  uint32_t init_clock = 0;
+  VC acc_vc, acc_av, done_vc, done_av;  // arrivals so far (cumulative); as of the last completion
   std::vector<Deferred> deferred;
 };
-inline std::unordered_map<uint32_t, Mbar> g_bars;
-
 struct NamedBar {
   int count = 0, arrived = 0;
   unsigned long gen = 0;
+  VC acc_vc, acc_av, done_vc[2], done_av[2];
 };
-inline NamedBar g_named[16];
-
 struct WaitInfo {
   const char* what;
   uint32_t addr;
   unsigned parity;
 };
-inline std::map<unsigned, WaitInfo> g_waiting;  // tid -> what it waits on
-
 struct WarpX {
   Barrier bar{32};
   float f[32];
 };
-inline WarpX g_hwarps[32];
 struct WgBar {
   Barrier bar{128};
 };
-inline WgBar g_wg_bar[8];
 // Register-A fragments of wgmma_rs, published at issue: (warpgroup, sequence) -> 128 x 4 regs.
 struct AExchange {
   std::array<uint32_t, 512> regs{};
   int readers = 0;
 };
-inline std::map<std::pair<int, long>, AExchange> g_aex;
+// A 16-byte chunk of shared memory: its last write (kind, writer component, clock), the copies
+// in flight into it, and per warpgroup the last wgmma group reading it (0: none).
+enum ChunkKind : uint32_t { kNone = 0, kGeneric = 1, kCpAsync = 2, kTma = 3 };
+struct Chunk {
+  uint32_t who;  // kind << 24 | component
+  uint32_t clock;
+  uint32_t pending;
+  uint32_t read[kMaxWarpGroups];
+};
+inline uint32_t ld(const uint32_t& x) { return __atomic_load_n(&x, __ATOMIC_RELAXED); }
+inline void st(uint32_t& x, uint32_t v) { __atomic_store_n(&x, v, __ATOMIC_RELAXED); }
+
+struct WarpRegs {
+  int cur = 0;                // the warp's per-thread register count
+  std::vector<int> seq;       // its setmaxnreg calls (+R: .inc, -R: .dec)
+  int exited = 0;             // lanes that returned
+  bool waiting = false;       // blocked in setmaxnreg.inc
+  int applying = -1;          // the call a lane of the warp is applying
+};
+
+struct Block {
+  unsigned char* window = nullptr;  // kWindowBytes, 4096-aligned
+  size_t dyn_offset = 16, dyn_bytes = 0;  // dynamic smem starts 16 bytes in (as after static smem)
+  std::mutex m;  // guards the barriers, waiting, setmaxnreg state
+  std::condition_variable cv;
+  std::atomic<unsigned long> progress{0};
+  std::atomic<int> started{0}, finished{0};
+  unsigned id = 0;
+  int threads = 0, nwg = 0, ncomp = 0, next_bar = 0;
+  std::vector<Chunk> chunks;
+  std::unordered_map<uint32_t, Mbar> bars;
+  NamedBar named[16];
+  std::map<unsigned, WaitInfo> waiting;  // tid -> what it waits on
+  WarpX warps[32];
+  WgBar wg[kMaxWarpGroups];
+  std::map<std::pair<int, long>, AExchange> aex;
+  int entry_regs = 0, pool = 0;
+  WarpRegs wregs[32];
+  std::vector<long> fences, commits;  // per thread, checked per warpgroup at the end
+  std::vector<int> nreg_calls;        // per thread
+
+  Block() {
+    window = static_cast<unsigned char*>(std::aligned_alloc(4096, kWindowBytes));
+    chunks.resize(kChunks);
+  }
+  ~Block() { std::free(window); }
+  int comp_wg(int w) const { return threads + w; }
+  void reset(unsigned block_id, int nthreads, size_t smem_bytes) {
+    id = block_id;
+    threads = nthreads;
+    nwg = (nthreads + 127) / 128;
+    ncomp = threads + nwg + kMaxBars;
+    next_bar = 0;
+    dyn_bytes = std::min(smem_bytes, kWindowBytes - dyn_offset);
+    progress = 0;
+    started = 0;
+    finished = 0;
+    std::memset(window, 0xff, kWindowBytes);
+    std::memset(chunks.data(), 0, chunks.size() * sizeof(Chunk));
+    bars.clear();
+    for (auto& nb : named) {
+      nb = NamedBar{};
+      nb.acc_vc.assign(ncomp, 0);
+      nb.acc_av.assign(ncomp, 0);
+    }
+    waiting.clear();
+    for (auto& w : warps) w.bar.reset(32);  // a block cannot inherit a half-used collective
+    for (auto& w : wg) w.bar.reset(128);
+    aex.clear();
+    entry_regs = std::min(256, (kSmRegisters / std::max(nthreads, 1)) / 8 * 8);
+    pool = 0;
+    for (auto& w : wregs) w = WarpRegs{entry_regs, {}, 0, false, -1};
+    fences.assign(nthreads, 0);
+    commits.assign(nthreads, 0);
+    nreg_calls.assign(nthreads, 0);
+  }
+};
+inline thread_local Block* t_blk = nullptr;
+inline std::atomic<unsigned long> g_progress{0};
 
 inline void tick() {
   g_progress.fetch_add(1, std::memory_order_relaxed);
+  if (t_blk) t_blk->progress.fetch_add(1, std::memory_order_relaxed);
+}
+
+// ------------------------------------------------------------------------------ thread state
+struct Reg {  // an accumulator or A fragment between wgmma issue and retirement
+  size_t bytes = 0;
+  std::vector<uint32_t> saved;  // the values the wgmma reads and writes (the "real" registers)
+  uint32_t poison = 0;
+  int inflight = 0;
+};
+struct Op {
+  bool rs;
+  int N, eb, ta, tb, scale_d;
+  bool bf16;
+  uintptr_t d, a;  // register keys
+  uint64_t da, db;
+  long seq;        // register-A exchange sequence (rs)
+};
+struct Thr {
+  unsigned tid = 0;
+  int wg = 0;
+  VC vc, av;  // happens-before; generic writes made visible to the async proxy
+  uintptr_t stack_top = 0, snap_lo = 0;
+  std::vector<unsigned char> snap;  // the stack at the last wgmma.fence
+  long fences = 0;
+  std::map<uintptr_t, Reg> regs;
+  std::vector<Op> open;
+  std::deque<std::pair<long, std::vector<Op>>> groups;  // (group number, ops), oldest first
+  long committed = 0, retired = 0, rs_seq = 0;
+  std::vector<Copy> cp_pending;
+  bool trap = false;
+  int nreg_calls = 0;
+};
+inline thread_local Thr* t_thr = nullptr;
+
+inline void release() { t_thr->vc[t_thr->tid]++; }  // after publishing this thread's clocks
+
+// FE_INVALID unmasked while registers are in flight (a read of a signalling NaN traps); masked
+// inside the emulator's own code.
+inline bool fpe_enabled() {
+  static const bool on = [] {
+    const char* s = std::getenv("DJEPA_EMU_FPE");
+    return !(s && std::atoi(s) == 0);
+  }();
+  return on;
+}
+inline void set_trap(bool on) {
+  on = on && fpe_enabled();
+  if (on) {
+    feclearexcept(FE_ALL_EXCEPT);  // an unmasked flag already raised would trap at once (x87)
+    feenableexcept(FE_INVALID);
+  }
+  else fedisableexcept(FE_INVALID);
+}
+struct EmuCall {  // every device-API entry point: traps off inside, back on if registers are in flight
+  EmuCall() {
+    if (t_thr && t_thr->trap) set_trap(false);
+  }
+  ~EmuCall() {
+    if (!t_thr) return;
+    t_thr->trap = !t_thr->regs.empty();
+    if (t_thr->trap) set_trap(true);
+  }
+};
+
+inline void on_sigfpe(int) {
+  char buf[640];
+  const int n = std::snprintf(
+      buf, sizeof(buf),
+      "EMU-ERROR (block %u, thread %u): floating-point invalid operation while wgmma accumulators / register-A "
+      "fragments are in flight: a register was read between wgmma.mma_async and the wgmma.wait_group that retires "
+      "it (the emulator holds signalling NaNs there until then), or the kernel computed inf - inf / 0 * inf there\n"
+      "FAIL emulator: wgmma register read in flight\nSOME FAILED\n",
+      blockIdx.x, threadIdx.x);
+  if (n > 0) (void)!write(1, buf, size_t(n));
+  _exit(4);
+}
+inline void install_fpe_handler() {
+  static const bool done = [] {
+    struct sigaction sa {};
+    sa.sa_handler = on_sigfpe;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGFPE, &sa, nullptr);
+    return true;
+  }();
+  (void)done;
 }
 
 // DJEPA_EMU_LAG="t1,t2,...:ms": threads t1, t2, ... of every block sleep `ms` after each barrier
@@ -179,60 +404,153 @@ inline void lag() {
 }
 
 // ------------------------------------------------------------------------------ addresses
+inline unsigned char* window() { return t_blk->window; }
 inline uint32_t smem_offset(const void* p) {
   const auto* c = static_cast<const unsigned char*>(p);
-  if (c < g_window || c >= g_window + kWindowBytes) {
+  if (c < t_blk->window || c >= t_blk->window + kWindowBytes) {
     fail("address %p is not in the block's shared memory", p);
     return 0;
   }
-  return static_cast<uint32_t>(c - g_window);
+  return static_cast<uint32_t>(c - t_blk->window);
 }
 inline bool in_dyn(uint32_t off, size_t bytes) {
-  return off >= g_dyn_offset && off + bytes <= g_dyn_offset + g_dyn_bytes;
+  return off >= t_blk->dyn_offset && off + bytes <= t_blk->dyn_offset + t_blk->dyn_bytes;
 }
 
-// ------------------------------------------------------------------------------ proxy tracking
-inline thread_local std::vector<uint32_t> t_dirty;
+// ------------------------------------------------------------------------------ shared-memory chunks
+inline const char* who_name(uint32_t kind) {
+  return kind == kGeneric ? "an ordinary store" : kind == kCpAsync ? "a cp.async" : kind == kTma ? "a TMA" : "nothing";
+}
 
-inline void mark_generic(uint32_t off, int owner) {
-  const uint32_t ch = off / 16;
-  g_owner[ch].store(owner);
-  if (owner == kAnyFence) {
-    g_any_dirty.push_back(ch);  // caller holds g_m
-  } else {
-    t_dirty.push_back(ch);
+// A write of `kind` by this thread (a store, or a TMA / cp.async issued) into [off, off + bytes):
+// it must be ordered after the retirement of every wgmma group reading the chunks, after the
+// previous write, and (an async-proxy write after ordinary stores) after a proxy fence.
+inline void check_write(uint32_t off, size_t bytes, uint32_t kind) {
+  Block& B = *t_blk;
+  Thr& T = *t_thr;
+  for (uint32_t ch = off / 16; ch < (off + bytes + 15) / 16 && ch < kChunks; ++ch) {
+    Chunk& c = B.chunks[ch];
+    if (ld(c.pending))
+      fail_rule(kRuleWriteRace, "%s into smem %u while a TMA / cp.async into it is still in flight", who_name(kind),
+                ch * 16);
+    for (int w = 0; w < B.nwg; ++w) {
+      const uint32_t r = ld(c.read[w]);
+      if (r && T.vc[B.comp_wg(w)] < r)
+        fail_rule(kRuleWriteWhileRead,
+                  "%s into smem %u before warpgroup %d's wgmma group %u reading it has retired and its "
+                  "wgmma.wait_group is ordered before the write (stage released on its empty barrier too early, "
+                  "or refilled without waiting for the release)",
+                  who_name(kind), ch * 16, w, r);
+    }
+    const uint32_t who = ld(c.who), pk = who >> 24, pc = who & 0xffffff, clock = ld(c.clock);
+    if (pk == kGeneric) {
+      if (T.vc[pc] < clock)
+        fail_rule(kRuleWriteRace, "%s into smem %u not ordered after thread %u's store to it (no barrier between)",
+                  who_name(kind), ch * 16, pc);
+      else if (kind == kTma && T.av[pc] < clock)
+        fail_rule(kRuleProxyWaw,
+                  "a TMA (async proxy) overwrites smem %u, stored by thread %u through the generic proxy, with no "
+                  "fence.proxy.async between them",
+                  ch * 16, pc);
+    } else if (pk == kCpAsync || pk == kTma) {
+      if (T.vc[pc] < clock)
+        fail_rule(kRuleWriteRace,
+                  "%s into smem %u before the completion of the %s that filled it was observed (its mbarrier phase)",
+                  who_name(kind), ch * 16, who_name(pk));
+    }
   }
 }
-inline void mark_async(uint32_t off, size_t bytes) {
-  for (uint32_t ch = off / 16; ch < (off + bytes + 15) / 16; ++ch) g_owner[ch].store(kClean);
+inline void record_write(uint32_t off, size_t bytes, uint32_t kind, uint32_t comp, uint32_t clock) {
+  Block& B = *t_blk;
+  for (uint32_t ch = off / 16; ch < (off + bytes + 15) / 16 && ch < kChunks; ++ch) {
+    Chunk& c = B.chunks[ch];
+    st(c.who, kind << 24 | comp);
+    st(c.clock, clock);
+    for (int w = 0; w < B.nwg; ++w) st(c.read[w], 0);
+  }
+}
+inline void add_pending(uint32_t off, size_t bytes, int d) {
+  for (uint32_t ch = off / 16; ch < (off + bytes + 15) / 16 && ch < kChunks; ++ch)
+    __atomic_add_fetch(&t_blk->chunks[ch].pending, uint32_t(d), __ATOMIC_RELAXED);
+}
+
+// A wgmma group of warpgroup `wg` reads the chunks (checked with this thread's clocks).
+inline void check_read(const std::vector<uint32_t>& chunks, long group) {
+  Block& B = *t_blk;
+  Thr& T = *t_thr;
+  for (uint32_t ch : chunks) {
+    Chunk& c = B.chunks[ch];
+    const uint32_t who = ld(c.who), kind = who >> 24, comp = who & 0xffffff, clock = ld(c.clock);
+    if (ld(c.pending)) {
+      fail_rule(kRuleReadPending,
+                "wgmma reads smem %u that a TMA / cp.async has not finished writing (its full barrier was not "
+                "waited for)",
+                ch * 16);
+    } else if (kind == kNone) {
+      fail_rule(kRuleReadUnwritten, "wgmma reads smem %u that nothing wrote in this block", ch * 16);
+    } else if (kind == kGeneric) {
+      if (T.vc[comp] < clock)
+        fail_rule(kRuleReadUnordered, "wgmma reads smem %u stored by thread %u with no barrier ordering the store first",
+                  ch * 16, comp);
+      else if (T.av[comp] < clock)
+        fail_rule(kRuleProxy,
+                  "wgmma reads smem %u stored by thread %u through the generic proxy without a fence.proxy.async "
+                  "between the store and the wgmma (by the storing thread before it releases, or by this "
+                  "warpgroup after it observed the store; another thread's fence does not count)",
+                  ch * 16, comp);
+    } else {
+      if (T.vc[comp] < clock)
+        fail_rule(kRuleReadUnordered,
+                  "wgmma reads smem %u filled by %s whose mbarrier phase this warpgroup has not waited for", ch * 16,
+                  who_name(kind));
+      else if (kind == kCpAsync && T.av[comp] < clock)
+        fail_rule(kRuleProxy,
+                  "wgmma reads smem %u written by cp.async (the generic proxy) without a fence.proxy.async after "
+                  "the barrier wait that observed it",
+                  ch * 16);
+    }
+    st(c.read[T.wg], uint32_t(group));
+  }
 }
 
 // ------------------------------------------------------------------------------ copies
-inline void perform(const Copy& c) {
-  std::memset(c.dst, 0, 16);
-  if (c.src_bytes > 0) std::memcpy(c.dst, c.src, c.src_bytes);
-  mark_generic(smem_offset(c.dst), kAnyFence);
-  g_stats.cp_async++;
-}
-
-// Caller holds g_m.
+// Caller holds the block's mutex.
 inline void check_phase(Mbar& b) {
   if (b.pending < 0) fail("mbarrier: more arrivals than its expected count %d", b.count);
   if (b.pending <= 0 && b.tx == 0) {
     b.phase++;
     b.pending = b.count;
-    g_cv.notify_all();
+    b.completions++;
+    if (b.comp >= 0) b.acc_vc[b.comp] = b.completions;
+    b.done_vc = b.acc_vc;
+    b.done_av = b.acc_av;
+    t_blk->cv.notify_all();
   }
   tick();
 }
 
+inline void perform(const Copy& c, Mbar& b) {
+  std::memset(c.dst, 0, 16);
+  if (c.src_bytes > 0) std::memcpy(c.dst, c.src, c.src_bytes);
+  const uint32_t off = smem_offset(c.dst);
+  add_pending(off, 16, -1);
+  record_write(off, 16, kCpAsync, uint32_t(b.comp), b.completions + 1);
+  g_stats.cp_async++;
+}
+
 inline Mbar& bar_at(uint32_t off, const char* what) {
-  auto it = g_bars.find(off);
-  if (it == g_bars.end() || !it->second.init) {
+  auto it = t_blk->bars.find(off);
+  if (it == t_blk->bars.end() || !it->second.init) {
     fail("%s on an uninitialised mbarrier (smem offset %u)", what, off);
-    return g_bars[off];
+    Mbar& b = t_blk->bars[off];
+    if (b.acc_vc.empty()) b.acc_vc.assign(t_blk->ncomp, 0), b.acc_av.assign(t_blk->ncomp, 0);
+    return b;
   }
-  return it->second;
+  Mbar& b = it->second;
+  if (t_thr && t_thr->vc[b.init_tid] < b.init_clock)
+    fail("%s on the mbarrier at smem %u before its mbarrier.init (thread %u) is ordered before it", what, off,
+         b.init_tid);
+  return b;
 }
 
 inline void flush(Mbar& b);
@@ -243,7 +561,7 @@ inline void settle(Mbar& b) {
   if (b.pending == 0 && !b.deferred.empty()) flush(b);
 }
 
-// Lands every copy queued on the barrier (caller holds g_m).
+// Lands every copy queued on the barrier (caller holds the block's mutex).
 inline void flush(Mbar& b) {
   while (!b.deferred.empty()) {
     std::vector<Deferred> work;
@@ -252,12 +570,24 @@ inline void flush(Mbar& b) {
       if (d.tma) {
         d.tma();
       } else {
-        for (const Copy& c : d.cp) perform(c);
+        for (const Copy& c : d.cp) perform(c, b);
+        join(b.acc_vc, d.vc);
+        join(b.acc_av, d.av);
         b.pending--;
         check_phase(b);
       }
     }
   }
+}
+
+inline void acquire(const VC& vc, const VC& av) {
+  join(t_thr->vc, vc);
+  join(t_thr->av, av);
+}
+inline void publish(VC& vc, VC& av) {
+  join(vc, t_thr->vc);
+  join(av, t_thr->av);
+  release();
 }
 
 // ------------------------------------------------------------------------------ tensor maps
@@ -333,6 +663,7 @@ inline uint32_t swz(int mode, uint32_t addr) {
 }
 
 inline void tma_issue(void* dst, const CUtensorMap* map, const int* coords, int nc, uint64_t* bar) {
+  EmuCall guard;
   TmapEmu t;
   std::memcpy(&t, map, sizeof(t));
   if (t.magic != kTmapMagic) {
@@ -348,10 +679,13 @@ inline void tma_issue(void* dst, const CUtensorMap* map, const int* coords, int 
   if (!in_dyn(d, bytes)) fail("TMA box [%u, +%zu) leaves the dynamic shared memory", d, bytes);
   std::array<int, 5> c{};
   for (int i = 0; i < nc && i < 5; ++i) c[i] = coords[i];
-  std::lock_guard<std::mutex> lk(g_m);
+  Block* blk = t_blk;
+  std::lock_guard<std::mutex> lk(blk->m);
   Mbar& mb = bar_at(b, "TMA completion");
+  check_write(d, bytes, kTma);
+  add_pending(d, bytes, +1);
   Mbar* mbp = &mb;
-  mb.deferred.push_back(Deferred{[t, c, d, bytes, mbp]() {
+  mb.deferred.push_back(Deferred{[t, c, d, bytes, mbp, blk]() {
     std::array<uint32_t, 5> e{};
     for (size_t lin = 0; lin < bytes / t.elem_bytes; ++lin) {
       size_t rest = lin;
@@ -365,16 +699,17 @@ inline void tma_issue(void* dst, const CUtensorMap* map, const int* coords, int 
         else src += g * t.strides[i];
       }
       const uint32_t a = swz(t.swizzle, d + uint32_t(lin * t.elem_bytes));
-      if (inside) std::memcpy(g_window + a, src, t.elem_bytes);
-      else std::memset(g_window + a, 0, t.elem_bytes);
+      if (inside) std::memcpy(blk->window + a, src, t.elem_bytes);
+      else std::memset(blk->window + a, 0, t.elem_bytes);
     }
-    mark_async(d, bytes);
+    add_pending(d, bytes, -1);
+    record_write(d, bytes, kTma, uint32_t(mbp->comp), mbp->completions + 1);
     g_stats.tma_boxes++;
     mbp->tx -= (long long)bytes;
     check_phase(*mbp);
-  }, {}});
+  }, {}, {}, {}});
   tick();
-  g_cv.notify_all();
+  blk->cv.notify_all();
 }
 
 // ------------------------------------------------------------------------------ wgmma
@@ -428,20 +763,12 @@ inline bool check_desc(const DescFields& f, const char* which) {
   return ok;
 }
 
-struct Op {
-  bool rs;
-  int N, eb, ta, tb, scale_d;
-  bool bf16;
-  float* d;
-  uint64_t da, db;
-  long seq;  // register-A exchange sequence (rs)
-};
-struct WgThread {
-  std::vector<Op> open;
-  std::deque<std::vector<Op>> groups;
-  long rs_seq = 0;
-};
-inline thread_local WgThread t_wg;
+// The 16-byte chunks an operand of `ext` rows (M or N) x 16 k occupies.
+inline void operand_chunks(std::vector<uint32_t>& out, uint64_t desc, bool mn_major, int ext, int eb) {
+  const DescFields f = decode_desc(desc);
+  for (int mn = 0; mn < ext; ++mn)
+    for (int k = 0; k < 16; ++k) out.push_back(operand_addr(f, mn_major, mn, k, eb) / 16);
+}
 
 inline float bits_to_float(uint16_t v, bool bf16) {
   return bf16 ? emu::half_bits_to_float<__nv_bfloat16>(v) : emu::half_bits_to_float<__half>(v);
@@ -452,20 +779,14 @@ inline float read_operand(uint32_t addr, bool bf16, const char* which) {
     fail("wgmma %s operand address %u outside the dynamic shared memory", which, addr);
     return NAN;
   }
-  const int own = g_owner[addr / 16].load();
-  if (own != kClean) {
-    fail("wgmma reads %s at smem %u written by %s without a fence.proxy.async after it", which, addr,
-         own == kAnyFence ? "cp.async" : "an ordinary store");
-    g_owner[addr / 16].store(kClean);  // report once
-  }
   uint16_t v;
-  std::memcpy(&v, g_window + addr, 2);
+  std::memcpy(&v, t_blk->window + addr, 2);
   return bits_to_float(v, bf16);
 }
 
 inline void execute(const Op& op) {
+  Thr& T = *t_thr;
   const int t = threadIdx.x % 128, w = t / 32, lane = t % 32, g = lane / 4, c = lane % 4;
-  const int wg = threadIdx.x / 128;
   const DescFields fa = decode_desc(op.da), fb = decode_desc(op.db);
   if (!op.rs) check_desc(fa, "A");
   check_desc(fb, "B");
@@ -476,9 +797,9 @@ inline void execute(const Op& op) {
   } else {
     // Row 16w + g (+ 8) of A lives in the quad of lanes 4g .. 4g + 3 of warp w: register
     // h + 2 * (k / 8) of lane 4g + (k % 8) / 2, low half for even k (the m64k16 A fragment).
-    std::lock_guard<std::mutex> lk(g_m);
-    auto it = g_aex.find({wg, op.seq});
-    if (it == g_aex.end()) {
+    std::lock_guard<std::mutex> lk(t_blk->m);
+    auto it = t_blk->aex.find({T.wg, op.seq});
+    if (it == t_blk->aex.end()) {
       fail("wgmma (register A): no fragment published for sequence %ld", op.seq);
       return;
     }
@@ -487,15 +808,200 @@ inline void execute(const Op& op) {
         const uint32_t reg = it->second.regs[(32 * w + 4 * g + (k % 8) / 2) * 4 + h + 2 * (k / 8)];
         A[h][k] = bits_to_float(uint16_t((k & 1) ? reg >> 16 : reg & 0xffff), op.bf16);
       }
-    if (++it->second.readers == 128) g_aex.erase(it);
+    if (++it->second.readers == 128) t_blk->aex.erase(it);
   }
+  float* d = reinterpret_cast<float*>(T.regs.at(op.d).saved.data());
   for (int i = 0; i < op.N / 2; ++i) {
     const int h = (i >> 1) & 1, col = 8 * (i >> 2) + 2 * c + (i & 1);
     float acc = 0.f;
     for (int k = 0; k < 16; ++k) acc += A[h][k] * read_operand(operand_addr(fb, op.tb, col, k, op.eb), op.bf16, "B");
-    op.d[i] = (op.scale_d ? op.d[i] : 0.f) + acc;
+    d[i] = (op.scale_d ? d[i] : 0.f) + acc;
   }
   g_stats.wgmma++;
+  tick();
+}
+
+// The stack of the calling thread from here up, as of its last wgmma.fence.
+__attribute__((noinline)) inline void snapshot_stack() {
+  Thr& T = *t_thr;
+  volatile unsigned char probe = 0;
+  const uintptr_t lo = reinterpret_cast<uintptr_t>(&probe) & ~uintptr_t(63);
+  (void)probe;
+  if (lo >= T.stack_top) return;
+  T.snap_lo = lo;
+  T.snap.resize(T.stack_top - lo);
+  std::memcpy(T.snap.data(), reinterpret_cast<const void*>(lo), T.snap.size());
+}
+inline bool in_snapshot(uintptr_t addr, size_t bytes) {
+  const Thr& T = *t_thr;
+  return !T.snap.empty() && addr >= T.snap_lo && addr + bytes <= T.snap_lo + T.snap.size();
+}
+inline void snapshot_store(uintptr_t addr, const void* src, size_t bytes) {
+  if (in_snapshot(addr, bytes)) std::memcpy(t_thr->snap.data() + (addr - t_thr->snap_lo), src, bytes);
+}
+
+// An accumulator (or A fragment) at `addr` becomes an operand of a wgmma just issued: checks the
+// fence rule (written since the last wgmma.fence?) or, chained in flight, that nobody wrote it;
+// then moves its values to a shadow copy and fills the registers with signalling NaNs.
+// `overwritten`: a wgmma with scale-d = 0, which ignores the registers' values: their memory may
+// hold other variables of the emulated kernel until then (the compiler shares stack slots with
+// an array not yet used), so only the in-flight rule applies to them.
+inline void take_reg(uintptr_t addr, size_t bytes, uint32_t poison, const char* what, bool overwritten = false) {
+  Thr& T = *t_thr;
+  const size_t words = bytes / 4;
+  auto* p = reinterpret_cast<uint32_t*>(addr);
+  auto it = T.regs.find(addr);
+  if (it != T.regs.end()) {
+    if (it->second.bytes != bytes) fail("wgmma %s registers reused in flight with another shape", what);
+    for (size_t i = 0; i < words; ++i)
+      if (p[i] != it->second.poison) {
+        fail_rule(kRuleInFlightWrite,
+                  "wgmma %s registers written between a wgmma.mma_async using them and the wgmma.wait_group that "
+                  "retires it",
+                  what);
+        break;
+      }
+    it->second.inflight++;
+    return;
+  }
+  for (auto& [a, r] : T.regs)
+    if (addr < a + r.bytes && a < addr + bytes) fail("wgmma %s registers overlap other registers in flight", what);
+  if (T.fences == 0) {
+    fail_rule(kRuleNoFence, "wgmma.mma_async with no wgmma.fence before it in this thread");
+  } else if (!overwritten && in_snapshot(addr, bytes) &&
+             std::memcmp(p, T.snap.data() + (addr - T.snap_lo), bytes) != 0) {
+    size_t i = 0;
+    uint32_t was = 0;
+    for (; i < words; ++i) {
+      std::memcpy(&was, T.snap.data() + (addr - T.snap_lo) + 4 * i, 4);
+      if (was != p[i]) break;
+    }
+    fail_rule(kRuleFenceWrite,
+              "wgmma %s registers (%zu bytes; word %zu: 0x%08x at the fence, now 0x%08x) written after the last "
+              "wgmma.fence and before the wgmma.mma_async that uses them (wgmma.fence must come between a register "
+              "access and the wgmma accessing those registers)",
+              what, bytes, i, was, i < words ? p[i] : 0u);
+  }
+  Reg r;
+  r.bytes = bytes;
+  r.saved.assign(p, p + words);
+  r.poison = poison;
+  r.inflight = 1;
+  for (size_t i = 0; i < words; ++i) p[i] = poison;
+  snapshot_store(addr, p, bytes);
+  T.regs.emplace(addr, std::move(r));
+}
+// One wgmma using the registers retired: the last one writes the values back.
+inline void give_reg(uintptr_t addr, const char* what) {
+  Thr& T = *t_thr;
+  auto it = T.regs.find(addr);
+  if (it == T.regs.end()) return;
+  if (--it->second.inflight > 0) return;
+  auto* p = reinterpret_cast<uint32_t*>(addr);
+  for (size_t i = 0; i < it->second.saved.size(); ++i)
+    if (p[i] != it->second.poison) {
+      fail_rule(kRuleInFlightWrite,
+                "wgmma %s registers written between a wgmma.mma_async using them and the wgmma.wait_group that "
+                "retires it",
+                what);
+      break;
+    }
+  std::memcpy(p, it->second.saved.data(), it->second.bytes);
+  snapshot_store(addr, p, it->second.bytes);
+  T.regs.erase(it);
+}
+
+constexpr uint32_t kPoisonF32 = 0x7F800BADu;       // a signalling NaN
+constexpr uint32_t kPoisonBf16x2 = 0x7F817F81u;    // two bf16 signalling NaNs
+constexpr uint32_t kPoisonF16x2 = 0x7C017C01u;     // two f16 signalling NaNs
+
+inline void issue(const Op& op_in, float* d, const uint32_t* a) {
+  EmuCall guard;
+  Thr& T = *t_thr;
+  Op op = op_in;
+  op.d = reinterpret_cast<uintptr_t>(d);
+  op.a = reinterpret_cast<uintptr_t>(a);
+  uint32_t afrag[4] = {};
+  if (op.rs) {  // the fragment's values (its shadow, when it is already in flight)
+    auto it = T.regs.find(op.a);
+    if (it != T.regs.end()) std::memcpy(afrag, it->second.saved.data(), 16);
+    else std::memcpy(afrag, a, 16);
+    take_reg(op.a, 16, op.bf16 ? kPoisonBf16x2 : kPoisonF16x2, "register-A fragment");
+    std::lock_guard<std::mutex> lk(t_blk->m);
+    auto& x = t_blk->aex[{T.wg, op.seq}];
+    for (int i = 0; i < 4; ++i) x.regs[(threadIdx.x % 128) * 4 + i] = afrag[i];
+  }
+  take_reg(op.d, size_t(op.N / 2) * 4, kPoisonF32, "accumulator", op.scale_d == 0);
+  if (threadIdx.x % 128 == 0) {  // the warpgroup's operands, checked once
+    std::vector<uint32_t> chunks;
+    chunks.reserve(size_t(64 + op.N) * 16);
+    if (!op.rs) operand_chunks(chunks, op.da, op.ta, 64, op.eb);
+    operand_chunks(chunks, op.db, op.tb, op.N, op.eb);
+    std::sort(chunks.begin(), chunks.end());
+    chunks.erase(std::unique(chunks.begin(), chunks.end()), chunks.end());
+    for (uint32_t& ch : chunks) ch = std::min<uint32_t>(ch, kChunks - 1);
+    check_read(chunks, T.committed + 1);
+  }
+  T.open.push_back(op);
+  tick();
+}
+
+// ------------------------------------------------------------------------------ setmaxnreg
+inline void setmaxnreg(int R, bool inc) {
+  EmuCall guard;
+  Block& B = *t_blk;
+  Thr& T = *t_thr;
+  const char* name = inc ? "setmaxnreg.inc" : "setmaxnreg.dec";
+  const int w = int(threadIdx.x / 32), k = T.nreg_calls++;
+  if ((R < 24 || R > 256 || R % 8) && threadIdx.x % 32 == 0)
+    fail("%s %d in warp %d: the count must be a multiple of 8 in 24..256", name, R, w);
+  const int want = inc ? R : -R;
+  std::unique_lock<std::mutex> lk(B.m);
+  WarpRegs& W = B.wregs[w];
+  if (W.applying == k)  // another lane of the warp is applying call k: the warp goes on together
+    while (int(W.seq.size()) <= k) B.cv.wait_for(lk, std::chrono::milliseconds(20));
+  if (int(W.seq.size()) > k) {
+    if (W.seq[k] != want) fail("%s %d: lanes of warp %d disagree (%d)", name, R, w, W.seq[k]);
+    return;
+  }
+  if (int(W.seq.size()) < k) fail("%s: lane %u of warp %d is ahead of its warp", name, threadIdx.x % 32, w);
+  W.applying = k;
+  if (inc && R < W.cur) fail("setmaxnreg.inc %d below the warp's %d registers", R, W.cur);
+  if (!inc && R > W.cur) fail("setmaxnreg.dec %d above the warp's %d registers", R, W.cur);
+  if (!inc) {
+    B.pool += (W.cur - R) * 32;
+  } else {
+    const int need = (R - W.cur) * 32;
+    W.waiting = true;
+    B.waiting[threadIdx.x] = WaitInfo{"setmaxnreg.inc (registers from the CTA's pool)", uint32_t(need), 0};
+    while (B.pool < need) {
+      // Can any warp still release registers? Not if every other warp has made at least this
+      // many calls (or waits in an .inc, or has returned).
+      bool hopeless = true;
+      for (int o = 0; o < B.threads / 32; ++o) {
+        if (o == w) continue;
+        const WarpRegs& O = B.wregs[o];
+        if (!(O.waiting || O.exited == 32 || int(O.seq.size()) > k)) hopeless = false;
+      }
+      if (hopeless) {
+        int asked = 0;
+        for (int o = 0; o < B.threads / 32; ++o) asked += 32 * (o == w ? R : B.wregs[o].cur);
+        fail("setmaxnreg.inc %d in warp %d: the warps ask for %d registers in all, more than the CTA's %d (%d threads "
+             "x %d at entry); on the GPU it waits for ever",
+             R, w, asked, B.threads * B.entry_regs, B.threads, B.entry_regs);
+        B.pool = need;  // go on, the error is reported
+        break;
+      }
+      B.cv.wait_for(lk, std::chrono::milliseconds(20));
+    }
+    B.pool -= need;
+    W.waiting = false;
+    B.waiting.erase(threadIdx.x);
+  }
+  W.cur = R;
+  W.seq.push_back(want);
+  W.applying = -1;
+  B.cv.notify_all();
   tick();
 }
 
@@ -505,93 +1011,201 @@ inline double deadlock_seconds() {
   return s ? std::atof(s) : 30.0;
 }
 
+inline std::vector<Block*> g_running;  // the blocks of the current wave (for the watchdog)
+
 inline void dump_waiters_and_exit() {
   std::lock_guard<std::mutex> lk(g_print_m);
-  std::unique_lock<std::mutex> state(g_m, std::try_to_lock);  // best effort: a waiter may hold it
   std::printf("FAIL emulator deadlock: no progress for %.0f s; threads waiting on mbarriers / named barriers "
-              "(others wait in __syncthreads, a warp or warpgroup collective):\n", deadlock_seconds());
-  // Group the waiters by what they wait on: (kind, smem, parity) -> thread ranges.
-  std::map<std::tuple<std::string, uint32_t, unsigned>, std::string> groups;
-  for (auto& [tid, w] : g_waiting) {
-    std::string& r = groups[{w.what, w.addr, w.parity}];
-    if (r.size() < 160) r += (r.empty() ? "" : ",") + std::to_string(tid);
-  }
-  for (auto& [key, tids] : groups)
-    std::printf("  %s (smem %u, parity %u): threads %s\n", std::get<0>(key).c_str(), std::get<1>(key),
-                std::get<2>(key), tids.c_str());
-  int shown = 0;
-  std::printf("  block %u; mbarriers (smem: phase, pending arrivals / count, tx bytes, queued copies):\n", g_block_id);
-  shown = 0;
-  for (auto& [off, b] : g_bars) {
-    if (shown++ >= 32) break;
-    std::printf("    %u: phase %lu, %d/%d, tx %lld, %zu queued\n", off, b.phase, b.pending, b.count, b.tx,
-                b.deferred.size());
+              "(others wait in a warp or warpgroup collective):\n", deadlock_seconds());
+  for (Block* blk : g_running) {
+    std::unique_lock<std::mutex> state(blk->m, std::try_to_lock);  // best effort: a waiter may hold it
+    // Group the waiters by what they wait on: (kind, smem, parity) -> thread ranges.
+    std::map<std::tuple<std::string, uint32_t, unsigned>, std::string> groups;
+    for (auto& [tid, w] : blk->waiting) {
+      std::string& r = groups[{w.what, w.addr, w.parity}];
+      if (r.size() < 160) r += (r.empty() ? "" : ",") + std::to_string(tid);
+    }
+    std::printf("  block %u:\n", blk->id);
+    for (auto& [key, tids] : groups)
+      std::printf("  %s (smem / id / count %u, parity %u): threads %s\n", std::get<0>(key).c_str(), std::get<1>(key),
+                  std::get<2>(key), tids.c_str());
+    std::printf("  mbarriers (smem: phase, pending arrivals / count, tx bytes, queued copies):\n");
+    int shown = 0;
+    for (auto& [off, b] : blk->bars) {
+      if (shown++ >= 32) break;
+      std::printf("    %u: phase %lu, %d/%d, tx %lld, %zu queued\n", off, b.phase, b.pending, b.count, b.tx,
+                  b.deferred.size());
+    }
   }
   std::printf("SOME FAILED\n");
   std::fflush(stdout);
   std::_Exit(3);
 }
 
-// Runs `body` as `threads` threads for every block of `grid` (one block at a time) with
-// `smem_bytes` of dynamic shared memory; returns false if the emulator reported an error.
+inline int ctas_at_once() {
+  const char* s = std::getenv("DJEPA_EMU_CTAS");
+  return s ? std::max(1, std::atoi(s)) : 2;
+}
+
+// End-of-block checks: every warp of a warpgroup ran the same setmaxnreg sequence (and every
+// lane of a warp), the same number of wgmma.fence and commits; no copy was left unwaited.
+inline void finish_block(Block& B) {
+  for (auto& [off, b] : B.bars)
+    if (!b.deferred.empty()) fail("block ends with copies on the mbarrier at smem %u never waited for", off);
+  for (int w = 0; w < B.threads / 32; ++w)
+    for (int l = 0; l < 32; ++l)
+      if (B.nreg_calls[w * 32 + l] != int(B.wregs[w].seq.size()))
+        fail("setmaxnreg not executed by every thread of warp %d (thread %d: %d calls, the warp %zu)", w, w * 32 + l,
+             B.nreg_calls[w * 32 + l], B.wregs[w].seq.size());
+  for (int g = 0; g < B.nwg; ++g) {
+    const int w0 = 4 * g;
+    if (w0 + 3 >= B.threads / 32) break;
+    for (int w = w0 + 1; w < w0 + 4; ++w)
+      if (B.wregs[w].seq != B.wregs[w0].seq)
+        fail("setmaxnreg: warp %d runs another sequence than warp %d of its warpgroup (every warp of the warpgroup "
+             "must execute the same setmaxnreg)",
+             w, w0);
+    for (int t = 128 * g + 1; t < 128 * (g + 1) && t < B.threads; ++t)
+      if (B.commits[t] != B.commits[128 * g] || (B.commits[t] && B.fences[t] != B.fences[128 * g])) {
+        fail("warpgroup %d: thread %d ran %ld wgmma.fence / %ld commit_group, thread %d %ld / %ld (wgmma is "
+             "warpgroup-wide: every thread runs the same sequence)",
+             g, t, B.fences[t], B.commits[t], 128 * g, B.fences[128 * g], B.commits[128 * g]);
+        break;
+      }
+  }
+}
+
+// Runs `body` as `threads` threads for every block of `grid` with `smem_bytes` of dynamic shared
+// memory, DJEPA_EMU_CTAS (2) blocks at a time; returns false if the emulator reported an error.
 inline bool launch(dim3 grid, int threads, size_t smem_bytes, const std::function<void()>& body) {
   if (smem_bytes > kSmemLimit) fail("launch asks for %zu bytes of shared memory (> %zu)", smem_bytes, kSmemLimit);
   if (threads > 1024 || threads % 32) fail("launch with %d threads", threads);
-  g_dyn_bytes = std::min(smem_bytes, kWindowBytes - g_dyn_offset);
+  install_fpe_handler();
+  static std::vector<std::unique_ptr<Block>> blocks;
+  const int C = ctas_at_once();
+  while (int(blocks.size()) < C) blocks.emplace_back(new Block);
+  std::vector<uint3> ids;
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
-      for (unsigned x = 0; x < grid.x; ++x) {
-        g_block_id = x + grid.x * (y + grid.y * z);
-        std::memset(g_window, 0xff, sizeof(g_window));
-        for (size_t i = 0; i < kWindowBytes / 16; ++i) g_owner[i].store(kClean);
-        g_any_dirty.clear();
-        g_bars.clear();
-        for (auto& nb : g_named) nb = NamedBar{};
-        g_aex.clear();
-        g_waiting.clear();
-        g_block_bar.reset(threads);
-        for (auto& w : g_hwarps) w.bar.reset(32);  // a block cannot inherit a half-used collective
-        for (auto& w : g_wg_bar) w.bar.reset(128);
-        std::atomic<bool> done{false};
-        std::thread watchdog([&] {
-          unsigned long last = g_progress.load();
-          auto since = std::chrono::steady_clock::now();
-          while (!done.load()) {
-            std::this_thread::sleep_for(std::chrono::milliseconds(100));
-            const unsigned long now = g_progress.load();
-            if (now != last) {
-              last = now;
-              since = std::chrono::steady_clock::now();
-            } else if (std::chrono::duration<double>(std::chrono::steady_clock::now() - since).count() >
-                       deadlock_seconds()) {
-              dump_waiters_and_exit();
-            }
-          }
-        });
-        std::vector<std::thread> ts;
-        ts.reserve(threads);
-        for (int t = 0; t < threads; ++t) {
-          ts.emplace_back([&, t] {
-            threadIdx = make_uint3(t, 0, 0);
-            blockIdx = make_uint3(x, y, z);
-            blockDim = dim3(threads, 1, 1);
-            gridDim = grid;
-            body();
-            if (!t_wg.open.empty() || !t_wg.groups.empty())
-              fail("thread exits with wgmma issued but not waited for (wgmma.wait_group)");
-            tick();
-          });
+      for (unsigned x = 0; x < grid.x; ++x) ids.push_back(make_uint3(x, y, z));
+  for (size_t w0 = 0; w0 < ids.size(); w0 += C) {
+    const int n = int(std::min<size_t>(C, ids.size() - w0));
+    g_running.clear();
+    for (int j = 0; j < n; ++j) {
+      const uint3 b = ids[w0 + j];
+      blocks[j]->reset(b.x + grid.x * (b.y + grid.y * b.z), threads, smem_bytes);
+      g_running.push_back(blocks[j].get());
+    }
+    std::atomic<bool> done{false};
+    std::thread watchdog([&] {
+      unsigned long last = g_progress.load();
+      auto since = std::chrono::steady_clock::now();
+      while (!done.load()) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(100));
+        const unsigned long now = g_progress.load();
+        if (now != last) {
+          last = now;
+          since = std::chrono::steady_clock::now();
+        } else if (std::chrono::duration<double>(std::chrono::steady_clock::now() - since).count() >
+                   deadlock_seconds()) {
+          dump_waiters_and_exit();
         }
-        for (auto& t : ts) t.join();
-        done = true;
-        watchdog.join();
-        for (auto& [off, b] : g_bars)
-          if (!b.deferred.empty()) fail("block ends with copies on the mbarrier at smem %u never waited for", off);
       }
+    });
+    std::vector<std::thread> ts;
+    ts.reserve(size_t(threads) * n);
+    // The highest block first; each next one once the previous is under way (as many emulated
+    // operations as threads, or finished, or stalled 250 ms: waiting on the others).
+    for (int j = n - 1; j >= 0; --j) {
+      Block* blk = blocks[j].get();
+      const uint3 bidx = ids[w0 + j];
+      for (int t = 0; t < threads; ++t) {
+        ts.emplace_back([&, blk, bidx, t] {
+          threadIdx = make_uint3(t, 0, 0);
+          blockIdx = bidx;
+          blockDim = dim3(threads, 1, 1);
+          gridDim = grid;
+          std::unique_ptr<Thr> thr(new Thr);
+          thr->tid = unsigned(t);
+          thr->wg = t / 128;
+          thr->vc.assign(blk->ncomp, 0);
+          thr->av.assign(blk->ncomp, 0);
+          thr->vc[t] = 1;
+          thr->stack_top = reinterpret_cast<uintptr_t>(__builtin_frame_address(0));
+          t_blk = blk;
+          t_thr = thr.get();
+          blk->started++;
+          body();
+          {
+            EmuCall guard;
+            if (!thr->open.empty() || !thr->groups.empty())
+              fail("thread exits with wgmma issued but not waited for (wgmma.wait_group)");
+            thr->regs.clear();
+            std::lock_guard<std::mutex> lk(blk->m);
+            blk->fences[t] = thr->fences;
+            blk->commits[t] = thr->committed;
+            blk->nreg_calls[t] = thr->nreg_calls;
+            blk->wregs[t / 32].exited++;
+            blk->cv.notify_all();
+          }
+          set_trap(false);
+          t_thr = nullptr;
+          blk->finished++;
+          tick();
+        });
+      }
+      if (j > 0) {
+        unsigned long last = blk->progress.load();
+        auto since = std::chrono::steady_clock::now();
+        while (blk->finished.load() < threads && blk->progress.load() < unsigned(threads)) {
+          std::this_thread::sleep_for(std::chrono::milliseconds(1));
+          const unsigned long now = blk->progress.load();
+          if (now != last) {
+            last = now;
+            since = std::chrono::steady_clock::now();
+          } else if (blk->started.load() == threads &&
+                     std::chrono::steady_clock::now() - since > std::chrono::milliseconds(250)) {
+            break;
+          }
+        }
+      }
+    }
+    for (auto& t : ts) t.join();
+    done = true;
+    watchdog.join();
+    for (int j = 0; j < n; ++j) {
+      t_blk = blocks[j].get();
+      finish_block(*blocks[j]);
+    }
+    t_blk = nullptr;
+    g_running.clear();
+  }
   return take_errors() == 0;
 }
 
 }  // namespace hemu
+
+// __syncthreads is bar.sync 0 over the whole block (the hopper emulator's, with happens-before).
+#undef __syncthreads
+#define __syncthreads() ::djepa::hopper::named_bar_sync(0, int(blockDim.x))
+
+// Global-memory atomics and fences of the device API (sequentially consistent on the CPU).
+inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+inline unsigned atomicAdd(unsigned* p, unsigned v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+inline float atomicAdd(float* p, float v) {
+  float old, sum;
+  __atomic_load(p, &old, __ATOMIC_SEQ_CST);
+  do {
+    sum = old + v;
+  } while (!__atomic_compare_exchange(p, &old, &sum, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST));
+  return old;
+}
+inline int atomicExch(int* p, int v) { return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST); }
+inline int atomicCAS(int* p, int cmp, int v) {
+  __atomic_compare_exchange_n(p, &cmp, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+  return cmp;
+}
+inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 
 // ------------------------------------------------------------------------------ device API
 // The functions csrc/hopper/ptx.cuh declares for the GPU, defined on the emulator.
@@ -599,54 +1213,84 @@ namespace djepa {
 namespace hopper {
 
 inline uint32_t smem_u32(const void* p) { return hemu::smem_offset(p); }
-inline unsigned char* dynamic_smem() { return hemu::g_window + hemu::g_dyn_offset; }
+inline unsigned char* dynamic_smem() { return hemu::t_blk->window + hemu::t_blk->dyn_offset; }
 
 inline void mbar_init(uint64_t* bar, int count) {
+  hemu::EmuCall guard;
   const uint32_t off = hemu::smem_offset(bar);
   if (off % 8 || !hemu::in_dyn(off, 8)) hemu::fail("mbarrier at smem %u: misaligned or outside", off);
   if (count <= 0) hemu::fail("mbarrier.init with count %d", count);
-  std::lock_guard<std::mutex> lk(hemu::g_m);
-  hemu::Mbar& b = hemu::g_bars[off];
+  hemu::Block& B = *hemu::t_blk;
+  std::lock_guard<std::mutex> lk(B.m);
+  hemu::Mbar& b = B.bars[off];
+  if (!b.deferred.empty()) hemu::fail("mbarrier.init at smem %u while copies are queued on it", off);
+  int comp = b.comp;
+  if (comp < 0) {
+    if (B.next_bar >= hemu::kMaxBars) hemu::fail("more than %d mbarriers in one block", hemu::kMaxBars);
+    comp = B.threads + B.nwg + std::min(B.next_bar++, hemu::kMaxBars - 1);
+  }
+  const uint32_t completions = b.completions;
   b = hemu::Mbar{};
   b.init = true;
   b.count = b.pending = count;
+  b.comp = comp;
+  b.completions = completions;
+  b.init_tid = hemu::t_thr->tid;
+  b.init_clock = hemu::t_thr->vc[hemu::t_thr->tid];
+  b.acc_vc.assign(B.ncomp, 0);
+  b.acc_av.assign(B.ncomp, 0);
+  b.acc_vc[comp] = completions;
+  b.done_vc = b.acc_vc;
+  b.done_av = b.acc_av;
   std::memset(bar, 0, 8);
   hemu::tick();
 }
+// fence.mbarrier_init.release.cluster (the inits reach other threads through a barrier, which
+// the happens-before check of every use of an mbarrier covers).
 inline void mbar_init_fence() {}
 inline void mbar_arrive(uint64_t* bar) {
-  std::lock_guard<std::mutex> lk(hemu::g_m);
+  hemu::EmuCall guard;
+  std::lock_guard<std::mutex> lk(hemu::t_blk->m);
   hemu::Mbar& b = hemu::bar_at(hemu::smem_offset(bar), "mbarrier.arrive");
   hemu::settle(b);
+  hemu::publish(b.acc_vc, b.acc_av);
   b.pending--;
   hemu::check_phase(b);
 }
 inline void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
-  std::lock_guard<std::mutex> lk(hemu::g_m);
+  hemu::EmuCall guard;
+  std::lock_guard<std::mutex> lk(hemu::t_blk->m);
   hemu::Mbar& b = hemu::bar_at(hemu::smem_offset(bar), "mbarrier.arrive.expect_tx");
   hemu::settle(b);
+  hemu::publish(b.acc_vc, b.acc_av);
   b.tx += bytes;
   b.pending--;
   hemu::check_phase(b);
 }
 inline bool mbar_try_wait(uint64_t* bar, uint32_t parity) {
-  std::lock_guard<std::mutex> lk(hemu::g_m);
+  hemu::EmuCall guard;
+  std::lock_guard<std::mutex> lk(hemu::t_blk->m);
   hemu::Mbar& b = hemu::bar_at(hemu::smem_offset(bar), "mbarrier.try_wait");
   hemu::flush(b);
-  return (parity & 1) != (b.phase & 1);
+  const bool done = (parity & 1) != (b.phase & 1);
+  if (done) hemu::acquire(b.done_vc, b.done_av);
+  return done;
 }
 inline void mbar_wait(uint64_t* bar, uint32_t parity) {
+  hemu::EmuCall guard;
   const uint32_t off = hemu::smem_offset(bar);
-  std::unique_lock<std::mutex> lk(hemu::g_m);
+  hemu::Block& B = *hemu::t_blk;
+  std::unique_lock<std::mutex> lk(B.m);
   hemu::g_stats.mbar_waits++;
   hemu::Mbar& b = hemu::bar_at(off, "mbarrier wait");
   while (true) {
     hemu::flush(b);
     if ((parity & 1) != (b.phase & 1)) break;
-    hemu::g_waiting[threadIdx.x] = hemu::WaitInfo{"an mbarrier phase", off, parity};
-    hemu::g_cv.wait_for(lk, std::chrono::milliseconds(50));
+    B.waiting[threadIdx.x] = hemu::WaitInfo{"an mbarrier phase", off, parity};
+    B.cv.wait_for(lk, std::chrono::milliseconds(50));
   }
-  hemu::g_waiting.erase(threadIdx.x);
+  hemu::acquire(b.done_vc, b.done_av);
+  B.waiting.erase(threadIdx.x);
   hemu::tick();
   lk.unlock();
   hemu::lag();
@@ -662,89 +1306,139 @@ inline void tma_load_4d(void* dst, const CUtensorMap* map, int c0, int c1, int c
   hemu::tma_issue(dst, map, c, 4, bar);
 }
 
-inline thread_local std::vector<hemu::Copy> t_cp_pending;
 inline void cp_async16(void* dst, const void* src, int src_bytes) {
+  hemu::EmuCall guard;
   const uint32_t off = hemu::smem_offset(dst);
   if (off % 16 || !hemu::in_dyn(off, 16)) hemu::fail("cp.async destination smem %u misaligned or outside", off);
   if (reinterpret_cast<uintptr_t>(src) % 16) hemu::fail("cp.async source %p not 16-byte aligned", src);
   if (src_bytes < 0 || src_bytes > 16) hemu::fail("cp.async src-size %d", src_bytes);
-  t_cp_pending.push_back(hemu::Copy{dst, src, src_bytes});
+  hemu::check_write(off, 16, hemu::kCpAsync);
+  hemu::add_pending(off, 16, +1);
+  hemu::t_thr->cp_pending.push_back(hemu::Copy{dst, src, src_bytes});
 }
 inline void cp_async_mbar_arrive(uint64_t* bar) {
-  std::lock_guard<std::mutex> lk(hemu::g_m);
+  hemu::EmuCall guard;
+  hemu::Block& B = *hemu::t_blk;
+  hemu::Thr& T = *hemu::t_thr;
+  std::lock_guard<std::mutex> lk(B.m);
   hemu::Mbar& b = hemu::bar_at(hemu::smem_offset(bar), "cp.async.mbarrier.arrive");
   hemu::settle(b);
-  b.deferred.push_back(hemu::Deferred{{}, std::move(t_cp_pending)});
-  t_cp_pending.clear();
+  b.deferred.push_back(hemu::Deferred{{}, std::move(T.cp_pending), T.vc, T.av});
+  T.cp_pending.clear();
+  hemu::release();
   hemu::tick();
-  hemu::g_cv.notify_all();
+  B.cv.notify_all();
 }
 
+// fence.proxy.async: every generic write this thread has observed becomes visible to the async
+// proxy for whoever observes the fence.
 inline void fence_proxy_async() {
-  for (uint32_t ch : hemu::t_dirty)
-    if (hemu::g_owner[ch].load() == int(threadIdx.x)) hemu::g_owner[ch].store(hemu::kClean);
-  hemu::t_dirty.clear();
-  std::lock_guard<std::mutex> lk(hemu::g_m);
-  for (uint32_t ch : hemu::g_any_dirty)
-    if (hemu::g_owner[ch].load() == hemu::kAnyFence) hemu::g_owner[ch].store(hemu::kClean);
-  hemu::g_any_dirty.clear();
+  hemu::EmuCall guard;
+  hemu::Thr& T = *hemu::t_thr;
+  hemu::join(T.av, T.vc);
+  hemu::release();
 }
 inline void st_shared16(void* dst, uint4 v) {
+  hemu::EmuCall guard;
   const uint32_t off = hemu::smem_offset(dst);
   if (off % 16 || !hemu::in_dyn(off, 16)) hemu::fail("16-byte shared store at %u misaligned or outside", off);
+  hemu::check_write(off, 16, hemu::kGeneric);
   std::memcpy(dst, &v, 16);
-  hemu::mark_generic(off, int(threadIdx.x));
+  hemu::record_write(off, 16, hemu::kGeneric, hemu::t_thr->tid, hemu::t_thr->vc[hemu::t_thr->tid]);
   hemu::g_stats.st_shared++;
 }
 
 inline void named_bar_sync(int id, int threads) {
-  std::unique_lock<std::mutex> lk(hemu::g_m);
-  hemu::NamedBar& nb = hemu::g_named[id & 15];
+  hemu::EmuCall guard;
+  hemu::Block& B = *hemu::t_blk;
+  if (threads % 32 || threads <= 0 || threads > B.threads)
+    hemu::fail("bar.sync %d with %d threads (a multiple of 32, at most the block's %d)", id, threads, B.threads);
+  std::unique_lock<std::mutex> lk(B.m);
+  hemu::NamedBar& nb = B.named[id & 15];
   if (nb.arrived == 0) nb.count = threads;
   else if (nb.count != threads) hemu::fail("bar.sync %d with %d threads while it counts %d", id, threads, nb.count);
   hemu::g_stats.named_bar++;
+  hemu::publish(nb.acc_vc, nb.acc_av);
   const unsigned long gen = nb.gen;
   if (++nb.arrived == nb.count) {
+    nb.done_vc[gen & 1] = nb.acc_vc;
+    nb.done_av[gen & 1] = nb.acc_av;
+    nb.acc_vc.assign(B.ncomp, 0);
+    nb.acc_av.assign(B.ncomp, 0);
     nb.arrived = 0;
     nb.gen++;
-    hemu::g_cv.notify_all();
-    hemu::tick();
-    return;
+    B.cv.notify_all();
+  } else {
+    B.waiting[threadIdx.x] = hemu::WaitInfo{"a named barrier", uint32_t(id), 0};
+    while (nb.gen == gen) B.cv.wait_for(lk, std::chrono::milliseconds(50));
+    B.waiting.erase(threadIdx.x);
   }
-  hemu::g_waiting[threadIdx.x] = hemu::WaitInfo{"a named barrier", uint32_t(id), 0};
-  while (nb.gen == gen) hemu::g_cv.wait_for(lk, std::chrono::milliseconds(50));
-  hemu::g_waiting.erase(threadIdx.x);
+  hemu::acquire(nb.done_vc[gen & 1], nb.done_av[gen & 1]);
+  hemu::tick();
 }
 inline void named_bar_arrive(int id, int threads) {
-  std::lock_guard<std::mutex> lk(hemu::g_m);
-  hemu::NamedBar& nb = hemu::g_named[id & 15];
+  hemu::EmuCall guard;
+  hemu::Block& B = *hemu::t_blk;
+  std::lock_guard<std::mutex> lk(B.m);
+  hemu::NamedBar& nb = B.named[id & 15];
   if (nb.arrived == 0) nb.count = threads;
+  else if (nb.count != threads) hemu::fail("bar.arrive %d with %d threads while it counts %d", id, threads, nb.count);
+  hemu::publish(nb.acc_vc, nb.acc_av);
   if (++nb.arrived == nb.count) {
+    const unsigned long gen = nb.gen;
+    nb.done_vc[gen & 1] = nb.acc_vc;
+    nb.done_av[gen & 1] = nb.acc_av;
+    nb.acc_vc.assign(B.ncomp, 0);
+    nb.acc_av.assign(B.ncomp, 0);
     nb.arrived = 0;
     nb.gen++;
-    hemu::g_cv.notify_all();
+    B.cv.notify_all();
   }
   hemu::tick();
 }
 
 template <int R>
-inline void setmaxnreg_inc() {}
+inline void setmaxnreg_inc() {
+  hemu::setmaxnreg(R, true);
+}
 template <int R>
-inline void setmaxnreg_dec() {}
+inline void setmaxnreg_dec() {
+  hemu::setmaxnreg(R, false);
+}
 
-inline void wgmma_fence() {}
+inline void wgmma_fence() {
+  hemu::EmuCall guard;
+  hemu::t_thr->fences++;
+  hemu::snapshot_stack();
+}
+// wgmma.commit_group.sync.aligned: the lanes of a warp reach it together (so a lane cannot
+// release a stage on behalf of its warp before the warp's other lanes have waited for it).
 inline void wgmma_commit() {
-  hemu::t_wg.groups.push_back(std::move(hemu::t_wg.open));
-  hemu::t_wg.open.clear();
+  hemu::EmuCall guard;
+  hemu::Thr& T = *hemu::t_thr;
+  T.groups.emplace_back(++T.committed, std::move(T.open));
+  T.open.clear();
+  hemu::t_blk->warps[threadIdx.x / 32].bar.wait();
 }
 template <int N>
 inline void wgmma_wait() {
-  hemu::g_wg_bar[threadIdx.x / 128].bar.wait();  // every thread of the warpgroup has issued
-  while (int(hemu::t_wg.groups.size()) > N) {
-    for (const hemu::Op& op : hemu::t_wg.groups.front()) hemu::execute(op);
-    hemu::t_wg.groups.pop_front();
+  hemu::EmuCall guard;
+  hemu::Thr& T = *hemu::t_thr;
+  hemu::Block& B = *hemu::t_blk;
+  B.wg[threadIdx.x / 128].bar.wait();  // every thread of the warpgroup has issued
+  while (int(T.groups.size()) > N) {
+    auto& [number, ops] = T.groups.front();
+    for (const hemu::Op& op : ops) hemu::execute(op);
+    for (const hemu::Op& op : ops) {
+      hemu::give_reg(op.d, "accumulator");
+      if (op.rs) hemu::give_reg(op.a, "register-A fragment");
+    }
+    T.retired = number;
+    T.groups.pop_front();
   }
-  hemu::g_wg_bar[threadIdx.x / 128].bar.wait();  // register-A exchange slots are read
+  B.wg[threadIdx.x / 128].bar.wait();  // register-A exchange slots are read
+  uint32_t& r = T.vc[B.comp_wg(T.wg)];
+  r = std::max<uint32_t>(r, uint32_t(T.retired));
 }
 template <int R>
 inline void fence_regs(float (&)[R]) {}
@@ -752,25 +1446,20 @@ inline void fence_regs(float (&)[R]) {}
 template <typename T, int N, int TA, int TB>
 inline void wgmma_ss(float (&d)[N / 2], uint64_t da, uint64_t db, int scale_d) {
   static_assert(N % 8 == 0 && N >= 8 && N <= 256, "wgmma N");
-  hemu::t_wg.open.push_back(hemu::Op{false, N, 2, TA, TB, scale_d, std::is_same_v<T, __nv_bfloat16>, d, da, db, 0});
-  hemu::tick();
+  hemu::issue(hemu::Op{false, N, 2, TA, TB, scale_d, std::is_same_v<T, __nv_bfloat16>, 0, 0, da, db, 0}, d, nullptr);
 }
 template <typename T, int N, int TB>
 inline void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t db, int scale_d) {
   static_assert(N % 8 == 0 && N >= 8 && N <= 256, "wgmma N");
-  const long seq = hemu::t_wg.rs_seq++;
-  {
-    std::lock_guard<std::mutex> lk(hemu::g_m);
-    auto& x = hemu::g_aex[{int(threadIdx.x / 128), seq}];
-    for (int i = 0; i < 4; ++i) x.regs[(threadIdx.x % 128) * 4 + i] = a[i];
-  }
-  hemu::t_wg.open.push_back(hemu::Op{true, N, 2, 0, TB, scale_d, std::is_same_v<T, __nv_bfloat16>, d, 0, db, seq});
-  hemu::tick();
+  const long seq = hemu::t_thr->rs_seq++;
+  hemu::issue(hemu::Op{true, N, 2, 0, TB, scale_d, std::is_same_v<T, __nv_bfloat16>, 0, 0, 0, db, seq}, d,
+              const_cast<uint32_t*>(a));
 }
 
 inline float ex2(float x) { return std::exp2(x); }
 inline float shfl_xor(float v, int mask) {
-  hemu::WarpX& w = hemu::g_hwarps[threadIdx.x / 32];
+  hemu::EmuCall guard;
+  hemu::WarpX& w = hemu::t_blk->warps[threadIdx.x / 32];
   const int lane = threadIdx.x % 32;
   w.f[lane] = v;
   w.bar.wait();

@@ -4,8 +4,9 @@
 //   g++ -std=c++17 -O2 -pthread -I/usr/local/cuda/include -I csrc -I tools \
 //       tools/hopper_emulate_selftest.cpp -o /tmp/hopper_selftest && /tmp/hopper_selftest [section]
 //
-// Sections (all by default): desc | tma | wgmma | mbar | proxy | cpasync; `deadlock` (not in
-// the default run) must end the process with status 3 through the watchdog.
+// Sections (all by default): desc | tma | wgmma | mbar | proxy | cpasync | regs | stage |
+// setmaxnreg | ctas; `deadlock` (not in the default run) must end the process with status 3
+// through the watchdog. Cases that end their process (a trap, a watchdog report) run in a child.
 //  desc    descriptor decode == the "exact layouts" the PTX ISA gives as examples for its LBO / SBO
 //          encodings (K-major none / 32 B, MN-major none / 32 B / 64 B), element by element.
 //  tma     TMA boxes land where the swizzle tables put 16-byte chunks (128 B: chunk c of row r at
@@ -16,14 +17,33 @@
 //          carrying the block pitch; results read through the ISA's accumulator layout.
 //  mbar    phases, parity, arrival counts, transaction bytes; arrivals beyond the count in a
 //          phase still waiting for bytes, and arrivals on an uninitialised barrier, are errors.
-//  proxy   wgmma on ordinary stores without fence.proxy.async is an error, with it is clean.
+//  proxy   wgmma on ordinary stores needs a fence.proxy.async after the stores: by the storing
+//          threads before they arrive, or by the consumer after its wait (both clean); none, or
+//          a fence by a thread not ordered after the stores, is an error; cp.async data read
+//          without a fence after the wait, and a TMA overwriting ordinary stores without a fence,
+//          are errors.
 //  cpasync a cp.async ring with .mbarrier.arrive.noinc feeding wgmma; the same ring whose
-//          consumer skips the full-barrier wait must give a wrong result (planted bug).
+//          consumer skips the full-barrier wait (of its last tile) is caught, also with a slow
+//          producer lane.
+//  regs    accumulators / register-A fragments stored between wgmma issue and its wait_group are
+//          errors, read there trap (d[0] += 1000; the newer group after wait_group 1); written
+//          after wgmma.fence and before the wgmma, or a wgmma with no fence, are errors.
+//  stage   a stage released on its empty barrier before the wgmma reading it retired, then
+//          refilled by st.shared / cp.async / TMA, is an error; released after the wait, clean.
+//  setmaxnreg  40/232 and 24/240 splits are clean; asking for more registers than the CTA
+//          holds, a count not a multiple of 8, an .inc below the count, and a warp of the
+//          warpgroup skipping it, are errors.
+//  ctas    two CTAs of a grid run at once (a handshake completes; one at a time it hangs); a CTA
+//          that reads the others' results without waiting for them is caught (one at a time, as
+//          the emulator ran before, it passes).
 #include "hopper_emulate.h"
 
 #include "hopper/ptx.cuh"
 
 #include <functional>
+
+#include <sys/wait.h>
+#include <unistd.h>
 
 using namespace djepa::hopper;
 
@@ -284,11 +304,21 @@ static void place(const Operand& o, unsigned char* tile, const std::vector<T>& m
   if (o.mode == kSwizzleNone) {
     const uint32_t base = smem_u32(tile);
     const hemu::DescFields f = hemu::decode_desc(make_desc(base, o.lbo, o.sbo, o.mode));
+    std::vector<uint32_t> chunks;
     for (int mn = 0; mn < o.ext; ++mn)
       for (int k = 0; k < 16; ++k) {
         const uint32_t a = hemu::operand_addr(f, o.mn_major, mn, k, 2);
-        std::memcpy(hemu::g_window + a, &m[mn * kcols + k], 2);
+        std::memcpy(hemu::window() + a, &m[mn * kcols + k], 2);
+        chunks.push_back(a / 16);
       }
+    std::sort(chunks.begin(), chunks.end());
+    chunks.erase(std::unique(chunks.begin(), chunks.end()), chunks.end());
+    for (uint32_t ch : chunks) {  // as ordinary 16-byte stores of what is there
+      uint4 v;
+      std::memcpy(&v, hemu::window() + 16 * ch, 16);
+      st_shared16(hemu::window() + 16 * ch, v);
+    }
+    fence_proxy_async();
     return;
   }
   if (!o.mn_major) {
@@ -446,8 +476,8 @@ static bool test_mbar() {
     mbar_arrive_expect_tx(bar, 64);
     seen[2] = !mbar_try_wait(bar, 0);                            // arrivals done, 64 bytes pending
     {
-      std::lock_guard<std::mutex> lk(hemu::g_m);
-      hemu::Mbar& b = hemu::g_bars[smem_u32(bar)];
+      std::lock_guard<std::mutex> lk(hemu::t_blk->m);
+      hemu::Mbar& b = hemu::t_blk->bars[smem_u32(bar)];
       b.tx -= 64;
       hemu::check_phase(b);
     }
@@ -609,6 +639,418 @@ static bool cpasync_case(bool skip_wait, int slow_lane = -1) {
   return report(run && max_err < 1e-4, "cpasync ring (gathered rows, noinc arrivals, 2 stages, 5 tiles)" + slow, detail);
 }
 
+// ----------------------------------------------------------------------------------- helpers
+// Runs `fn` in a child process (for cases that must end the process: the SIGFPE of a read of an
+// in-flight register, a watchdog deadlock report); returns its exit status.
+// Its output is shown indented ("     > "), so that its FAIL lines are not the test's.
+static int in_child(const std::function<void()>& fn, const char* env_name = nullptr, const char* env_value = nullptr) {
+  std::fflush(stdout);
+  char path[] = "/tmp/hopper_selftest_child_XXXXXX";
+  const int fd = mkstemp(path);
+  const pid_t pid = fork();
+  if (pid == 0) {
+    dup2(fd, 1);
+    if (env_name) setenv(env_name, env_value, 1);
+    fn();
+    std::fflush(stdout);
+    _exit(0);
+  }
+  int st = 0;
+  waitpid(pid, &st, 0);
+  if (FILE* f = std::fopen(path, "r")) {
+    char line[400];
+    while (std::fgets(line, sizeof(line), f)) std::printf("     > %s", line);
+    std::fclose(f);
+  }
+  close(fd);
+  unlink(path);
+  return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+}
+
+// 64 x 64 (A) and 16 x 64 (B) bf16 tiles of ones, K-major 128B swizzle: unit q (16 bytes) of a
+// tile goes to row q / 8, chunk (q % 8) ^ (row % 8).
+constexpr int kUnitsA = 64 * 8, kUnitsB = 16 * 8;
+static uint32_t unit_offset(int q) { return uint32_t((q / 8) * 128 + (((q % 8) ^ ((q / 8) % 8)) * 16)); }
+static std::vector<__nv_bfloat16>& ones() {
+  static std::vector<__nv_bfloat16> v(64 * 64, to_t<__nv_bfloat16>(1.f));
+  return v;
+}
+static void store_units(unsigned char* a, unsigned char* b, int lane, int lanes) {
+  uint4 v;
+  std::memcpy(&v, ones().data(), 16);
+  for (int q = lane; q < kUnitsA + kUnitsB; q += lanes)
+    st_shared16(q < kUnitsA ? a + unit_offset(q) : b + unit_offset(q - kUnitsA), v);
+}
+// C (64 x 16) = A B^T over 64 k: four wgmma.m64n16k16 (every element 64).
+static void mma_ones(float (&d)[8], unsigned char* a, unsigned char* b, int scale_d = 1) {
+  for (int kk = 0; kk < 4; ++kk)
+    wgmma_ss<__nv_bfloat16, 16, 0, 0>(d, make_desc(smem_u32(a) + 32 * kk, 16, 1024, kSwizzle128),
+                                      make_desc(smem_u32(b) + 32 * kk, 16, 1024, kSwizzle128), kk > 0 || scale_d);
+}
+static unsigned char* aligned_base() {
+  unsigned char* s = dynamic_smem();
+  return s + ((1024 - (smem_u32(s) & 1023)) & 1023);
+}
+
+// ----------------------------------------------------------------------------------- regs
+// One warpgroup on ones tiles; `body` issues and waits (the register rules under test).
+static bool regs_launch(const std::function<void(unsigned char*, unsigned char*)>& body) {
+  return hemu::launch(dim3(1), 128, 32 * 1024, [&] {
+    unsigned char* a = aligned_base();
+    unsigned char* b = a + 8192;
+    store_units(a, b, threadIdx.x, 128);
+    fence_proxy_async();
+    __syncthreads();
+    body(a, b);
+  });
+}
+static volatile float g_sink;
+
+static bool test_regs() {
+  bool ok = true;
+  auto clean = [](unsigned char* a, unsigned char* b) {
+    float d[8] = {};
+    wgmma_fence();
+    mma_ones(d, a, b);
+    wgmma_commit();
+    wgmma_wait<0>();
+    g_sink = d[0];
+  };
+  ok = report(regs_launch(clean), "regs: fence, issue, wait, read is clean") && ok;
+  // Accumulators: a store between issue and retirement is an error (found at the wait) ...
+  std::printf("     (EMU-ERRORs expected in the next cases)\n");
+  ok = report(!regs_launch([](unsigned char* a, unsigned char* b) {
+                float d[8] = {};
+                wgmma_fence();
+                mma_ones(d, a, b);
+                wgmma_commit();
+                d[0] = 1000.f;
+                wgmma_wait<0>();
+              }),
+              "regs: an accumulator stored between wgmma issue and its wait_group is an error") && ok;
+  // ... and so is a chained wgmma on accumulators written in flight (found at that issue).
+  ok = report(!regs_launch([](unsigned char* a, unsigned char* b) {
+                float d[8] = {};
+                wgmma_fence();
+                mma_ones(d, a, b);
+                d[1] = 5.f;
+                mma_ones(d, a, b);
+                wgmma_commit();
+                wgmma_wait<0>();
+              }),
+              "regs: a chained wgmma on accumulators written in flight is an error") && ok;
+  // A read in flight traps (the issue's probe: d[0] += 1000), in a child process.
+  ok = report(in_child([] {
+                regs_launch([](unsigned char* a, unsigned char* b) {
+                  float d[8] = {};
+                  wgmma_fence();
+                  mma_ones(d, a, b);
+                  wgmma_commit();
+                  d[0] += 1000.f;
+                  wgmma_wait<0>();
+                });
+              }) == 4,
+              "regs: d[0] += 1000 between wgmma issue and its wait_group traps (SIGFPE)") && ok;
+  // wait_group 1 retires the older group only: reading the newer one's accumulators traps.
+  auto two_groups = [](bool read_newer) {
+    return [read_newer](unsigned char* a, unsigned char* b) {
+      float d1[8] = {}, d2[8] = {};
+      wgmma_fence();
+      mma_ones(d1, a, b);
+      wgmma_commit();
+      mma_ones(d2, a, b);
+      wgmma_commit();
+      wgmma_wait<1>();
+      g_sink = read_newer ? d2[2] * 2.f : d1[2] * 2.f;
+      wgmma_wait<0>();
+    };
+  };
+  ok = report(regs_launch(two_groups(false)), "regs: after wait_group 1 the older group's accumulators are readable") && ok;
+  ok = report(in_child([&] { regs_launch(two_groups(true)); }) == 4,
+              "regs: after wait_group 1 reading the newer group's accumulators traps (SIGFPE)") && ok;
+  // Register-A fragments: written between issue and retirement is an error.
+  auto rs = [](bool write_in_flight, bool write_after_fence) {
+    return [=](unsigned char*, unsigned char* b) {
+      float d[8] = {};
+      uint32_t af[4];
+      for (auto& x : af) x = 0x3f803f80u;  // bf16 (1, 1)
+      wgmma_fence();
+      if (write_after_fence) af[1] = 0x3f803f80u ^ 0x00010000u;
+      wgmma_rs<__nv_bfloat16, 16, 0>(d, af, make_desc(smem_u32(b), 16, 1024, kSwizzle128), 0);
+      wgmma_commit();
+      if (write_in_flight) af[0] = 0;
+      wgmma_wait<0>();
+      g_sink = d[0];
+    };
+  };
+  ok = report(regs_launch(rs(false, false)), "regs: register-A fragment, fence, issue, wait is clean") && ok;
+  ok = report(!regs_launch(rs(true, false)), "regs: a register-A fragment stored in flight is an error") && ok;
+  // wgmma.fence: registers written after it and before the wgmma that uses them.
+  ok = report(!regs_launch(rs(false, true)),
+              "regs: a register-A fragment written after wgmma.fence, before the wgmma, is an error") && ok;
+  ok = report(!regs_launch([](unsigned char* a, unsigned char* b) {
+                float d[8] = {};
+                wgmma_fence();
+                d[3] = 2.f;  // e.g. rescaling O after the fence
+                mma_ones(d, a, b);
+                wgmma_commit();
+                wgmma_wait<0>();
+              }),
+              "regs: an accumulator written after wgmma.fence, before a wgmma adding to it, is an error") && ok;
+  ok = report(!regs_launch([](unsigned char* a, unsigned char* b) {
+                float d[8] = {};
+                mma_ones(d, a, b);
+                wgmma_commit();
+                wgmma_wait<0>();
+              }),
+              "regs: a wgmma with no wgmma.fence before it is an error") && ok;
+  ok = report(regs_launch([](unsigned char* a, unsigned char* b) {
+                float d[8] = {};
+                wgmma_fence();
+                mma_ones(d, a, b);
+                wgmma_commit();
+                wgmma_wait<0>();
+                for (float& x : d) x *= 0.5f;  // rescale, then fence again before adding to it
+                wgmma_fence();
+                mma_ones(d, a, b);
+                wgmma_commit();
+                wgmma_wait<0>();
+                if (threadIdx.x == 0 && d[0] != 96.f) hemu::fail("got %f, want 96", d[0]);
+              }),
+              "regs: write, wgmma.fence, wgmma (the accumulator chain across a rescale) is clean") && ok;
+  return ok;
+}
+
+// ----------------------------------------------------------------------------------- stage
+// A consumer warpgroup (threads 0..127) and a producer warp (128..159) share one stage (A and B
+// tiles of ones): the producer fills it (ordinary stores, cp.async or TMA), the consumer waits,
+// multiplies and releases it on the empty barrier, the producer waits for the release and fills
+// it again; the consumer waits for that fill. `early`: the consumer releases before its
+// wgmma.wait_group (the stage is rewritten while the wgmma may still read it).
+enum Fill { kFillStore, kFillCp, kFillTma };
+static const char* fill_name(Fill f) { return f == kFillStore ? "st.shared" : f == kFillCp ? "cp.async" : "TMA"; }
+
+struct StageCase {
+  Fill fill = kFillStore, refill = kFillStore;
+  bool early = false;          // release before the wgmma retired
+  int store_lanes = 32;        // producer lanes that store / copy (kFillStore, kFillCp)
+  int writer_fence_lane = -2;  // -2: every storing lane fences after its stores; -1: none; else that lane only
+  bool reader_fence = false;   // the consumer fences after its full-barrier wait
+};
+
+static bool stage_run(const StageCase& c) {
+  alignas(64) static CUtensorMap map_a, map_b;
+  const cuuint32_t es[2] = {1, 1};
+  const cuuint64_t dims_a[2] = {64, 64}, dims_b[2] = {64, 16}, strides[1] = {128};
+  const cuuint32_t box_a[2] = {64, 64}, box_b[2] = {64, 16};
+  hemu::encode_tiled(&map_a, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, ones().data(), dims_a, strides, box_a, es,
+                     CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_NONE,
+                     CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  hemu::encode_tiled(&map_b, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, ones().data(), dims_b, strides, box_b, es,
+                     CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_NONE,
+                     CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  std::vector<float> D(64 * 16, NAN);
+  const bool run = hemu::launch(dim3(1), 160, 32 * 1024, [&] {
+    unsigned char* base = aligned_base();
+    uint64_t* full = reinterpret_cast<uint64_t*>(base);  // [0]: the fill, [1]: the refill
+    uint64_t* empty = full + 2;
+    unsigned char* a = base + 1024;
+    unsigned char* b = a + 8192;
+    const int t = threadIdx.x;
+    if (t == 0) {
+      mbar_init(full, c.fill == kFillTma ? 1 : 32);
+      mbar_init(full + 1, c.refill == kFillTma ? 1 : 32);
+      mbar_init(empty, 4);
+    }
+    __syncthreads();
+    if (t >= 128) {
+      const int lane = t - 128;
+      auto fill = [&](Fill f, uint64_t* full) {
+        if (f == kFillTma) {
+          if (lane == 0) {
+            mbar_arrive_expect_tx(full, 8192 + 2048);
+            tma_load_2d(a, &map_a, 0, 0, full);
+            tma_load_2d(b, &map_b, 0, 0, full);
+          }
+          return;
+        }
+        if (lane < c.store_lanes) {
+          if (f == kFillStore) {
+            store_units(a, b, lane, c.store_lanes);
+          } else {
+            for (int q = lane; q < kUnitsA + kUnitsB; q += c.store_lanes)
+              cp_async16(q < kUnitsA ? a + unit_offset(q) : b + unit_offset(q - kUnitsA), ones().data(), 16);
+          }
+        }
+        if (f == kFillStore && (c.writer_fence_lane == -2 ? lane < c.store_lanes : lane == c.writer_fence_lane))
+          fence_proxy_async();
+        if (f == kFillCp) cp_async_mbar_arrive(full);
+        else mbar_arrive(full);
+      };
+      fill(c.fill, full);
+      mbar_wait(empty, 0);
+      fill(c.refill, full + 1);
+      return;
+    }
+    float d[8] = {};
+    mbar_wait(full, 0);
+    if (c.reader_fence) fence_proxy_async();
+    wgmma_fence();
+    mma_ones(d, a, b, 0);
+    wgmma_commit();
+    if (c.early && t % 32 == 0) mbar_arrive(empty);
+    wgmma_wait<0>();
+    if (!c.early && t % 32 == 0) mbar_arrive(empty);
+    mbar_wait(full + 1, 0);  // the refill has landed
+    for (int i = 0; i < 8; ++i) {
+      int r, col;
+      c_coord(t, i, r, col);
+      D[r * 16 + col] = d[i];
+    }
+  });
+  bool right = true;
+  for (float x : D) right = right && x == 64.f;
+  return run && right;
+}
+
+static bool test_stage() {
+  bool ok = true;
+  for (Fill f : {kFillStore, kFillCp, kFillTma}) {
+    StageCase c;
+    c.fill = kFillTma;
+    c.refill = f;
+    ok = report(stage_run(c), std::string("stage: released after wgmma.wait_group, refilled by ") + fill_name(f)) && ok;
+    c.early = true;
+    std::printf("     (EMU-ERRORs expected next)\n");
+    ok = report(!stage_run(c), std::string("stage: released before the wgmma reading it retired, refilled by ") +
+                                  fill_name(f) + ", is an error") && ok;
+  }
+  return ok;
+}
+
+// ----------------------------------------------------------------------------------- proxy fences
+static bool test_proxy_threads() {
+  bool ok = true;
+  StageCase c;
+  c.fill = kFillStore;
+  c.refill = kFillTma;
+  ok = report(stage_run(c), "proxy: every storing lane fences before it arrives (writer side)") && ok;
+  c.writer_fence_lane = -1;
+  c.reader_fence = true;
+  ok = report(stage_run(c), "proxy: the consumer fences after the full-barrier wait (reader side)") && ok;
+  std::printf("     (EMU-ERRORs expected next)\n");
+  c.reader_fence = false;
+  ok = report(!stage_run(c), "proxy: no fence on either side is an error") && ok;
+  c.store_lanes = 16;
+  c.writer_fence_lane = 31;  // a lane that stored nothing and observed nothing fences
+  ok = report(!stage_run(c), "proxy: a fence by another thread (not ordered after the stores) does not count") && ok;
+  StageCase cp;
+  cp.fill = kFillCp;
+  cp.refill = kFillTma;
+  cp.reader_fence = true;
+  ok = report(stage_run(cp), "proxy: cp.async, then a fence after the full-barrier wait") && ok;
+  cp.reader_fence = false;
+  ok = report(!stage_run(cp), "proxy: cp.async read by wgmma without a fence after the wait is an error") && ok;
+  // An ordinary store, then a TMA (async proxy) into the same bytes: a fence between them.
+  for (bool fenced : {true, false}) {
+    alignas(64) static CUtensorMap map;
+    const cuuint32_t es[2] = {1, 1};
+    const cuuint64_t dims[2] = {64, 16}, strides[1] = {128};
+    const cuuint32_t box[2] = {64, 16};
+    hemu::encode_tiled(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, ones().data(), dims, strides, box, es,
+                       CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_NONE,
+                       CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    const bool run = hemu::launch(dim3(1), 32, 16 * 1024, [&] {
+      unsigned char* base = aligned_base();
+      uint64_t* bar = reinterpret_cast<uint64_t*>(base);
+      unsigned char* tile = base + 1024;
+      if (threadIdx.x != 0) return;
+      mbar_init(bar, 1);
+      uint4 zero{};
+      for (int q = 0; q < kUnitsB; ++q) st_shared16(tile + 16 * q, zero);
+      if (fenced) fence_proxy_async();
+      mbar_arrive_expect_tx(bar, 2048);
+      tma_load_2d(tile, &map, 0, 0, bar);
+      mbar_wait(bar, 0);
+    });
+    ok = report(fenced ? run : !run, fenced ? "proxy: st.shared, fence.proxy.async, TMA into the same bytes"
+                                            : "proxy: st.shared then a TMA into the same bytes without a fence is an error") && ok;
+  }
+  return ok;
+}
+
+// ----------------------------------------------------------------------------------- setmaxnreg
+template <int Producer, int Consumer>
+static bool nreg_launch(int skip_warp = -1) {
+  return hemu::launch(dim3(1), 384, 1024, [&] {
+    const int wg = threadIdx.x / 128, warp = threadIdx.x / 32;
+    if (wg == 0) {
+      if (warp != skip_warp) setmaxnreg_dec<Producer>();
+    } else {
+      setmaxnreg_inc<Consumer>();
+    }
+  });
+}
+
+static bool test_setmaxnreg() {
+  bool ok = true;
+  ok = report(nreg_launch<40, 232>(), "setmaxnreg: 40 / 232 / 232 (128 x 40 + 256 x 232 = 384 x 168)") && ok;
+  ok = report(nreg_launch<24, 240>(), "setmaxnreg: 24 / 240 / 240 (FlashAttention-3's split)") && ok;
+  std::printf("     (EMU-ERRORs expected next)\n");
+  ok = report(!nreg_launch<40, 240>(), "setmaxnreg: 40 / 240 / 240 asks for more registers than the CTA holds") && ok;
+  ok = report(!nreg_launch<40, 236>(), "setmaxnreg: a count that is not a multiple of 8 is an error") && ok;
+  ok = report(!nreg_launch<40, 160>(), "setmaxnreg.inc below the warp's count at entry is an error") && ok;
+  ok = report(!nreg_launch<40, 224>(2), "setmaxnreg: one warp of the warpgroup skipping it is an error") && ok;
+  return ok;
+}
+
+// ----------------------------------------------------------------------------------- ctas
+// A persistent grid of 2 CTAs (32 threads), items i = blockIdx.x + k * 2 < 4: each writes
+// out[i] = i + 1, then one CTA sums them. `planted`: the last CTA sums after its own items as
+// if the others were done (CTAs in order, which nothing guarantees); fixed: the last CTA to
+// finish (an atomic counter after a fence) sums.
+static bool cta_sum(bool planted) {
+  std::vector<float> out(4, NAN);
+  float total = NAN;
+  int done = 0;
+  const bool run = hemu::launch(dim3(2), 32, 1024, [&] {
+    if (threadIdx.x != 0) return;
+    for (int i = blockIdx.x; i < 4; i += gridDim.x) out[i] = float(i + 1);
+    bool last = blockIdx.x == gridDim.x - 1;
+    if (!planted) {
+      __threadfence();
+      last = atomicAdd(&done, 1) == int(gridDim.x) - 1;
+      __threadfence();
+    }
+    if (last) total = out[0] + out[1] + out[2] + out[3];
+  });
+  return run && total == 10.f;
+}
+// Two CTAs that each wait for the other's flag: they must run at the same time.
+static bool cta_handshake() {
+  int flags[2] = {0, 0};
+  return hemu::launch(dim3(2), 32, 1024, [&] {
+    if (threadIdx.x != 0) return;
+    atomicExch(&flags[blockIdx.x], 1);
+    while (atomicAdd(&flags[1 - blockIdx.x], 0) == 0) std::this_thread::yield();
+  });
+}
+
+static bool test_ctas() {
+  bool ok = true;
+  ok = report(cta_handshake(), "ctas: two CTAs of a grid run at the same time (a handshake between them completes)") && ok;
+  ok = report(in_child([] {
+                setenv("DJEPA_EMU_DEADLOCK_S", "1", 1);
+                std::_Exit(cta_handshake() ? 0 : 1);
+              }, "DJEPA_EMU_CTAS", "1") == 3,
+              "ctas: one CTA at a time (the old emulator) the handshake hangs (watchdog)") && ok;
+  ok = report(cta_sum(false), "ctas: the last CTA to finish (atomic counter) sums the grid's results") && ok;
+  ok = report(!cta_sum(true), "ctas: a CTA summing the others' results without waiting for them is caught") && ok;
+  ok = report(in_child([] { std::_Exit(cta_sum(true) ? 0 : 1); }, "DJEPA_EMU_CTAS", "1") == 0,
+              "ctas: one CTA at a time (the old emulator) that bug passes") && ok;
+  return ok;
+}
+
 // ----------------------------------------------------------------------------------- deadlock
 static void deadlock() {
   hemu::launch(dim3(1), 32, 4096, [&] {
@@ -645,6 +1087,11 @@ int main(int argc, char** argv) {
     all = cpasync_case(true) && all;
     all = cpasync_case(true, 5) && all;  // finishes (a stranded lane would trip the watchdog)
   }
+  if (run("regs")) all = test_regs() && all;
+  if (run("stage")) all = test_stage() && all;
+  if (run("proxy")) all = test_proxy_threads() && all;
+  if (run("setmaxnreg")) all = test_setmaxnreg() && all;
+  if (run("ctas")) all = test_ctas() && all;
   std::printf(all ? "ALL OK\n" : "SOME FAILED\n");
   return all ? 0 : 1;
 }

@@ -1,16 +1,24 @@
 """One small case of every CUDA kernel of djepa._C, run through djepa.ops with backend="cuda",
-for compute-sanitizer (tools/gpu_run.sh runs it under memcheck and racecheck):
+for compute-sanitizer (tools/gpu_run.sh runs it under memcheck and racecheck) and for the GPU
+run's smoke stage (each case once, in its own process, under a short time limit):
 
     compute-sanitizer --tool memcheck --error-exitcode 99 python3 tools/sanitize_cases.py
+    python3 tools/sanitize_cases.py --only masked_attention_sm90
 
 Shapes are small and odd (tails in every tiled dimension) so the masked edges of each kernel run.
 The cases named for an op run the mma.sync kernels (DJEPA_SM90_KERNELS=0, so on a Hopper GPU
 too); the *_sm90 cases run the sm_90a wgmma kernels (TMA and gathered loads, split-K) and are
-skipped, said so, on a GPU or a build without them.
-`--list` prints the cases and exits (the dry run of tools/gpu_run.sh); `--only NAME` runs one.
+skipped, said so, on a GPU or a build without them, or when the caller has turned them off
+(DJEPA_SM90_KERNELS=0 in the environment: the GPU run's fallback after an sm_90a hang).
+`--list` prints the cases ("NAME sm_90a|mma.sync") and exits; `--only NAME` runs one.
 Exits non-zero when a case raises; the sanitizer's own exit code reports what it found.
+
+On the fake GPU (tools/fake_gpu, DJEPA_FAKE_GPU=1) nothing can run: each case says so and
+passes, except the one named by DJEPA_FAKE_HANG, whose process hangs ignoring SIGINT, as one
+stuck in a kernel does (tools/gpu_run.sh --dry-run --fake-hang CASE).
 """
 import argparse
+import os
 import sys
 
 
@@ -87,28 +95,47 @@ CASES = {"ema_update_": ("ema_update_", _ema, False), "masked_attention": ("mask
          "gemm_sm90": ("adaln_block", _gemm_sm90, True)}
 
 
+def _fake_gpu(name):
+    """On the fake GPU: hang like a stuck kernel if asked to, else say the case cannot run."""
+    if os.environ.get("DJEPA_FAKE_HANG") == name:
+        import signal
+        import time
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a process stuck in a kernel does not stop on SIGINT
+        print(f"{name}: hanging (faked: ignores SIGINT, as a stuck kernel does)", flush=True)
+        while True:
+            time.sleep(60)
+    print(f"{name}: not run (GPU faked)", flush=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--list", action="store_true", help="print the cases and exit")
+    p.add_argument("--list", action="store_true", help="print the cases (NAME sm_90a|mma.sync) and exit")
     p.add_argument("--only", choices=sorted(CASES), help="run one case")
     args = p.parse_args(argv)
     if args.list:
-        print("\n".join(CASES))
+        print("\n".join(f"{name} {'sm_90a' if sm90 else 'mma.sync'}" for name, (_, _, sm90) in CASES.items()))
         return 0
-    import os
-
+    chosen = [name for name in CASES if not args.only or name == args.only]
+    if os.environ.get("DJEPA_FAKE_GPU") == "1":
+        for name in chosen:
+            _fake_gpu(name)
+        return 0
     import torch
 
     from djepa import backends
 
+    sm90_allowed = os.environ.get("DJEPA_SM90_KERNELS", "1").strip() != "0"
     dev = torch.device("cuda", torch.cuda.current_device())
-    for name, (op, case, sm90) in CASES.items():
-        if args.only and name != args.only:
-            continue
+    for name in chosen:
+        op, case, sm90 = CASES[name]
         why = backends.cuda_unavailable_reason(op, dev)
         if why:
             print(f"{name}: cannot run on djepa._C: {why}", file=sys.stderr)
             return 2
+        if sm90 and not sm90_allowed:
+            print(f"{name}: skipped: the sm_90a kernels are off (DJEPA_SM90_KERNELS=0 given)", flush=True)
+            continue
         os.environ["DJEPA_SM90_KERNELS"] = "1" if sm90 else "0"
         if sm90 and not backends.uses_wgmma(op, dev):
             print(f"{name}: skipped: no sm_90a kernels for {op} here (sm_90 GPU and a 90a build needed)", flush=True)

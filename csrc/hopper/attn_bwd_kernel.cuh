@@ -130,7 +130,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (it.m0 < count) {
         const int slot = n_f & 1;
         const uint32_t fp = ((n_f >> 1) & 1);
-        if (!(planted(kPlantWait) && first)) mbar_wait(&sm.f_full[2 * slot], fp);
+        DJEPA_FAULT_SKIP(kPlantWait, first) mbar_wait(&sm.f_full[2 * slot], fp);
         mbar_wait(&sm.f_full[2 * slot + 1], fp);
         if (p.kv_path != kPathTma) fence_proxy_async();
         const uint32_t kt = smem_u32(sm.fixed + slot * S::kFixedBytes), vt = kt + S::kFixedTile;
@@ -220,7 +220,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (count > 0) {
         const int slot = n_f & 1;
         const uint32_t fp = ((n_f >> 1) & 1);
-        if (!(planted(kPlantWait) && first)) mbar_wait(&sm.f_full[2 * slot], fp);
+        DJEPA_FAULT_SKIP(kPlantWait, first) mbar_wait(&sm.f_full[2 * slot], fp);
         mbar_wait(&sm.f_full[2 * slot + 1], fp);
         if (p.q_path != kPathTma || p.do_path != kPathTma) fence_proxy_async();
         const uint32_t qt = smem_u32(sm.fixed + slot * S::kFixedBytes), dot = qt + S::kFixedTile;

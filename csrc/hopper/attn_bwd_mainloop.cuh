@@ -77,7 +77,7 @@ template <typename T, int D>
 __device__ __forceinline__ void store_rows(const GAcc<D>& acc, T* const (&dst)[2], float mul, int lane) {
   constexpr int W1 = Chunks<D>::kW1;
   const int c = lane & 3;
-  const int fx = planted(kPlantFragment) ? 1 : 0;
+  const int fx = DJEPA_FAULT_VALUE(kPlantFragment, 0, 1);
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     if (!dst[h]) continue;
@@ -115,7 +115,7 @@ __device__ __forceinline__ void dkdv_tiles(const Params& p, const Item& it, int 
   const int m_tiles = (p.Nq + R - 1) / R;
   for (int mt = 0; mt < m_tiles; ++mt) {
     const uint32_t qt = smem_u32(stages + stage * S::kStreamBytes), dot = qt + S::kStreamTile;
-    if (!(planted(kPlantWait) && first_item && mt == 0)) mbar_wait(&s_full[2 * stage], phase);
+    DJEPA_FAULT_SKIP(kPlantWait, first_item && mt == 0) mbar_wait(&s_full[2 * stage], phase);
     if (p.q_path != kPathTma) fence_proxy_async();
     // Register budget (D = 128: dK + dV are 128 fp32 per thread): P^T is kept only as its bf16 /
     // fp16 A fragments, from which dS^T is formed (P^T is rounded for the dK matmul anyway), and
@@ -155,7 +155,7 @@ __device__ __forceinline__ void dkdv_tiles(const Params& p, const Item& it, int 
     wgmma_fence();
     mma_rows<T, D, R>(dk, dsa, qt);
     wgmma_commit();
-    if (!planted(kPlantWgmmaWait)) wgmma_wait<0>();
+    DJEPA_FAULT_SKIP(kPlantWgmmaWait, true) wgmma_wait<0>();
     fence_regs(dk.o0);
     fence_regs(dk.o1);
     fence_regs(dv.o0);
@@ -187,7 +187,7 @@ __device__ __forceinline__ void dq_tiles(const Params& p, const Item& it, int co
   const int n_tiles = (count + R - 1) / R;
   for (int t = 0; t < n_tiles; ++t) {
     const uint32_t ks = smem_u32(stages + stage * S::kStreamBytes), vs = ks + S::kStreamTile;
-    if (!(planted(kPlantWait) && first_item && t == 0)) mbar_wait(&s_full[2 * stage], phase);
+    DJEPA_FAULT_SKIP(kPlantWait, first_item && t == 0) mbar_wait(&s_full[2 * stage], phase);
     if (p.kv_path != kPathTma) fence_proxy_async();
     float s[R / 2], dp[R / 2];
     wgmma_fence();
@@ -213,7 +213,7 @@ __device__ __forceinline__ void dq_tiles(const Params& p, const Item& it, int co
     wgmma_fence();
     mma_rows<T, D, R>(dq, dsa, ks);
     wgmma_commit();
-    if (!planted(kPlantWgmmaWait)) wgmma_wait<0>();
+    DJEPA_FAULT_SKIP(kPlantWgmmaWait, true) wgmma_wait<0>();
     fence_regs(dq.o0);
     fence_regs(dq.o1);
     if (lane == 0) mbar_arrive(&s_empty[stage]);

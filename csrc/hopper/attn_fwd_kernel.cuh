@@ -121,7 +121,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       Softmax sm;
       if (count > 0) {
         const int slot = n_q & 1;
-        if (!(planted(kPlantWait) && first)) mbar_wait(&q_full[slot], (n_q >> 1) & 1);
+        DJEPA_FAULT_SKIP(kPlantWait, first) mbar_wait(&q_full[slot], (n_q >> 1) & 1);
         if (p.q_path != kPathTma) fence_proxy_async();
         fwd_tiles<T, D>(p, acc, sm, count, smem_u32(sq + slot * C::kQBytes), stages, k_full, v_full, kv_empty,
                         stage, phase, cw, lane, first);

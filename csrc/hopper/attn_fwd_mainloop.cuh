@@ -22,8 +22,8 @@ namespace attn {
 template <int D>
 __device__ __forceinline__ uint64_t kmajor_desc(uint32_t tile, int rows, int ch, int row0, int kk) {
   using C = Chunks<D>;
-  const int mode = planted(kPlantSwizzle) ? kSwizzle64 : C::mode(ch);
-  const uint32_t sbo = planted(kPlantStride) ? 4 * C::span(ch) : 8 * C::span(ch);
+  const int mode = DJEPA_FAULT_VALUE(kPlantSwizzle, C::mode(ch), kSwizzle64);
+  const uint32_t sbo = DJEPA_FAULT_VALUE(kPlantStride, 8 * C::span(ch), 4 * C::span(ch));
   return make_desc(tile + C::region(ch, rows) + row0 * C::span(ch) + 32 * kk, 16, sbo, mode);
 }
 
@@ -53,8 +53,8 @@ __device__ __forceinline__ void fwd_tiles(const Params& p, OAcc<D>& acc, Softmax
   for (int t = 0; t < n_tiles; ++t) {
     unsigned char* kt = stages + stage * 2 * C::kKVBytes;
     const uint32_t ks = smem_u32(kt), vs = ks + C::kKVBytes;
-    if (!(planted(kPlantWait) && first_item && t == 0)) mbar_wait(&k_full[stage], phase);
-    if (p.kv_path != kPathTma) fence_proxy_async();
+    DJEPA_FAULT_SKIP(kPlantWait, first_item && t == 0) mbar_wait(&k_full[stage], phase);
+    if (p.kv_path != kPathTma) DJEPA_FAULT_SKIP(kPlantFence, true) fence_proxy_async();
 
     float s[kBN / 2];
     wgmma_fence();
@@ -82,15 +82,15 @@ __device__ __forceinline__ void fwd_tiles(const Params& p, OAcc<D>& acc, Softmax
 #pragma unroll
     for (int kk = 0; kk < kBN / 16; ++kk) to_a_frag<T>(pa[kk], &s[8 * kk]);
     mbar_wait(&v_full[stage], phase);
-    if (p.kv_path != kPathTma) fence_proxy_async();
-    wgmma_fence();
+    if (p.kv_path != kPathTma) DJEPA_FAULT_SKIP(kPlantFence, true) fence_proxy_async();
+    DJEPA_FAULT_SKIP(kPlantRegFence, true) wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kBN / 16; ++kk) {
       wgmma_rs<T, 64, 1>(acc.o0, pa[kk], nmajor_desc<D>(vs, kBN, 0, 16 * kk), 1);
       if constexpr (W1 > 0) wgmma_rs<T, (W1 > 0 ? W1 : 64), 1>(acc.o1, pa[kk], nmajor_desc<D>(vs, kBN, 1, 16 * kk), 1);
     }
     wgmma_commit();
-    if (!planted(kPlantWgmmaWait)) wgmma_wait<0>();
+    DJEPA_FAULT_SKIP(kPlantWgmmaWait, true) wgmma_wait<0>();
     fence_regs(acc.o0);
     fence_regs(acc.o1);
     if (lane == 0) mbar_arrive(&kv_empty[stage]);
@@ -117,7 +117,7 @@ __device__ __forceinline__ void fwd_epilogue(const Params& p, const Item& it, co
     const int row = it.m0 + 64 * cw + 16 * warp + g + 8 * h;
     if (row >= p.Nq) continue;
     T* orow = ob + (row_base + row) * D;
-    const int fx = planted(kPlantFragment) ? 1 : 0;
+    const int fx = DJEPA_FAULT_VALUE(kPlantFragment, 0, 1);
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
       const int i = 4 * j + 2 * h;

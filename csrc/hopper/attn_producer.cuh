@@ -64,7 +64,7 @@ __device__ __forceinline__ void fill(int path, unsigned char* tile, const CUtens
     cp_async_mbar_arrive(full);
   } else {
     gather_tile<T, D, ROWS>(tile, base, ld, index, row0, limit, false, ptid);
-    if (!planted(kPlantFence)) fence_proxy_async();
+    DJEPA_FAULT_SKIP(kPlantFence, true) fence_proxy_async();
     mbar_arrive(full);
   }
 }

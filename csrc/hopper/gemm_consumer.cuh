@@ -23,8 +23,8 @@ namespace gemm {
 
 template <bool KMAJOR>
 __device__ __forceinline__ uint64_t operand_desc(uint32_t tile, int half, int kk) {
-  const int mode = planted(kPlantSwizzle) ? kSwizzle64 : kSwizzle128;
-  const uint32_t sbo = planted(kPlantStride) ? 512 : 1024;
+  const int mode = DJEPA_FAULT_VALUE(kPlantSwizzle, kSwizzle128, kSwizzle64);
+  const uint32_t sbo = DJEPA_FAULT_VALUE(kPlantStride, 1024, 512);
   if constexpr (KMAJOR) {
     return make_desc(tile + half * 8192 + kk * 32, 16, sbo, mode);
   } else {
@@ -40,17 +40,16 @@ __device__ __forceinline__ void mainloop(float (&acc)[64], const Unit& w, uint32
   for (int i = 0; i < 64; ++i) acc[i] = 0.f;
   int prev = -1;
   for (int kt = w.kt0; kt < w.kt1; ++kt) {
-    const bool planted_skip = planted(kPlantWait) && first_unit && kt == w.kt0;
-    if (!planted_skip) mbar_wait(&full[stage], phase);
+    DJEPA_FAULT_SKIP(kPlantWait, first_unit && kt == w.kt0) mbar_wait(&full[stage], phase);
     const uint32_t sa = stages + uint32_t(stage) * kStageBytes, sb = sa + kTileBytes;
-    wgmma_fence();
+    DJEPA_FAULT_SKIP(kPlantRegFence, true) wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kBK / 16; ++kk) {
       // B N-major: N = 128 spans both 64-wide halves (LBO); B K-major: all 128 rows.
       wgmma_ss<T, kBN, A_K ? 0 : 1, B_K ? 0 : 1>(acc, operand_desc<A_K>(sa, cw, kk), operand_desc<B_K>(sb, 0, kk), 1);
     }
     wgmma_commit();
-    wgmma_wait<1>();
+    DJEPA_FAULT_SKIP(kPlantEarlyRelease, true) wgmma_wait<1>();
     if (prev >= 0 && lane == 0) mbar_arrive(&empty[prev]);
     prev = stage;
     if (++stage == kStages) {
@@ -58,7 +57,7 @@ __device__ __forceinline__ void mainloop(float (&acc)[64], const Unit& w, uint32
       phase ^= 1;
     }
   }
-  if (!planted(kPlantWgmmaWait)) wgmma_wait<0>();
+  DJEPA_FAULT_SKIP(kPlantWgmmaWait, true) wgmma_wait<0>();
   fence_regs(acc);
   if (prev >= 0 && lane == 0) mbar_arrive(&empty[prev]);
 }

@@ -99,7 +99,7 @@ __device__ __forceinline__ void epilogue(const Params& p, const float (&acc)[64]
     for (int h = 0; h < 2; ++h) {
       const int row = w.m0 + 64 * cw + 16 * warp + g + 8 * h;
       if (row >= p.M) continue;
-      const int i = 4 * j + 2 * h + (planted(kPlantFragment) ? 1 : 0);
+      const int i = 4 * j + 2 * h + DJEPA_FAULT_VALUE(kPlantFragment, 0, 1);
       const float y0 = acc[i & 63], y1 = acc[(i + 1) & 63];
       if (p.splits > 1) {
         store2<T>(p.partial + w.split * mn, true, int64_t(row) * p.N + col, y0, y1, two, (p.N % 2) == 0);

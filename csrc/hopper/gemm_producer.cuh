@@ -75,7 +75,7 @@ __device__ __forceinline__ void produce(const Params& p, const CUtensorMap* tma_
           if (!p.a_tma) load_chunk<T, A_K>(sa, A, p.M, p.K, w.m0, k0, q);
           if (!p.b_tma) load_chunk<T, B_K>(sb, B, p.N, p.K, w.n0, k0, q);
         }
-        if (!planted(kPlantFence)) fence_proxy_async();
+        DJEPA_FAULT_SKIP(kPlantFence, true) fence_proxy_async();
         if (ptid != 0) mbar_arrive(&full[stage]);
       }
       if (ptid == 0) {

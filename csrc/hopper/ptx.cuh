@@ -45,23 +45,34 @@ namespace djepa {
 namespace hopper {
 
 // Planted bugs (tests only): tools/*_sm90_emulate.cpp run with --plant=<n> to check that the
-// emulator catches each class of bug. On the GPU planted() is a constant false and every test of
-// it folds away.
+// emulator catches each class of bug.
 enum Plant : int {
   kPlantNone = 0,
-  kPlantSwizzle = 1,     // the wgmma descriptors name the 64-byte swizzle for 128-byte tiles
-  kPlantStride = 2,      // the descriptors' stride byte offset (8-row group pitch) is half of it
-  kPlantWait = 3,        // consumers read a stage without waiting for its full barrier
-  kPlantFragment = 4,    // the epilogue takes accumulator column (i + 1) for column i
-  kPlantFence = 5,       // no fence.proxy.async after the fallback path's ordinary smem stores
-  kPlantWgmmaWait = 6,   // the accumulators are read before wgmma.wait_group 0
-  kPlantCount = 7,
+  kPlantSwizzle = 1,       // the wgmma descriptors name the 64-byte swizzle for 128-byte tiles
+  kPlantStride = 2,        // the descriptors' stride byte offset (8-row group pitch) is half of it
+  kPlantWait = 3,          // consumers read a stage without waiting for its full barrier
+  kPlantFragment = 4,      // the epilogue takes accumulator column (i + 1) for column i
+  kPlantFence = 5,         // no fence.proxy.async for ordinary smem stores / cp.async (either side)
+  kPlantWgmmaWait = 6,     // the accumulators are read before wgmma.wait_group 0
+  kPlantEarlyRelease = 7,  // a stage is released (empty barrier) before the wgmma reading it retired
+  kPlantRegFence = 8,      // no wgmma.fence between writing wgmma registers and the wgmma
+  kPlantCount = 9,
 };
+
+// The fault-injection hook, the only way kernels refer to planted bugs:
+//   DJEPA_FAULT_SKIP(bug, when) statement;        the statement, skipped when `bug` is planted
+//                                                 and `when` holds;
+//   DJEPA_FAULT_VALUE(bug, production, faulty)    `production`, or `faulty` when `bug` is planted.
+// Outside the emulator they are the production code itself: DJEPA_FAULT_SKIP expands to nothing
+// and DJEPA_FAULT_VALUE to `production`, so no trace of a fault reaches a GPU build.
 #if defined(DJEPA_HOPPER_EMULATE)
 inline int g_plant = kPlantNone;
-inline bool planted(int bug) { return g_plant == bug; }
+#define DJEPA_FAULT_SKIP(bug, when) \
+  for (bool djepa_fault_run_ = !(::djepa::hopper::g_plant == (bug) && (when)); djepa_fault_run_; djepa_fault_run_ = false)
+#define DJEPA_FAULT_VALUE(bug, production, faulty) (::djepa::hopper::g_plant == (bug) ? (faulty) : (production))
 #else
-__host__ __device__ constexpr bool planted(int) { return false; }
+#define DJEPA_FAULT_SKIP(bug, when)
+#define DJEPA_FAULT_VALUE(bug, production, faulty) (production)
 #endif
 
 constexpr int kWarpGroup = 128;

@@ -21,8 +21,9 @@ def select_backend(op, backend, device, *, cuda_reason=None, triton_reason=None,
     ValueError with the reason; it never falls back silently.
 
     "auto" tries the backends in the order of djepa.backends.auto_order: the tuning table's
-    measurement for this `dtype` and shape `bucket` (djepa.tune.bucket, or a function returning
-    it) when one is active for the GPU, else the static rule; the first that serves the call wins.
+    measurement for this `dtype` and shape `bucket` (djepa.tune_table.bucket, or a function
+    returning it) when one is active for the GPU, else the static rule; the first that serves the
+    call wins.
     `wgmma_reason`: why djepa._C serves this call with its mma.sync kernels even where it has
     wgmma ones for the op (backends.static_rule), or None.
     """

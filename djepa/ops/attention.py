@@ -270,9 +270,9 @@ def _choose_backend(backend, device, dtype, head_dim, num_keys=None, train=False
     probe = torch.empty((0, 0, 0, head_dim), dtype=dtype, device="meta")
     bucket = None
     if num_keys is not None and not dropout:  # the tuning tables measure no dropout
-        from djepa import tune
+        from djepa import tune_table
 
-        bucket = tune.bucket(_OP, D=head_dim, Nk=num_keys, train=train)
+        bucket = tune_table.bucket(_OP, D=head_dim, Nk=num_keys, train=train)
     return _dispatch.select_backend(
         _OP, backend, device,
         cuda_reason=cuda_reason(probe), triton_reason=triton_reason(probe, device),

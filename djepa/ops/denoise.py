@@ -212,9 +212,9 @@ class _Triton:
 
 
 def _tune_bucket(op, **dims):
-    from djepa import tune
+    from djepa import tune_table
 
-    return tune.bucket(op, **dims)
+    return tune_table.bucket(op, **dims)
 
 
 def triton_cdiv(a, b):

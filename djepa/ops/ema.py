@@ -232,9 +232,9 @@ def ema_update_(ema_tensors: Sequence[torch.Tensor], tensors: Sequence[torch.Ten
 
 
 def _tune_bucket(tensors):
-    from djepa import tune
+    from djepa import tune_table
 
-    return tune.bucket(OP, numel=sum(t.numel() for t in tensors))
+    return tune_table.bucket(OP, numel=sum(t.numel() for t in tensors))
 
 
 def _op_decay(decay):
