@@ -69,6 +69,41 @@ class Judge:
         return np.maximum(h, 0.0)
 
 
+class SampleJudge:
+    """The sample side of `evaluate`: a `Judge` trained on the real training images, and the
+    held-out images in its feature space. `score(samples, labels)` gives the sample accuracy
+    (overall and per class) and the Fréchet distance of the samples to the held-out images."""
+
+    def __init__(self, train_set, test_set, seed: int = 0):
+        train_x, train_y = _all(train_set)
+        test_x, test_y = _all(test_set)
+        self.dataset = train_set
+        self.num_classes = train_set.num_classes
+        train_flat = _flat(train_set, train_x)
+        self.test_flat, self.test_y = _flat(test_set, test_x), test_y.numpy()
+        self.judge = Judge(train_flat, train_y.numpy(), seed=seed)
+        self.train_features = self.judge.features(train_flat)
+        self.test_features = self.judge.features(self.test_flat)
+
+    def real_accuracy(self) -> float:
+        """The judge's accuracy on the real held-out images."""
+        return self.judge.accuracy(self.test_flat, self.test_y)
+
+    def floor(self) -> float:
+        """Fréchet distance between the real training and held-out images."""
+        return frechet_distance(self.test_features, self.train_features)
+
+    def score(self, samples: torch.Tensor, labels: torch.Tensor) -> dict:
+        if not torch.isfinite(samples).all():
+            raise ValueError("the model produced non-finite samples")
+        flat = _flat(self.dataset, samples)
+        pred = self.judge.predict(flat)
+        y = np.asarray(labels)
+        return {"sample_accuracy": float((pred == y).mean()),
+                "sample_accuracy_per_class": [float((pred[y == c] == c).mean()) for c in range(self.num_classes)],
+                "frechet_samples_vs_heldout": frechet_distance(self.test_features, self.judge.features(flat))}
+
+
 # ----------------------------------------------------------------------------- model side
 def _flat(dataset, images: torch.Tensor) -> np.ndarray:
     """Model-scale images in the data set's valid range (pixels clamped), flattened."""
@@ -98,8 +133,12 @@ def encode_features(model, tokenizer, images: torch.Tensor, batch_size: int = 25
 @torch.no_grad()
 def generate(model, tokenizer, labels: torch.Tensor, image_size, *, num_iter: int, cfg: float = 1.0,
              cfg_schedule: str = "linear", temperature: Optional[float] = None, seed: int = 0,
-             batch_size: int = 256, use_ema: bool = True, progress: bool = False) -> torch.Tensor:
-    """Model-scale images `[N, C, H, W]` (CPU) drawn for `labels`, in batches."""
+             batch_size: int = 256, use_ema: bool = True, progress: bool = False,
+             sampler: Optional[dict] = None, stats=None) -> torch.Tensor:
+    """Model-scale images `[N, C, H, W]` (CPU) drawn for `labels`, in batches. `sampler`: the
+    keyword arguments of DJEPA.sample's faster options (solver, head_steps, eta, anneal,
+    min_head_steps, feature_reuse, fast); `stats`: a djepa.models.sampler.SamplingStats that
+    every batch adds to."""
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
@@ -108,16 +147,51 @@ def generate(model, tokenizer, labels: torch.Tensor, image_size, *, num_iter: in
     for i in tqdm(range(0, len(labels), batch_size), disable=not progress, desc="sample", unit="batch"):
         lab = labels[i:i + batch_size].to(device)
         tokens = model.sample(lab, num_iter=num_iter, cfg_scale=cfg, cfg_schedule=cfg_schedule,
-                              temperature=temperature, generator=generator, use_ema=use_ema)
+                              temperature=temperature, generator=generator, use_ema=use_ema,
+                              stats=stats, **(sampler or {}))
         out.append(tokenizer.decode(tokens.float(), image_size=tuple(image_size)).cpu())
     return torch.cat(out)
 
 
+def sampler_settings(model, sampler: Optional[dict] = None) -> dict:
+    """The head solver, steps, annealing and reuse that `sampler` (DJEPA.sample's keyword
+    arguments) resolves to for `model`, as a dict (solver None = the official loop)."""
+    from djepa.models.sampler import SamplerOptions, resolve_options
+
+    sampler = dict(sampler or {})
+    fast = bool(sampler.pop("fast", False))
+    options = resolve_options(model.config.loss, fast, **sampler) if (fast or sampler) else SamplerOptions()
+    steps = getattr(model.config, "num_sampling_steps", None)
+    return dict(options.as_dict(), fast=fast, official=options.official,
+                head_steps_default=None if steps is None else int(steps))
+
+
+def timed_generate(model, tokenizer, labels, image_size, **kw):
+    """`generate`, plus (wall seconds it took, the SamplingStats as a dict). The dict also holds
+    `cpu_seconds`, the process's CPU time over the same span (all its threads): on a shared CPU
+    it tells a setting's cost better than wall time, which counts the waits for other jobs."""
+    import time
+
+    from djepa.models.sampler import SamplingStats
+
+    stats = SamplingStats()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start, cpu_start = time.perf_counter(), time.process_time()
+    images = generate(model, tokenizer, labels, image_size, stats=stats, **kw)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return images, seconds, dict(stats.as_dict(), cpu_seconds=time.process_time() - cpu_start)
+
+
 def evaluate(model, tokenizer, train_set, test_set, *, n_per_class: int = 50, num_iter: int = 16,
              cfg: float = 1.0, cfg_schedule: str = "linear", temperature: Optional[float] = None, seed: int = 0,
-             batch_size: int = 256, progress: bool = False) -> dict:
+             batch_size: int = 256, progress: bool = False, sampler: Optional[dict] = None) -> dict:
     """All the numbers of `djepa eval` as a dict (accuracies in [0, 1]). temperature None: the
-    model's (recorded as the value used)."""
+    model's (recorded as the value used). `sampler`: DJEPA.sample's faster options (see
+    `generate`); the settings they resolve to, the sampling seconds and the passes and head
+    evaluations are recorded too."""
     if temperature is None:
         temperature = model.config.temperature
     if n_per_class < 2:
@@ -131,26 +205,34 @@ def evaluate(model, tokenizer, train_set, test_set, *, n_per_class: int = 50, nu
         feat_test = encode_features(model, tokenizer, test_x, batch_size, pool=pool)
         res[key] = linear_probe(feat_train, train_y, feat_test, test_y, seed)
     res["probe_pixels"] = linear_probe(_flat(train_set, train_x), train_y, _flat(test_set, test_x), test_y, seed)
-    judge = Judge(_flat(train_set, train_x), train_y, seed=seed)
-    res["judge_accuracy_real"] = judge.accuracy(_flat(test_set, test_x), test_y)
+    judge = SampleJudge(train_set, test_set, seed=seed)
+    res["judge_accuracy_real"] = judge.real_accuracy()
     labels = torch.arange(train_set.num_classes).repeat_interleave(n_per_class)
-    samples = generate(model, tokenizer, labels, train_set.image_size, num_iter=num_iter, cfg=cfg,
-                       cfg_schedule=cfg_schedule, temperature=temperature, seed=seed,
-                       batch_size=batch_size, progress=progress)
-    if not torch.isfinite(samples).all():
-        raise ValueError("the model produced non-finite samples")
-    flat = _flat(train_set, samples)
-    pred = judge.predict(flat)
-    res["sample_accuracy"] = float((pred == labels.numpy()).mean())
-    res["sample_accuracy_per_class"] = [float((pred[labels.numpy() == c] == c).mean())
-                                        for c in range(train_set.num_classes)]
-    real_f, test_f = judge.features(_flat(train_set, train_x)), judge.features(_flat(test_set, test_x))
-    res["frechet_samples_vs_heldout"] = frechet_distance(test_f, judge.features(flat))
-    res["frechet_train_vs_heldout"] = frechet_distance(test_f, real_f)
+    samples, seconds, stats = timed_generate(model, tokenizer, labels, train_set.image_size, num_iter=num_iter,
+                                             cfg=cfg, cfg_schedule=cfg_schedule, temperature=temperature, seed=seed,
+                                             batch_size=batch_size, progress=progress, sampler=sampler)
+    res.update(judge.score(samples, labels))
+    res["frechet_train_vs_heldout"] = judge.floor()
     res.update(n_samples=len(labels), n_per_class=n_per_class, num_iter=num_iter, cfg=cfg,
                cfg_schedule=cfg_schedule, temperature=temperature, seed=seed,
-               n_train=len(train_y), n_heldout=len(test_y))
+               n_train=len(train_y), n_heldout=len(test_y), sampler=sampler_settings(model, sampler),
+               sampling_seconds=seconds, sampling_stats=stats)
     return res
+
+
+def _sampler_label(settings) -> str:
+    if not settings or settings.get("official"):
+        return "official sampler"
+    parts = [settings.get("solver") or "official solver"]
+    if settings.get("head_steps"):
+        parts.append(f"{settings['head_steps']} steps")
+    if settings.get("anneal", "none") != "none":
+        parts.append(f"{settings['anneal']} annealing")
+    if settings.get("feature_reuse") is not None:
+        parts.append(f"reuse {settings['feature_reuse']:g}")
+    if settings.get("cfg_refresh", 1) > 1:
+        parts.append(f"cfg refresh {settings['cfg_refresh']}")
+    return ("--fast: " if settings.get("fast") else "") + ", ".join(parts)
 
 
 def format_table(res: dict) -> str:
@@ -165,6 +247,8 @@ def format_table(res: dict) -> str:
         ("Fréchet distance, samples vs held-out (judge features)", f"{res['frechet_samples_vs_heldout']:.3f}"),
         ("Fréchet distance, real train vs held-out (floor)", f"{res['frechet_train_vs_heldout']:.3f}"),
     ]
+    if "sampling_seconds" in res:
+        rows.append(("sampling seconds (" + _sampler_label(res.get("sampler")) + ")", f"{res['sampling_seconds']:.1f}"))
     w = max(len(r[0]) for r in rows)
     lines = [f"{'metric':<{w}}  value", f"{'-' * w}  {'-' * 7}"]
     lines += [f"{name:<{w}}  {value}" for name, value in rows]
