@@ -8,8 +8,10 @@ rule prefers them on sm_90 and says so.
 
 GPU (pytest.mark.gpu; on an sm_90 device): the sm_90a kernels against the float64 eager reference
 under the tolerance rule, over head dims, densities, empty rows, odd and unequal Nq / Nk, strided
-and unaligned views, fp16 / bf16, forced split-K; the sm_80 kernels (DJEPA_SM90_KERNELS=0) over a
-few of the same cases, since on a Hopper GPU nothing else reaches them.
+and unaligned views, fp16 / bf16, forced split-K, and both GEMM designs (DJEPA_SM90_GEMM / the
+`kernel` argument: 128x128, and 128x256 with its clusters, TMA-store and register epilogues);
+the sm_80 kernels (DJEPA_SM90_KERNELS=0) over a few of the same cases, since on a Hopper GPU
+nothing else reaches them. CPU: the GEMM design knob reaches both _C calls, and the plans.
 """
 import contextlib
 
@@ -71,6 +73,27 @@ def test_gemm_sm90_splits_plans_without_a_gpu_given_the_sm_count():
         ext.gemm_sm90_splits(-1, 16, 16, sms=132)
 
 
+def test_gemm_sm90_splits_plans_each_design_and_forced_splits_alike():
+    """kernel 1 (128x128) plans per SM, kernel 2 (128x256) per 2-CTA cluster (sms / 2 of them
+    here), kernel 0 by shape; a forced split count is clamped alike, so one workspace size holds
+    for whichever design a call then runs."""
+    ext = backends.cuda_extension()
+    if ext is None or "kernel" not in (ext.gemm_sm90_splits.__doc__ or ""):
+        pytest.skip("djepa._C without gemm_sm90_splits(kernel=)")
+    plan = lambda M, N, K, **kw: ext.gemm_sm90_splits(M, N, K, sms=132, **kw)  # noqa: E731
+    # a weight gradient dW [1024, 1024] over 8192 tokens: 64 tiles of 128x128 on 132 SMs; 16
+    # cluster units of 256x256 on 66 clusters: both split K, the wider tile more
+    assert plan(1024, 1024, 8192, kernel=1) == 2
+    assert plan(1024, 1024, 8192, kernel=2) == 4
+    assert plan(1024, 1024, 8192, kernel=0) in (2, 4)
+    for kernel in (0, 1, 2):
+        assert plan(8192, 1024, 1024, kernel=kernel) == 1                  # enough tiles: no split
+        assert plan(1024, 1024, 8192, splits=3, kernel=kernel) == 3
+        assert plan(128, 128, 64 * 10, splits=6, kernel=kernel) == 5       # no empty split: 2 k tiles each
+    with pytest.raises(ValueError, match=r"gemm_sm90_splits: kernel .*=3 is outside \[0, 2\]"):
+        plan(16, 16, 16, kernel=3)
+
+
 # ----------------------------------------------------------------------------- faked GPU
 class _Ext(FakeC):
     """A djepa._C stand-in: the attributes the dispatch reads, the denoise entry points of
@@ -83,7 +106,7 @@ class _Ext(FakeC):
 
     def __getattr__(self, name):
         if name.startswith("masked_attention_"):
-            return lambda *args: self.calls.append(Call(name, args))
+            return lambda *args, **kwargs: self.calls.append(Call(name, args, kwargs=kwargs))
         raise AttributeError(name)
 
 
@@ -198,6 +221,30 @@ def test_denoise_gemms_go_to_gemm_sm90_with_a_workspace_for_split_k(faked, monke
         (M, W, W), (M, W, W), (W, W, M), (M, W, W), (W, W, M), (M, W, W)]
 
 
+@pytest.mark.parametrize("design, code", [(None, 0), ("auto", 0), ("128x128", 1), ("128x256", 2), (" 128X256 ", 2)])
+def test_denoise_gemms_pass_the_design_djepa_sm90_gemm_names(faked, monkeypatch, design, code):
+    if design is None:
+        monkeypatch.delenv("DJEPA_SM90_GEMM", raising=False)
+    else:
+        monkeypatch.setenv("DJEPA_SM90_GEMM", design)
+    faked["ext"] = ext = _Ext(splits=2, buffers=watch_denoise(monkeypatch))
+    _device_free_launches(monkeypatch, True)
+    ts = [torch.randn(*s).half().requires_grad_() for s in ((70, 64), (70, 192), (64,), (64,), (64, 64), (64,),
+                                                             (64, 64), (64,))]
+    adaln_block(*ts, backend="cuda").sum().backward()
+    assert [c.arg["kernel"] for c in ext.named("gemm_sm90")] == [code] * 6
+    assert [c.arg["kernel"] for c in ext.named("gemm_sm90_splits")] == [code] * 6
+
+
+def test_an_unknown_gemm_design_is_refused_by_name(faked, monkeypatch):
+    monkeypatch.setenv("DJEPA_SM90_GEMM", "256x256")
+    faked["ext"] = _Ext(buffers=watch_denoise(monkeypatch))
+    _device_free_launches(monkeypatch, True)
+    ts = [torch.randn(*s).half() for s in ((5, 16), (5, 48), (16,), (16,), (16, 16), (16,), (16, 16), (16,))]
+    with pytest.raises(ValueError, match=r"DJEPA_SM90_GEMM='256x256' is not one of \('auto', '128x128', '128x256'\)"):
+        adaln_block(*ts, backend="cuda")
+
+
 def test_denoise_gemms_stay_on_gemm_where_there_is_no_wgmma(faked, monkeypatch):
     faked["ext"] = ext = _Ext(buffers=watch_denoise(monkeypatch))
     _device_free_launches(monkeypatch, False)
@@ -214,7 +261,7 @@ def test_static_rule_prefers_the_wgmma_kernels_on_sm90_and_info_says_so(faked, m
         order, why = backends.static_rule(op, GPU)
         assert order[0] == "cuda" and "wgmma" in why and "sm_90a" in why, why
     # a head dim the sm_90a kernels do not serve: Triton's wgmma before djepa._C's mma.sync
-    order, why = backends.static_rule("masked_attention", GPU, attn_op._wgmma_reason(32))
+    order, why = backends.static_rule("masked_attention", GPU, {"D": 32})
     assert order[0] == "triton" and "not 32" in why
     monkeypatch.setattr(backends, "triton_unavailable_reason", lambda op, device: None)
     monkeypatch.setattr(backends, "cuda_unavailable_reason", lambda op, device: None)
@@ -229,6 +276,13 @@ def test_static_rule_prefers_the_wgmma_kernels_on_sm90_and_info_says_so(faked, m
         assert "auto -> cuda" in line and "wgmma" in line, line
     assert "available (sm_90a wgmma kernels)" in text
     assert "sm_90a wgmma kernels for: masked_attention, adaln_block, denoise_step" in text
+    assert ("sm90 gemm    auto (by shape: 128x256 clusters or 128x128) (DJEPA_SM90_GEMM: auto | 128x128 | "
+            "128x256)") in text
+    monkeypatch.setenv("DJEPA_SM90_GEMM", "128x128")
+    assert "sm90 gemm    128x128 (the first design)" in backends.describe()
+    monkeypatch.setenv("DJEPA_SM90_GEMM", "x")
+    assert "sm90 gemm    invalid: DJEPA_SM90_GEMM='x' is not one of" in backends.describe()
+    monkeypatch.delenv("DJEPA_SM90_GEMM")
     # the switch turns them off, and the rule goes back to Triton first
     monkeypatch.setenv("DJEPA_SM90_KERNELS", "0")
     backends.reset_caches()
@@ -253,10 +307,9 @@ class _Spy:
         return value
 
 
-@pytest.fixture
-def kernels(request, monkeypatch):
-    """"sm90" or "sm80": the djepa._C kernels the test runs (DJEPA_SM90_KERNELS), checked to be
-    the ones the ops call."""
+def sm90_extension():
+    """djepa._C on the sm_90 GPU the GPU tests need: a failure where it cannot run there (the GPU
+    machine must), a skip on another arch."""
     ext = backends.cuda_extension()
     reason = backends.cuda_unavailable_reason("masked_attention", GPU)
     if reason:
@@ -266,6 +319,14 @@ def kernels(request, monkeypatch):
         pytest.skip(f"the sm_90a kernels run on sm_90 GPUs; this one is sm_{cap[0]}{cap[1]}")
     if "90a" not in backends.parse_archs(ext.cuda_archs):
         pytest.fail(f"djepa._C was built for {ext.cuda_archs}, without 90a: no wgmma kernels on this H100/H200")
+    return ext
+
+
+@pytest.fixture
+def kernels(request, monkeypatch):
+    """"sm90" or "sm80": the djepa._C kernels the test runs (DJEPA_SM90_KERNELS), checked to be
+    the ones the ops call."""
+    ext = sm90_extension()
     monkeypatch.setenv("DJEPA_SM90_KERNELS", "1" if request.param == "sm90" else "0")
     spy = _Spy(ext)
     monkeypatch.setattr(_dispatch, "extension", lambda: spy)
@@ -365,15 +426,24 @@ def test_sm90_attention_writes_every_output_and_is_deterministic(kernels):
     assert (runs[0][3][hidden] == 0).all() and (runs[0][4][hidden] == 0).all()
 
 
+@pytest.fixture
+def design(request, monkeypatch):
+    """DJEPA_SM90_GEMM for the test: the sm_90a GEMM design the denoise ops run."""
+    monkeypatch.setenv("DJEPA_SM90_GEMM", request.param)
+    return request.param
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("kernels", ["sm90", "sm80"], indirect=True)
+@pytest.mark.parametrize("design", ["128x256", "128x128", "auto"], indirect=True)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("M,W", [(333, 64), (4097, 256), (1000, 1024), (77, 36)])
-def test_sm90_adaln_block_matches_reference(kernels, dtype, M, W):
+def test_sm90_adaln_block_matches_reference(kernels, design, dtype, M, W):
     """Every epilogue (SiLU, gate, dSiLU, fp32 weight gradients), split-K (K = M tokens in the
-    weight gradients) and, at W = 36 (72-byte rows), the producer's ordinary loads."""
-    if kernels[0] == "sm80" and dtype == torch.float16:
-        pytest.skip("the sm_80 kernels on sm_90: bf16 only")
+    weight gradients) and, at W = 36 (72-byte rows), the producer's ordinary loads (the 128x256
+    design hands those calls to the 128x128 kernel); each GEMM design."""
+    if kernels[0] == "sm80" and (dtype == torch.float16 or design != "auto"):
+        pytest.skip("the sm_80 kernels on sm_90: bf16 only, one GEMM design")
     gen = torch.Generator().manual_seed(M + W)
     base = [torch.randn(M, W, generator=gen, dtype=torch.float64), torch.randn(M, 3 * W, generator=gen) * 0.5,
             1 + 0.1 * torch.randn(W, generator=gen), 0.1 * torch.randn(W, generator=gen),
@@ -400,7 +470,8 @@ def test_sm90_adaln_block_matches_reference(kernels, dtype, M, W):
 @pytest.mark.parametrize("a_trans,b_trans", [(0, 0), (0, 1), (1, 0), (1, 1)])
 @pytest.mark.parametrize("M,N,K", [(300, 200, 1000), (1, 8, 64), (129, 130, 27), (256, 384, 4096)])
 @pytest.mark.parametrize("splits", [0, 1, 3])
-def test_gemm_sm90_layouts_and_forced_splits(kernels, a_trans, b_trans, M, N, K, splits):
+@pytest.mark.parametrize("kernel", [1, 2])
+def test_gemm_sm90_layouts_and_forced_splits(kernels, a_trans, b_trans, M, N, K, splits, kernel):
     ext = backends.cuda_extension()
     gen = torch.Generator().manual_seed(M * N + K)
     # the reference multiplies the bf16 values the kernel gets, in float64
@@ -410,11 +481,106 @@ def test_gemm_sm90_layouts_and_forced_splits(kernels, a_trans, b_trans, M, N, K,
     b = (b64.t().contiguous() if b_trans else b64).to("cuda", torch.bfloat16)
     ref = a64 @ b64
     low = (a.t() if a_trans else a) @ (b.t() if b_trans else b)
-    s = ext.gemm_sm90_splits(M, N, K, splits)
+    s = ext.gemm_sm90_splits(M, N, K, splits, kernel=kernel)
     ws = torch.empty(s * M * N, device="cuda") if s > 1 else None
     for out_dtype, epilogue in ((torch.bfloat16, 0), (torch.float32, 16)):
         c = poison_(torch.empty(M, N, device="cuda", dtype=out_dtype))
         ext.gemm_sm90(a.data_ptr(), b.data_ptr(), c.data_ptr(), 0, M, N, K, a_trans, b_trans, epilogue, 0, 0, 0,
                       _dispatch.dtype_code(torch.bfloat16), _dispatch.stream_handle(c.device), 0,
-                      0 if ws is None else ws.data_ptr(), s, 0 if ws is None else ws.numel())
-        assert_close_to_reference(c, low, ref, atol=1e-2, what=f"gemm_sm90 splits={s} out={out_dtype}")
+                      0 if ws is None else ws.data_ptr(), s, 0 if ws is None else ws.numel(), kernel=kernel)
+        assert_close_to_reference(c, low, ref, atol=1e-2,
+                                  what=f"gemm_sm90 kernel={kernel} splits={s} out={out_dtype}")
+
+
+def _epilogue_reference(y, ep, aux1, aux2):
+    """c of epilogue `ep` (& 15) on y = op(a) @ op(b) + bias (djepa/ops/denoise.py's contract)."""
+    if ep == 1:
+        return y * torch.sigmoid(y)
+    if ep == 2:
+        return aux1 + aux2 * y
+    if ep == 3:
+        s = torch.sigmoid(aux1)
+        return y * s * (1 + aux1 * (1 - s))
+    return y
+
+
+# bf16 with every epilogue, fp16 with SiLU (16-bit out) and gate (fp32 out)
+_EPILOGUES = [(torch.bfloat16, e) for e in (0, 1, 2, 3, 16, 17, 18)] + [(torch.float16, e) for e in (1, 18)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernels", ["sm90"], indirect=True)
+@pytest.mark.parametrize("kernel", [1, 2])
+@pytest.mark.parametrize("dtype,epilogue", _EPILOGUES, ids=[f"{str(d)[6:]}-ep{e}" for d, e in _EPILOGUES])
+@pytest.mark.parametrize("M,N,K,splits", [(1000, 1024, 1024, 1),   # TMA stores, clusters of 2
+                                          (300, 264, 200, 1),      # a cluster's second CTA below M
+                                          (100, 520, 136, 1),      # one tile row: a cluster of 1
+                                          (257, 45, 64, 1),        # 90-byte rows: register epilogue
+                                          (512, 264, 4096, 0),     # split-K by the plan
+                                          (130, 130, 520, 3)])     # forced splits, N % 4 != 0
+def test_gemm_sm90_each_epilogue_in_each_design(kernels, kernel, dtype, epilogue, M, N, K, splits):
+    """Both designs against the float64 reference under the tolerance rule, for every fused
+    epilogue (bias, SiLU with aux_out = y, gate with a strided gate and aux_out, dSiLU, fp32
+    outputs) over the 128x256 kernel's paths: TMA-store and register epilogues, clusters of 2
+    and 1, split-K partials by TMA and by the register path."""
+    ext = backends.cuda_extension()
+    gen = torch.Generator().manual_seed(M + 7 * N + K + epilogue)
+    ep = epilogue & 15
+    out_dtype = torch.float32 if epilogue & 16 else dtype
+    r = lambda *shape, s=1.0: (torch.randn(*shape, generator=gen, dtype=torch.float64) * s).to(dtype)  # noqa: E731
+    a, b, bias = r(M, K), r(N, K, s=K ** -0.5), r(N, s=0.3)
+    aux1 = r(M, N) if ep in (2, 3) else None
+    gate = r(M, 3 * N + 8)[:, N:2 * N] if ep == 2 else None          # a strided view, row stride 3N + 8
+    saves = ep in (1, 2)
+
+    def reference(on, kind):
+        t = {torch.float64: torch.float64, "low": dtype}[kind]
+        A, B, bb = (x.to(on, t) for x in (a, b, bias))
+        y = A @ B.t() + bb
+        c = _epilogue_reference(y, ep, None if aux1 is None else aux1.to(on, t),
+                                None if gate is None else gate.to(on, t))
+        return c, y
+    ref_c, ref_y = reference("cuda", torch.float64)
+    low_c, low_y = reference("cuda", "low")
+    dev = [x if x is None else x.to("cuda") for x in (a, b, bias, aux1)]
+    g_dev = None if gate is None else gate.to("cuda")
+    if g_dev is not None:  # keep the row stride of the strided view on the device
+        full = torch.empty(M, 3 * N + 8, device="cuda", dtype=dtype)
+        full[:, N:2 * N] = g_dev
+        g_dev = full[:, N:2 * N]
+    c = poison_(torch.empty(M, N, device="cuda", dtype=out_dtype))
+    y = poison_(torch.empty(M, N, device="cuda", dtype=out_dtype)) if saves else None
+    s = ext.gemm_sm90_splits(M, N, K, splits, kernel=kernel)
+    ws = torch.empty(s * M * N, device="cuda") if s > 1 else None
+    ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
+    ext.gemm_sm90(ptr(dev[0]), ptr(dev[1]), ptr(c), ptr(dev[2]), M, N, K, 0, 1, epilogue, ptr(dev[3]), ptr(g_dev),
+                  ptr(y), _dispatch.dtype_code(dtype), _dispatch.stream_handle(c.device),
+                  0 if g_dev is None else g_dev.stride(0), ptr(ws), s, 0 if ws is None else ws.numel(), kernel=kernel)
+    what = f"gemm_sm90 kernel={kernel} {dtype} epilogue={epilogue} {M}x{N}x{K} splits={s}"
+    assert_close_to_reference(c, low_c.to(out_dtype), ref_c, atol=1e-2, what=what)
+    if saves:
+        assert_close_to_reference(y, low_y.to(out_dtype), ref_y, atol=1e-2, what=what + " aux_out")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernels", ["sm90"], indirect=True)
+def test_gemm_sm90_designs_agree_and_run_again_from_cached_state(kernels):
+    """The same call through both designs, twice each (the second from the cached tensor maps,
+    attributes and cluster count), on fresh buffers at the same addresses and at new ones."""
+    ext = backends.cuda_extension()
+    gen = torch.Generator().manual_seed(5)
+    M, N, K = 2048, 1536, 1536
+    a = torch.randn(M, K, generator=gen).bfloat16().cuda()
+    b = (torch.randn(N, K, generator=gen) * K ** -0.5).bfloat16().cuda()
+    outs = []
+    for kernel in (1, 2, 2, 1, 0):
+        c = poison_(torch.empty(M, N, device="cuda", dtype=torch.bfloat16))
+        ext.gemm_sm90(a.data_ptr(), b.data_ptr(), c.data_ptr(), 0, M, N, K, 0, 1, 0, 0, 0, 0,
+                      _dispatch.dtype_code(torch.bfloat16), _dispatch.stream_handle(c.device), kernel=kernel)
+        outs.append(c)
+        a = a.clone()  # a new address for the next call's A map
+    ref = a.double() @ b.double().t()
+    for c in outs:
+        assert torch.isfinite(c).all()
+        assert_close_to_reference(c, (a @ b.t()), ref.to("cuda"), atol=1e-2, what="gemm_sm90 designs")
+    assert torch.equal(outs[1], outs[2]) and torch.equal(outs[0], outs[3])  # deterministic per design

@@ -181,6 +181,37 @@ def test_today_declarations_describe_the_kernels_they_name():
     assert pd.gemm_today(1536, "bf16").reps == 24
 
 
+def test_a_barrier_id_in_a_register_takes_the_declared_id_of_its_warpgroup():
+    """The pipelined forward's ping-pong turns: one code for both consumer warpgroups, the named
+    barrier's id in a register; the declaration gives each warpgroup its ids, in order."""
+    sync = sim.decode(sass.parse_instr(0, "BAR.SYNC.DEFER_BLOCKING R5, 0x100"))
+    arv = sim.decode(sass.parse_instr(0, "BAR.ARV UR7, 0x100"))
+    assert sync.bar == ("sync", None, 256) and "R5" in sync.src and arv.bar == ("arrive", None, 256)
+    assert ps.check_against_sass([ps.BarSync(1), ps.BarArrive(2)], [sync, arv])[0] == []
+
+    def loop(wg):
+        return [ps.BarSync(1 + wg), ps.BarArrive(2 - wg)]
+    sch = _schedule(loop)
+    assert [op.bar for op in sch.iteration(0, [sync, arv])] == [("sync", 1, 256), ("arrive", 2, 256)]
+    assert [op.bar for op in sch.iteration(1, [sync, arv])] == [("sync", 2, 256), ("arrive", 1, 256)]
+    with pytest.raises(ValueError, match="no declared counterpart"):
+        sch.iteration(0, [arv, sync])
+
+
+def test_pipelined_declarations_name_their_kernels_and_beat_todays():
+    """The pipelined kernels (design 0 of csrc/attention_sm90.cu) are declared beside today's, for
+    every head dim and dtype, with the SASS symbol of their instantiation."""
+    names = {(s.kernel, s.design, s.variant): s for s in pd.today()}
+    for D in pd.HEAD_DIMS:
+        for kernel in ("attn_fwd", "attn_dq", "attn_dkdv"):
+            sch = names[(kernel, "pipelined", f"d{D}-bf16")]
+            assert sch.sass == ("csrc/attention_sm90.cu", f"{kernel}_pipelined_sm90_kernelI13__nv_bfloat16Li{D}E")
+            assert (kernel, "today", f"d{D}-bf16") in names
+    fwd = pm.run(names[("attn_fwd", "pipelined", "d128-bf16")])
+    today = pm.run(names[("attn_fwd", "today", "d128-bf16")])
+    assert fwd.tensor_busy > today.tensor_busy
+
+
 # ------------------------------------------------------------------------------ calibration
 def _rec(kernel, design, tf, **kw):
     return dict(kernel=kernel, design=design, variant="v", modelled_tflops=tf, **kw)

@@ -106,6 +106,48 @@ def test_merge_replaces_only_the_backend_that_ran():
         static_report.merge(old, [_rec(arch=80)], {"triton"})
 
 
+def test_merge_of_one_op_replaces_its_records_of_both_backends_and_keeps_the_rest():
+    """--only attention --merge: the attention records (CUDA by file, Triton by module; records
+    written before the `op` field by their file / kernel name) are replaced, the others kept."""
+    old = [_rec(backend="cuda", kernel="fwd_kernel", variant="<__half, 64>", file="csrc/attention.cu"),
+           _rec(backend="cuda", kernel="attn_fwd_sm90_kernel", variant="<__half, 64>", file="csrc/attention_sm90.cu"),
+           _rec(backend="cuda", kernel="gemm_kernel", variant="<__half>", file="csrc/denoise.cu"),
+           _rec(kernel="_fwd_kernel", variant="old"), _rec(kernel="gemm_kernel", variant="keep")]
+    new = [_rec(backend="cuda", kernel="fwd_kernel", variant="<__half, 64, 1> dropout", file="csrc/attention.cu",
+                op="attention"),
+           _rec(kernel="_fwd_kernel", variant="DROPOUT=1", op="attention")]
+    ops = {"_fwd_kernel": "attention", "gemm_kernel": "denoise"}
+    got = static_report.merge(old, new, {"cuda", "triton"}, op="attention", triton_ops=ops)
+    assert [(r["backend"], r["kernel"], r["variant"]) for r in got] == [
+        ("cuda", "fwd_kernel", "<__half, 64, 1> dropout"), ("cuda", "gemm_kernel", "<__half>"),
+        ("triton", "_fwd_kernel", "DROPOUT=1"), ("triton", "gemm_kernel", "keep")]
+    # triton:attention keeps the CUDA attention records
+    got = static_report.merge(old, new[1:], {"triton"}, op="attention", triton_ops=ops)
+    assert sum(r["backend"] == "cuda" for r in got) == 3 and ("triton", "_fwd_kernel", "old") not in [
+        (r["backend"], r["kernel"], r["variant"]) for r in got]
+    assert static_report.cuda_file_op("csrc/attention_sm90.cu") == static_report.cuda_file_op("attention.cu") == \
+        "attention"
+
+
+def test_only_names_a_backend_an_op_or_both():
+    sys.path.insert(0, str(ROOT / "tools"))
+    import static_check
+
+    assert static_check.parse_only(None) == ({"triton", "cuda"}, None)
+    assert static_check.parse_only("cuda") == ({"cuda"}, None)
+    assert static_check.parse_only("attention") == ({"triton", "cuda"}, "attention")
+    assert static_check.parse_only("triton:attention") == ({"triton"}, "attention")
+    assert set(static_check.OPS) >= {"attention", "denoise", "ema"}
+    for bad in ("gpu", "triton:softmax", ":"):
+        with pytest.raises(ValueError, match="--only"):
+            static_check.parse_only(bad)
+    res = subprocess.run([sys.executable, str(TOOL), "--only", "triton:softmax"], capture_output=True, text=True)
+    assert res.returncode == 2 and "unknown op" in res.stderr
+    res = subprocess.run([sys.executable, str(TOOL), "--scenario", "dropout", "--merge"], capture_output=True,
+                         text=True)
+    assert res.returncode == 2 and "--scenario cannot go with --merge" in res.stderr
+
+
 def test_markdown_names_each_backends_toolchain():
     recs = [dict(_rec(backend="cuda", kernel="ema_kernel"), toolchain="nvcc 13.0", date="2026-12-01"),
             dict(_rec(), toolchain="triton 3.9.0", date="2026-12-02")]
@@ -188,6 +230,23 @@ def test_cuda_hot_follows_the_host_dispatch():
     assert hot("djepa::denoise::gemm_kernel", "__nv_bfloat16", "false", "true")
 
 
+def test_cuda_attention_records_name_their_dropout_argument():
+    """fwd_kernel<T, D, FwdDropout>, dkdv/dq_kernel<T, D, bool>: the variant says dropout (and the
+    debug keep-bit store, never hot); a value the header does not define fails loudly."""
+    dims, widths = {64, 80}, set()
+    name = "djepa::attention::fwd_kernel"
+    assert static_cuda.cuda_variant(name, ["__half", "64", "0"]) == "<__half, 64, 0>"
+    assert static_cuda.cuda_variant(name, ["__half", "64", "1"]) == "<__half, 64, 1> dropout"
+    assert static_cuda.cuda_variant(name, ["__half", "64", "2"]) == "<__half, 64, 2> dropout keep-bits (debug)"
+    assert static_cuda.cuda_variant("djepa::attention::dq_kernel", ["__half", "80", "true"]) == "<__half, 80, true> dropout"
+    assert static_cuda.cuda_dropout("djepa::attention::dkdv_kernel", ["__half", "80", "false"]) == "off"
+    assert static_cuda.cuda_dropout("djepa::hopper::attn::attn_fwd_sm90_kernel", ["__half", "64"]) is None
+    assert static_cuda.cuda_hot(name, ["__nv_bfloat16", "64", "1"], dims, widths)
+    assert not static_cuda.cuda_hot(name, ["__nv_bfloat16", "64", "2"], dims, widths)
+    with pytest.raises(ValueError, match="FwdDropout"):
+        static_cuda.cuda_variant(name, ["__half", "64", "7"])
+
+
 def test_cli_rejects_a_bad_arch():
     res = subprocess.run([sys.executable, str(TOOL), "--arch", "70"], capture_output=True, text=True)
     assert res.returncode == 2 and "--arch" in res.stderr
@@ -247,6 +306,56 @@ def test_fp32_masked_forward_does_not_spill_at_D128(subset):
     """The masked forward holds the key index beside the tiles: 2 KB/thread on 64 x 32."""
     for r in _triton(subset[1], "_fwd_kernel", "coverage attention D=128 masked float32"):
         assert r["spill_bytes"] == 0 and r["stack_bytes"] == 0, r
+
+
+def test_the_hot_dropout_forward_is_captured_and_does_not_spill(subset):
+    """Training at the presets' attn_dropout=0.1 runs the dropout variants (Philox rounds in the
+    loop): the subset compiles preset B's masked forward with dropout (D = 64, bf16), which
+    spilled 200-224 B/thread on 4 warps. Missing (no dropout scenario, or the capture lost the
+    dropout arguments) or spilling fails here; the full table holds the rest (every hot shape)."""
+    recs = _triton(subset[1], "_fwd_kernel", "preset B attention masked dropout=0.1 bfloat16")
+    for r in recs:
+        assert r["constexprs"]["DROPOUT"] == 1 and r["constexprs"]["WRITE_KEEP"] == 0, r
+        assert r["hot"] and r["op"] == "attention", r
+        assert r["spill_bytes"] == 0 and r["stack_bytes"] == 0 and r["tensor_core"]["wgmma"] > 0, r
+
+
+def test_the_hot_dropout_backward_keeps_its_wgmma_asynchronous(subset):
+    """Preset B's masked dropout backward (bf16, D = 64): with a zero-trip path around the key
+    loop, ptxas serialized every wgmma of _bwd_dq_kernel and _bwd_dkdv_kernel (C7515, all 36 hot
+    dropout backward variants); the loops now always make one pass."""
+    for kernel in ("_bwd_dq_kernel", "_bwd_dkdv_kernel"):
+        for r in _triton(subset[1], kernel, "preset B attention masked dropout=0.1 bfloat16"):
+            assert r["constexprs"]["DROPOUT"] == 1 and r["hot"], r
+            assert r["wgmma_serialized"] == [] and r["tensor_core"]["wgmma"] > 0, r
+            assert r["spill_bytes"] == 0 and r["stack_bytes"] == 0, r
+
+
+def test_every_hot_attention_shape_has_its_dropout_scenario():
+    """The capture's scenario list (no compiling): each preset with attention dropout trains its
+    encoder (masked) and predictor (dense) with it, in fp16 and bf16, and the benchmark's dropout
+    mode runs at its shapes; the coverage sweep runs dropout (and the keep-bit store) at every head dim."""
+    import static_shapes
+    import static_triton
+    from djepa.models.presets import PRESETS
+
+    names = {s.source for s in static_triton.scenarios(True)}
+    dropout_presets = [n for n, c in PRESETS.items() if c.attn_dropout > 0]
+    assert {"B", "L", "H"} <= set(dropout_presets)
+    for n in dropout_presets:
+        p = PRESETS[n].attn_dropout
+        for kind in ("dense", "masked"):
+            for dt in ("bfloat16", "float16"):
+                assert f"preset {n} attention {kind} dropout={p:g} {dt}" in names
+    shapes, p = static_shapes.bench_attention_dropout()
+    assert set(shapes) == {"djepa-B", "djepa-L", "djepa-H"} and p == 0.1
+    for sid in shapes:
+        assert f"bench attention {sid} masked dropout=0.1 bfloat16" in names
+    for D in static_triton.COVERAGE_HEAD_DIMS:
+        assert f"coverage attention D={D} masked dropout=0.5 float16" in names
+        assert f"coverage attention D={D} dense dropout=0.1 keep-bits float32" in names
+    subset = [s.source for s in static_triton.scenarios(False)]
+    assert "preset B attention masked dropout=0.1 bfloat16" in subset
 
 
 @pytest.mark.parametrize("D", [192, 256])

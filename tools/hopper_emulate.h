@@ -54,13 +54,31 @@
 //    barriers, the higher-numbered one started first and the next once it is under way, so a
 //    persistent grid's CTAs interleave as on the GPU and a kernel that relies on CTAs running in
 //    order (or one at a time) is caught. atomicAdd / atomicExch / atomicCAS / __threadfence for global memory.
+//  * Clusters (launch(..., cluster)): the CTAs of a cluster run at the same time and share one
+//    clock space (the happens-before rules above hold across them); %cluster_ctarank;
+//    barrier.cluster (arrive.release + wait.acquire, every thread of every CTA); mbarrier arrive
+//    on a peer CTA's barrier (mapa + mbarrier.arrive.shared::cluster); TMA multicast (the box
+//    lands at the same offset in every CTA of the mask and completes bytes on each one's
+//    mbarrier at the same offset; the write rules are checked in each destination). Errors: a
+//    remote arrive, or a multicast into a CTA, after all of that CTA's threads have exited (a
+//    CTA must not exit while its peers may still access its shared memory).
+//  * TMA stores (cp.async.bulk.tensor shared -> global, bulk groups): checked at issue like a
+//    wgmma read (the staged bytes written by the issuing thread, or by threads it synchronised
+//    with, and made visible to the async proxy by a fence.proxy.async ordered before the store),
+//    performed at the cp.async.bulk.wait_group(.read) that retires their group (the latest moment
+//    the ISA allows; elements outside the tensor are not written). Errors: a chunk written while a
+//    store still reads it, or not ordered after the wait_group.read that ended the read; a thread
+//    exiting with stores not waited for. 4- and 8-byte shared stores (st_shared4 / st_shared8)
+//    are tracked per 4-byte word, so lanes writing neighbouring words of one 16-byte chunk do not
+//    race.
+//  * stmatrix.m8n8.x4 (each lane's 16-byte row a generic store of that lane).
 //  * named barriers (bar.sync / bar.arrive with thread counts), warp shuffles for up to 32 warps,
 //    ex2.approx.
 //  * a watchdog: no progress for DJEPA_EMU_DEADLOCK_S seconds (default 30) prints what every
 //    waiting thread waits on and exits with status 3 (a missing arrive hangs a GPU).
 //  * DJEPA_EMU_LAG="tids:ms": the given threads sleep after every barrier wait, to expose races
 //    that need one thread to lag behind the others.
-// Not emulated: clusters / multicast, TMA stores (cp.async.bulk shared -> global), generic loads
+// Not emulated: clusters along y / z, distributed shared memory loads and stores, generic loads
 // of shared memory (so no generic-read -> async-write check), the real concurrency of the copy
 // engine (copies land lazily, at waits), timing. Limits: shared memory written by plain C++
 // stores is invisible to the checks (kernels store through st_shared16; a wgmma reading such
@@ -122,7 +140,7 @@ inline void fail(const char* fmt, ...) {
 // Rules whose message is printed once per launch (every violation still counts as an error).
 enum Rule : int {
   kRuleInFlightWrite, kRuleNoFence, kRuleFenceWrite, kRuleReadPending, kRuleReadUnwritten, kRuleReadUnordered,
-  kRuleProxy, kRuleWriteWhileRead, kRuleWriteRace, kRuleProxyWaw, kRuleCount
+  kRuleProxy, kRuleWriteWhileRead, kRuleWriteRace, kRuleProxyWaw, kRuleBulkWrite, kRuleBulkRead, kRuleCount
 };
 inline std::atomic<unsigned> g_reported{0};
 inline void fail_rule(Rule r, const char* fmt, ...) {
@@ -142,8 +160,11 @@ inline int take_errors() {
 }
 
 struct Stats {
-  std::atomic<long> wgmma{0}, tma_boxes{0}, cp_async{0}, st_shared{0}, named_bar{0}, mbar_waits{0};
-  void reset() { wgmma = tma_boxes = cp_async = st_shared = named_bar = mbar_waits = 0; }
+  std::atomic<long> wgmma{0}, tma_boxes{0}, cp_async{0}, st_shared{0}, named_bar{0}, mbar_waits{0}, tma_stores{0},
+      multicasts{0}, remote_arrives{0};
+  void reset() {
+    wgmma = tma_boxes = cp_async = st_shared = named_bar = mbar_waits = tma_stores = multicasts = remote_arrives = 0;
+  }
 };
 inline Stats g_stats;
 
@@ -165,7 +186,9 @@ struct Deferred {
   std::vector<Copy> cp;       // cp.async copies, then one arrival ...
   VC vc, av;                  // ... carrying the arriving thread's clocks
 };
+struct Block;
 struct Mbar {
+  Block* owner = nullptr;      // the CTA whose shared memory holds it
   bool init = false;
   int count = 0, pending = 0;
   long long tx = 0;
@@ -190,6 +213,7 @@ struct WaitInfo {
 struct WarpX {
   Barrier bar{32};
   float f[32];
+  uint32_t x[32][5];  // stmatrix: each lane's row address and registers
 };
 struct WgBar {
   Barrier bar{128};
@@ -200,13 +224,16 @@ struct AExchange {
   int readers = 0;
 };
 // A 16-byte chunk of shared memory: its last write (kind, writer component, clock), the copies
-// in flight into it, and per warpgroup the last wgmma group reading it (0: none).
+// in flight into it, per warpgroup the last wgmma group reading it (0: none), and the TMA stores
+// reading it (below).
 enum ChunkKind : uint32_t { kNone = 0, kGeneric = 1, kCpAsync = 2, kTma = 3 };
 struct Chunk {
   uint32_t who;  // kind << 24 | component
   uint32_t clock;
   uint32_t pending;
   uint32_t read[kMaxWarpGroups];
+  uint32_t bulk;                   // TMA stores reading it, issued and not yet waited for
+  uint32_t bulk_who, bulk_clock;   // the wait_group.read that ended the last one (component + 1, clock)
 };
 inline uint32_t ld(const uint32_t& x) { return __atomic_load_n(&x, __ATOMIC_RELAXED); }
 inline void st(uint32_t& x, uint32_t v) { __atomic_store_n(&x, v, __ATOMIC_RELAXED); }
@@ -219,6 +246,7 @@ struct WarpRegs {
   int applying = -1;          // the call a lane of the warp is applying
 };
 
+struct Cluster;
 struct Block {
   unsigned char* window = nullptr;  // kWindowBytes, 4096-aligned
   size_t dyn_offset = 16, dyn_bytes = 0;  // dynamic smem starts 16 bytes in (as after static smem)
@@ -228,7 +256,10 @@ struct Block {
   std::atomic<int> started{0}, finished{0};
   unsigned id = 0;
   int threads = 0, nwg = 0, ncomp = 0, next_bar = 0;
+  int base = 0, rank = 0;      // its first clock component; its rank in its cluster
+  Cluster* cluster = nullptr;
   std::vector<Chunk> chunks;
+  std::vector<uint32_t> wwho, wclock;  // per 4-byte word: the 4/8-byte store (component + 1, clock), 0: none
   std::unordered_map<uint32_t, Mbar> bars;
   NamedBar named[16];
   std::map<unsigned, WaitInfo> waiting;  // tid -> what it waits on
@@ -243,14 +274,23 @@ struct Block {
   Block() {
     window = static_cast<unsigned char*>(std::aligned_alloc(4096, kWindowBytes));
     chunks.resize(kChunks);
+    wwho.resize(kWindowBytes / 4);
+    wclock.resize(kWindowBytes / 4);
   }
   ~Block() { std::free(window); }
-  int comp_wg(int w) const { return threads + w; }
-  void reset(unsigned block_id, int nthreads, size_t smem_bytes) {
+  int comp_wg(int w) const { return base + threads + w; }
+  static int span(int nthreads) { return nthreads + (nthreads + 127) / 128 + kMaxBars; }
+  // cta_rank / cluster_size: its place in its cluster, whose CTAs share one clock space (each
+  // CTA's components at rank * span).
+  void reset(unsigned block_id, int nthreads, size_t smem_bytes, int cta_rank = 0, int cluster_size = 1,
+             Cluster* cl = nullptr) {
     id = block_id;
     threads = nthreads;
     nwg = (nthreads + 127) / 128;
-    ncomp = threads + nwg + kMaxBars;
+    rank = cta_rank;
+    base = cta_rank * span(nthreads);
+    cluster = cl;
+    ncomp = cluster_size * span(nthreads);
     next_bar = 0;
     dyn_bytes = std::min(smem_bytes, kWindowBytes - dyn_offset);
     progress = 0;
@@ -258,6 +298,7 @@ struct Block {
     finished = 0;
     std::memset(window, 0xff, kWindowBytes);
     std::memset(chunks.data(), 0, chunks.size() * sizeof(Chunk));
+    std::fill(wwho.begin(), wwho.end(), 0u);
     bars.clear();
     for (auto& nb : named) {
       nb = NamedBar{};
@@ -276,6 +317,25 @@ struct Block {
     nreg_calls.assign(nthreads, 0);
   }
 };
+// The CTAs of one cluster, and its barrier.cluster (every thread of every CTA).
+struct Cluster {
+  int size = 1;
+  Block* cta[8] = {};
+  std::mutex m;
+  std::condition_variable cv;
+  int count = 0, arrived = 0;
+  unsigned long gen = 0;
+  VC acc_vc, acc_av, done_vc[2], done_av[2];
+  void reset(int n, int threads, int ncomp) {
+    size = n;
+    count = n * threads;
+    arrived = 0;
+    gen = 0;
+    acc_vc.assign(ncomp, 0);
+    acc_av.assign(ncomp, 0);
+  }
+};
+
 inline thread_local Block* t_blk = nullptr;
 inline std::atomic<unsigned long> g_progress{0};
 
@@ -299,8 +359,15 @@ struct Op {
   uint64_t da, db;
   long seq;        // register-A exchange sequence (rs)
 };
+struct BulkStore {  // one TMA store: the box at smem `src` of the map, at the coordinates
+  std::array<unsigned char, 128> map;
+  std::array<int, 5> c;
+  uint32_t src;
+  size_t bytes;
+};
 struct Thr {
   unsigned tid = 0;
+  unsigned me = 0;  // its clock component (base of its CTA + tid)
   int wg = 0;
   VC vc, av;  // happens-before; generic writes made visible to the async proxy
   uintptr_t stack_top = 0, snap_lo = 0;
@@ -311,12 +378,14 @@ struct Thr {
   std::deque<std::pair<long, std::vector<Op>>> groups;  // (group number, ops), oldest first
   long committed = 0, retired = 0, rs_seq = 0;
   std::vector<Copy> cp_pending;
+  std::vector<BulkStore> bulk_open;                  // TMA stores not yet committed
+  std::deque<std::vector<BulkStore>> bulk_groups;    // committed, oldest first
   bool trap = false;
   int nreg_calls = 0;
 };
 inline thread_local Thr* t_thr = nullptr;
 
-inline void release() { t_thr->vc[t_thr->tid]++; }  // after publishing this thread's clocks
+inline void release() { t_thr->vc[t_thr->me]++; }  // after publishing this thread's clocks
 
 // FE_INVALID unmasked while registers are in flight (a read of a signalling NaN traps); masked
 // inside the emulator's own code.
@@ -425,14 +494,24 @@ inline const char* who_name(uint32_t kind) {
 // A write of `kind` by this thread (a store, or a TMA / cp.async issued) into [off, off + bytes):
 // it must be ordered after the retirement of every wgmma group reading the chunks, after the
 // previous write, and (an async-proxy write after ordinary stores) after a proxy fence.
-inline void check_write(uint32_t off, size_t bytes, uint32_t kind) {
-  Block& B = *t_blk;
+inline void check_write(uint32_t off, size_t bytes, uint32_t kind, Block* blk = nullptr, bool words = false) {
+  Block& B = blk ? *blk : *t_blk;
   Thr& T = *t_thr;
   for (uint32_t ch = off / 16; ch < (off + bytes + 15) / 16 && ch < kChunks; ++ch) {
     Chunk& c = B.chunks[ch];
     if (ld(c.pending))
       fail_rule(kRuleWriteRace, "%s into smem %u while a TMA / cp.async into it is still in flight", who_name(kind),
                 ch * 16);
+    if (ld(c.bulk))
+      fail_rule(kRuleBulkWrite,
+                "%s into smem %u while a TMA store still reads it (no cp.async.bulk.wait_group.read for that store "
+                "before the write)",
+                who_name(kind), ch * 16);
+    else if (const uint32_t bw = ld(c.bulk_who); bw && T.vc[bw - 1] < ld(c.bulk_clock))
+      fail_rule(kRuleBulkWrite,
+                "%s into smem %u not ordered after the cp.async.bulk.wait_group.read (thread component %u) that "
+                "ended the TMA store reading it (no barrier between)",
+                who_name(kind), ch * 16, bw - 1);
     for (int w = 0; w < B.nwg; ++w) {
       const uint32_t r = ld(c.read[w]);
       if (r && T.vc[B.comp_wg(w)] < r)
@@ -443,7 +522,26 @@ inline void check_write(uint32_t off, size_t bytes, uint32_t kind) {
                   who_name(kind), ch * 16, w, r);
     }
     const uint32_t who = ld(c.who), pk = who >> 24, pc = who & 0xffffff, clock = ld(c.clock);
-    if (pk == kGeneric) {
+    bool word_writes = false;  // 4/8-byte stores: checked per word below
+    for (uint32_t w = ch * 4; w < ch * 4 + 4; ++w) word_writes = word_writes || ld(B.wwho[w]) != 0;
+    if (word_writes) {
+      for (uint32_t w = std::max<uint32_t>(ch * 4, off / 4); w < ch * 4 + 4 && w < (off + bytes + 3) / 4; ++w) {
+        const uint32_t ww = ld(B.wwho[w]);
+        if (ww && T.vc[ww - 1] < ld(B.wclock[w]))
+          fail_rule(kRuleWriteRace, "%s into smem %u not ordered after thread %u's store to it (no barrier between)",
+                    who_name(kind), w * 4, ww - 1);
+        else if (ww && kind == kTma && T.av[ww - 1] < ld(B.wclock[w]))
+          fail_rule(kRuleProxyWaw,
+                    "a TMA (async proxy) overwrites smem %u, stored by thread %u through the generic proxy, with no "
+                    "fence.proxy.async between them",
+                    w * 4, ww - 1);
+      }
+    } else if (words && pk == kGeneric) {
+      // a 4/8-byte store after a 16-byte one: the same rule as below
+      if (T.vc[pc] < clock)
+        fail_rule(kRuleWriteRace, "%s into smem %u not ordered after thread %u's store to it (no barrier between)",
+                  who_name(kind), ch * 16, pc);
+    } else if (pk == kGeneric) {
       if (T.vc[pc] < clock)
         fail_rule(kRuleWriteRace, "%s into smem %u not ordered after thread %u's store to it (no barrier between)",
                   who_name(kind), ch * 16, pc);
@@ -455,23 +553,39 @@ inline void check_write(uint32_t off, size_t bytes, uint32_t kind) {
     } else if (pk == kCpAsync || pk == kTma) {
       if (T.vc[pc] < clock)
         fail_rule(kRuleWriteRace,
-                  "%s into smem %u before the completion of the %s that filled it was observed (its mbarrier phase)",
+                  "%s into smem %u before the completion of %s that filled it was observed (its mbarrier phase)",
                   who_name(kind), ch * 16, who_name(pk));
     }
   }
 }
-inline void record_write(uint32_t off, size_t bytes, uint32_t kind, uint32_t comp, uint32_t clock) {
-  Block& B = *t_blk;
+inline void record_write(uint32_t off, size_t bytes, uint32_t kind, uint32_t comp, uint32_t clock,
+                         Block* blk = nullptr) {
+  Block& B = blk ? *blk : *t_blk;
   for (uint32_t ch = off / 16; ch < (off + bytes + 15) / 16 && ch < kChunks; ++ch) {
     Chunk& c = B.chunks[ch];
     st(c.who, kind << 24 | comp);
     st(c.clock, clock);
     for (int w = 0; w < B.nwg; ++w) st(c.read[w], 0);
+    for (uint32_t w = ch * 4; w < ch * 4 + 4; ++w) st(B.wwho[w], 0);
   }
 }
-inline void add_pending(uint32_t off, size_t bytes, int d) {
+// A 4- or 8-byte ordinary store (st_shared4 / st_shared8): its words, and the chunk as last
+// written by this thread.
+inline void record_word_write(uint32_t off, size_t bytes, uint32_t comp, uint32_t clock) {
+  Block& B = *t_blk;
+  for (uint32_t w = off / 4; w < (off + bytes) / 4; ++w) {
+    st(B.wwho[w], comp + 1);
+    st(B.wclock[w], clock);
+  }
+  Chunk& c = B.chunks[off / 16];
+  st(c.who, kGeneric << 24 | comp);
+  st(c.clock, clock);
+  for (int w = 0; w < B.nwg; ++w) st(c.read[w], 0);
+}
+inline void add_pending(uint32_t off, size_t bytes, int d, Block* blk = nullptr) {
+  Block& B = blk ? *blk : *t_blk;
   for (uint32_t ch = off / 16; ch < (off + bytes + 15) / 16 && ch < kChunks; ++ch)
-    __atomic_add_fetch(&t_blk->chunks[ch].pending, uint32_t(d), __ATOMIC_RELAXED);
+    __atomic_add_fetch(&B.chunks[ch].pending, uint32_t(d), __ATOMIC_RELAXED);
 }
 
 // A wgmma group of warpgroup `wg` reads the chunks (checked with this thread's clocks).
@@ -524,7 +638,7 @@ inline void check_phase(Mbar& b) {
     if (b.comp >= 0) b.acc_vc[b.comp] = b.completions;
     b.done_vc = b.acc_vc;
     b.done_av = b.acc_av;
-    t_blk->cv.notify_all();
+    (b.owner ? b.owner : t_blk)->cv.notify_all();
   }
   tick();
 }
@@ -538,12 +652,14 @@ inline void perform(const Copy& c, Mbar& b) {
   g_stats.cp_async++;
 }
 
-inline Mbar& bar_at(uint32_t off, const char* what) {
-  auto it = t_blk->bars.find(off);
-  if (it == t_blk->bars.end() || !it->second.init) {
+inline Mbar& bar_at(uint32_t off, const char* what, Block* blk = nullptr) {
+  Block& B = blk ? *blk : *t_blk;
+  auto it = B.bars.find(off);
+  if (it == B.bars.end() || !it->second.init) {
     fail("%s on an uninitialised mbarrier (smem offset %u)", what, off);
-    Mbar& b = t_blk->bars[off];
-    if (b.acc_vc.empty()) b.acc_vc.assign(t_blk->ncomp, 0), b.acc_av.assign(t_blk->ncomp, 0);
+    Mbar& b = B.bars[off];
+    b.owner = &B;
+    if (b.acc_vc.empty()) b.acc_vc.assign(B.ncomp, 0), b.acc_av.assign(B.ncomp, 0);
     return b;
   }
   Mbar& b = it->second;
@@ -662,7 +778,8 @@ inline uint32_t swz(int mode, uint32_t addr) {
   return addr ^ (((addr >> 7) & mask) << 4);
 }
 
-inline void tma_issue(void* dst, const CUtensorMap* map, const int* coords, int nc, uint64_t* bar) {
+inline void tma_issue(void* dst, const CUtensorMap* map, const int* coords, int nc, uint64_t* bar,
+                      uint16_t mask = 0) {
   EmuCall guard;
   TmapEmu t;
   std::memcpy(&t, map, sizeof(t));
@@ -679,37 +796,149 @@ inline void tma_issue(void* dst, const CUtensorMap* map, const int* coords, int 
   if (!in_dyn(d, bytes)) fail("TMA box [%u, +%zu) leaves the dynamic shared memory", d, bytes);
   std::array<int, 5> c{};
   for (int i = 0; i < nc && i < 5; ++i) c[i] = coords[i];
-  Block* blk = t_blk;
-  std::lock_guard<std::mutex> lk(blk->m);
-  Mbar& mb = bar_at(b, "TMA completion");
-  check_write(d, bytes, kTma);
-  add_pending(d, bytes, +1);
-  Mbar* mbp = &mb;
-  mb.deferred.push_back(Deferred{[t, c, d, bytes, mbp, blk]() {
-    std::array<uint32_t, 5> e{};
-    for (size_t lin = 0; lin < bytes / t.elem_bytes; ++lin) {
-      size_t rest = lin;
-      bool inside = true;
-      const unsigned char* src = static_cast<const unsigned char*>(t.base);
-      for (int i = 0; i < t.rank; ++i) {
-        e[i] = uint32_t(rest % t.box[i]);
-        rest /= t.box[i];
-        const long long g = (long long)c[i] + e[i];
-        if (g < 0 || g >= (long long)t.dims[i]) inside = false;
-        else src += g * t.strides[i];
+  // The CTAs it lands in: this one, or (multicast) those of the mask in this CTA's cluster.
+  std::vector<Block*> dests;
+  if (mask == 0) {
+    dests.push_back(t_blk);
+  } else {
+    Cluster* cl = t_blk->cluster;
+    const int size = cl ? cl->size : 1;
+    if (mask >> size) fail("TMA multicast mask 0x%x names CTAs beyond the cluster's %d", unsigned(mask), size);
+    if (!((mask >> t_blk->rank) & 1u))
+      fail("TMA multicast mask 0x%x leaves out the issuing CTA (rank %d): not emulated", unsigned(mask), t_blk->rank);
+    for (int r = 0; r < size && r < 16; ++r)
+      if ((mask >> r) & 1u) dests.push_back(cl ? cl->cta[r] : t_blk);
+    g_stats.multicasts++;
+  }
+  for (Block* blk : dests) {
+    std::lock_guard<std::mutex> lk(blk->m);
+    if (blk != t_blk && blk->finished.load() == blk->threads)
+      fail("TMA multicast into CTA %d of the cluster after all its threads exited", blk->rank);
+    Mbar& mb = bar_at(b, "TMA completion", blk);
+    check_write(d, bytes, kTma, blk);
+    add_pending(d, bytes, +1, blk);
+    Mbar* mbp = &mb;
+    mb.deferred.push_back(Deferred{[t, c, d, bytes, mbp, blk]() {
+      std::array<uint32_t, 5> e{};
+      for (size_t lin = 0; lin < bytes / t.elem_bytes; ++lin) {
+        size_t rest = lin;
+        bool inside = true;
+        const unsigned char* src = static_cast<const unsigned char*>(t.base);
+        for (int i = 0; i < t.rank; ++i) {
+          e[i] = uint32_t(rest % t.box[i]);
+          rest /= t.box[i];
+          const long long g = (long long)c[i] + e[i];
+          if (g < 0 || g >= (long long)t.dims[i]) inside = false;
+          else src += g * t.strides[i];
+        }
+        const uint32_t a = swz(t.swizzle, d + uint32_t(lin * t.elem_bytes));
+        if (inside) std::memcpy(blk->window + a, src, t.elem_bytes);
+        else std::memset(blk->window + a, 0, t.elem_bytes);
       }
-      const uint32_t a = swz(t.swizzle, d + uint32_t(lin * t.elem_bytes));
-      if (inside) std::memcpy(blk->window + a, src, t.elem_bytes);
-      else std::memset(blk->window + a, 0, t.elem_bytes);
+      add_pending(d, bytes, -1, blk);
+      record_write(d, bytes, kTma, uint32_t(mbp->comp), mbp->completions + 1, blk);
+      g_stats.tma_boxes++;
+      mbp->tx -= (long long)bytes;
+      check_phase(*mbp);
+    }, {}, {}, {}});
+    tick();
+    blk->cv.notify_all();
+  }
+}
+
+// A TMA store of the box at `src` (checked now, performed when its bulk group is waited for).
+inline void tma_store_issue(const CUtensorMap* map, const void* src, const int* coords, int nc) {
+  EmuCall guard;
+  TmapEmu t;
+  std::memcpy(&t, map, sizeof(t));
+  if (t.magic != kTmapMagic) {
+    fail("TMA store with a tensor map that encode_tiled() did not write");
+    return;
+  }
+  if (t.rank != nc) fail("TMA store %dd with a rank-%d tensor map", nc, t.rank);
+  const uint32_t s = smem_offset(src);
+  const uint32_t align = t.swizzle == 1 ? 1024 : t.swizzle == 2 ? 512 : t.swizzle == 3 ? 256 : 128;
+  size_t bytes = t.elem_bytes;
+  for (int i = 0; i < t.rank; ++i) bytes *= t.box[i];
+  if (s % align) fail("TMA store source (smem offset %u) not aligned to %u bytes", s, align);
+  if (!in_dyn(s, bytes)) fail("TMA store box [%u, +%zu) leaves the dynamic shared memory", s, bytes);
+  Block& B = *t_blk;
+  Thr& T = *t_thr;
+  for (uint32_t ch = s / 16; ch < (s + bytes + 15) / 16 && ch < kChunks; ++ch) {
+    Chunk& c = B.chunks[ch];
+    const uint32_t who = ld(c.who), kind = who >> 24, comp = who & 0xffffff, clock = ld(c.clock);
+    bool word_writes = false;
+    for (uint32_t w = ch * 4; w < ch * 4 + 4; ++w) {
+      const uint32_t ww = ld(B.wwho[w]);
+      if (!ww) continue;
+      word_writes = true;
+      if (T.vc[ww - 1] < ld(B.wclock[w]))
+        fail_rule(kRuleBulkRead, "TMA store reads smem %u stored by thread %u with no barrier ordering the store first",
+                  w * 4, ww - 1);
+      else if (T.av[ww - 1] < ld(B.wclock[w]))
+        fail_rule(kRuleBulkRead,
+                  "TMA store reads smem %u stored by thread %u through the generic proxy without a fence.proxy.async "
+                  "between the store and the TMA store (by the storing thread before the barrier)",
+                  w * 4, ww - 1);
     }
-    add_pending(d, bytes, -1);
-    record_write(d, bytes, kTma, uint32_t(mbp->comp), mbp->completions + 1);
-    g_stats.tma_boxes++;
-    mbp->tx -= (long long)bytes;
-    check_phase(*mbp);
-  }, {}, {}, {}});
+    if (word_writes) {
+    } else if (ld(c.pending)) {
+      fail_rule(kRuleBulkRead, "TMA store reads smem %u that a TMA / cp.async has not finished writing", ch * 16);
+    } else if (kind == kNone) {
+      fail_rule(kRuleBulkRead, "TMA store reads smem %u that nothing wrote in this block", ch * 16);
+    } else if (T.vc[comp] < clock) {
+      fail_rule(kRuleBulkRead, "TMA store reads smem %u written by %s not ordered before it", ch * 16, who_name(kind));
+    } else if (kind != kTma && T.av[comp] < clock) {
+      fail_rule(kRuleBulkRead, "TMA store reads smem %u written through the generic proxy without a fence.proxy.async",
+                ch * 16);
+    }
+    __atomic_add_fetch(&c.bulk, 1u, __ATOMIC_RELAXED);
+  }
+  BulkStore op;
+  std::memcpy(op.map.data(), map, sizeof(op.map));
+  for (int i = 0; i < 5; ++i) op.c[i] = i < nc ? coords[i] : 0;
+  op.src = s;
+  op.bytes = bytes;
+  T.bulk_open.push_back(op);
   tick();
-  blk->cv.notify_all();
+}
+
+// Performs one TMA store: reads the staged box and writes the elements inside the tensor.
+inline void tma_store_perform(const BulkStore& op) {
+  Block& B = *t_blk;
+  TmapEmu t;
+  std::memcpy(&t, op.map.data(), sizeof(t));
+  std::array<uint32_t, 5> e{};
+  for (size_t lin = 0; lin < op.bytes / t.elem_bytes; ++lin) {
+    size_t rest = lin;
+    bool inside = true;
+    unsigned char* dst = static_cast<unsigned char*>(const_cast<void*>(t.base));
+    for (int i = 0; i < t.rank; ++i) {
+      e[i] = uint32_t(rest % t.box[i]);
+      rest /= t.box[i];
+      const long long g = (long long)op.c[i] + e[i];
+      if (g < 0 || g >= (long long)t.dims[i]) inside = false;
+      else dst += g * t.strides[i];
+    }
+    if (inside) std::memcpy(dst, B.window + swz(t.swizzle, op.src + uint32_t(lin * t.elem_bytes)), t.elem_bytes);
+  }
+  for (uint32_t ch = op.src / 16; ch < (op.src + op.bytes + 15) / 16 && ch < kChunks; ++ch) {
+    Chunk& c = B.chunks[ch];
+    __atomic_sub_fetch(&c.bulk, 1u, __ATOMIC_RELAXED);
+    st(c.bulk_who, t_thr->me + 1);
+    st(c.bulk_clock, t_thr->vc[t_thr->me]);
+  }
+  g_stats.tma_stores++;
+  tick();
+}
+// cp.async.bulk.wait_group(.read) N: the groups beyond the newest N are performed.
+inline void bulk_wait_groups(int n) {
+  EmuCall guard;
+  Thr& T = *t_thr;
+  while (int(T.bulk_groups.size()) > n) {
+    for (const BulkStore& op : T.bulk_groups.front()) tma_store_perform(op);
+    T.bulk_groups.pop_front();
+  }
 }
 
 // ------------------------------------------------------------------------------ wgmma
@@ -1076,14 +1305,20 @@ inline void finish_block(Block& B) {
 }
 
 // Runs `body` as `threads` threads for every block of `grid` with `smem_bytes` of dynamic shared
-// memory, DJEPA_EMU_CTAS (2) blocks at a time; returns false if the emulator reported an error.
-inline bool launch(dim3 grid, int threads, size_t smem_bytes, const std::function<void()>& body) {
+// memory, DJEPA_EMU_CTAS (2) blocks at a time (whole clusters of `cluster` CTAs along x, at least
+// one); returns false if the emulator reported an error.
+inline bool launch(dim3 grid, int threads, size_t smem_bytes, const std::function<void()>& body, int cluster = 1) {
   if (smem_bytes > kSmemLimit) fail("launch asks for %zu bytes of shared memory (> %zu)", smem_bytes, kSmemLimit);
   if (threads > 1024 || threads % 32) fail("launch with %d threads", threads);
+  if (cluster < 1 || cluster > 8 || grid.x % unsigned(cluster))
+    fail("launch with clusters of %d CTAs over a grid of %u (x a multiple of the cluster, at most 8)", cluster, grid.x);
+  cluster = std::max(1, std::min(cluster, 8));
   install_fpe_handler();
   static std::vector<std::unique_ptr<Block>> blocks;
-  const int C = ctas_at_once();
+  static std::vector<std::unique_ptr<Cluster>> clusters;
+  const int C = (std::max(ctas_at_once(), cluster) + cluster - 1) / cluster * cluster;
   while (int(blocks.size()) < C) blocks.emplace_back(new Block);
+  while (int(clusters.size()) < C / cluster) clusters.emplace_back(new Cluster);
   std::vector<uint3> ids;
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
@@ -1093,7 +1328,10 @@ inline bool launch(dim3 grid, int threads, size_t smem_bytes, const std::functio
     g_running.clear();
     for (int j = 0; j < n; ++j) {
       const uint3 b = ids[w0 + j];
-      blocks[j]->reset(b.x + grid.x * (b.y + grid.y * b.z), threads, smem_bytes);
+      Cluster* cl = clusters[j / cluster].get();
+      if (j % cluster == 0) cl->reset(cluster, threads, cluster * Block::span(threads));
+      cl->cta[j % cluster] = blocks[j].get();
+      blocks[j]->reset(b.x + grid.x * (b.y + grid.y * b.z), threads, smem_bytes, j % cluster, cluster, cl);
       g_running.push_back(blocks[j].get());
     }
     std::atomic<bool> done{false};
@@ -1127,10 +1365,11 @@ inline bool launch(dim3 grid, int threads, size_t smem_bytes, const std::functio
           gridDim = grid;
           std::unique_ptr<Thr> thr(new Thr);
           thr->tid = unsigned(t);
+          thr->me = unsigned(blk->base + t);
           thr->wg = t / 128;
           thr->vc.assign(blk->ncomp, 0);
           thr->av.assign(blk->ncomp, 0);
-          thr->vc[t] = 1;
+          thr->vc[thr->me] = 1;
           thr->stack_top = reinterpret_cast<uintptr_t>(__builtin_frame_address(0));
           t_blk = blk;
           t_thr = thr.get();
@@ -1140,6 +1379,11 @@ inline bool launch(dim3 grid, int threads, size_t smem_bytes, const std::functio
             EmuCall guard;
             if (!thr->open.empty() || !thr->groups.empty())
               fail("thread exits with wgmma issued but not waited for (wgmma.wait_group)");
+            if (!thr->bulk_open.empty() || !thr->bulk_groups.empty()) {
+              fail("thread exits with TMA stores not committed or not waited for (cp.async.bulk.wait_group)");
+              if (!thr->bulk_open.empty()) thr->bulk_groups.push_back(std::move(thr->bulk_open));
+              bulk_wait_groups(0);
+            }
             thr->regs.clear();
             std::lock_guard<std::mutex> lk(blk->m);
             blk->fences[t] = thr->fences;
@@ -1227,16 +1471,17 @@ inline void mbar_init(uint64_t* bar, int count) {
   int comp = b.comp;
   if (comp < 0) {
     if (B.next_bar >= hemu::kMaxBars) hemu::fail("more than %d mbarriers in one block", hemu::kMaxBars);
-    comp = B.threads + B.nwg + std::min(B.next_bar++, hemu::kMaxBars - 1);
+    comp = B.base + B.threads + B.nwg + std::min(B.next_bar++, hemu::kMaxBars - 1);
   }
   const uint32_t completions = b.completions;
   b = hemu::Mbar{};
+  b.owner = &B;
   b.init = true;
   b.count = b.pending = count;
   b.comp = comp;
   b.completions = completions;
-  b.init_tid = hemu::t_thr->tid;
-  b.init_clock = hemu::t_thr->vc[hemu::t_thr->tid];
+  b.init_tid = hemu::t_thr->me;
+  b.init_clock = hemu::t_thr->vc[hemu::t_thr->me];
   b.acc_vc.assign(B.ncomp, 0);
   b.acc_av.assign(B.ncomp, 0);
   b.acc_vc[comp] = completions;
@@ -1256,6 +1501,9 @@ inline void mbar_arrive(uint64_t* bar) {
   hemu::publish(b.acc_vc, b.acc_av);
   b.pending--;
   hemu::check_phase(b);
+}
+inline void mbar_arrive_if(uint64_t* bar, bool pred) {
+  if (pred) mbar_arrive(bar);
 }
 inline void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
   hemu::EmuCall guard;
@@ -1344,7 +1592,127 @@ inline void st_shared16(void* dst, uint4 v) {
   if (off % 16 || !hemu::in_dyn(off, 16)) hemu::fail("16-byte shared store at %u misaligned or outside", off);
   hemu::check_write(off, 16, hemu::kGeneric);
   std::memcpy(dst, &v, 16);
-  hemu::record_write(off, 16, hemu::kGeneric, hemu::t_thr->tid, hemu::t_thr->vc[hemu::t_thr->tid]);
+  hemu::record_write(off, 16, hemu::kGeneric, hemu::t_thr->me, hemu::t_thr->vc[hemu::t_thr->me]);
+  hemu::g_stats.st_shared++;
+}
+// 4- and 8-byte ordinary shared stores (tracked per word).
+inline void st_shared_small(void* dst, const void* v, size_t bytes) {
+  hemu::EmuCall guard;
+  const uint32_t off = hemu::smem_offset(dst);
+  if (off % bytes || !hemu::in_dyn(off, bytes))
+    hemu::fail("%zu-byte shared store at %u misaligned or outside", bytes, off);
+  hemu::check_write(off, bytes, hemu::kGeneric, nullptr, true);
+  std::memcpy(dst, v, bytes);
+  hemu::record_word_write(off, bytes, hemu::t_thr->me, hemu::t_thr->vc[hemu::t_thr->me]);
+  hemu::g_stats.st_shared++;
+}
+inline void st_shared4(void* dst, uint32_t v) { st_shared_small(dst, &v, 4); }
+inline void st_shared8(void* dst, float2 v) { st_shared_small(dst, &v, 8); }
+
+// ---- TMA stores and bulk groups
+inline void tma_store_2d(const CUtensorMap* map, const void* src, int c0, int c1) {
+  const int c[2] = {c0, c1};
+  hemu::tma_store_issue(map, src, c, 2);
+}
+inline void tma_store_3d(const CUtensorMap* map, const void* src, int c0, int c1, int c2) {
+  const int c[3] = {c0, c1, c2};
+  hemu::tma_store_issue(map, src, c, 3);
+}
+inline void tma_store_4d(const CUtensorMap* map, const void* src, int c0, int c1, int c2, int c3) {
+  const int c[4] = {c0, c1, c2, c3};
+  hemu::tma_store_issue(map, src, c, 4);
+}
+inline void bulk_commit() {
+  hemu::EmuCall guard;
+  hemu::Thr& T = *hemu::t_thr;
+  T.bulk_groups.push_back(std::move(T.bulk_open));
+  T.bulk_open.clear();
+}
+template <int N>
+inline void bulk_wait_read() {
+  hemu::bulk_wait_groups(N);
+}
+template <int N>
+inline void bulk_wait() {
+  hemu::bulk_wait_groups(N);
+}
+
+// ---- clusters
+inline void named_bar_sync(int id, int threads);
+inline uint32_t cluster_ctarank() { return uint32_t(hemu::t_blk->rank); }
+inline void cluster_sync() {
+  hemu::EmuCall guard;
+  hemu::Cluster* cl = hemu::t_blk->cluster;
+  if (cl == nullptr || cl->size == 1) {
+    named_bar_sync(0, int(blockDim.x));
+    return;
+  }
+  std::unique_lock<std::mutex> lk(cl->m);
+  hemu::publish(cl->acc_vc, cl->acc_av);
+  const unsigned long gen = cl->gen;
+  if (++cl->arrived == cl->count) {
+    cl->done_vc[gen & 1] = cl->acc_vc;
+    cl->done_av[gen & 1] = cl->acc_av;
+    cl->acc_vc.assign(cl->acc_vc.size(), 0);
+    cl->acc_av.assign(cl->acc_av.size(), 0);
+    cl->arrived = 0;
+    cl->gen++;
+    cl->cv.notify_all();
+  } else {
+    {
+      std::lock_guard<std::mutex> bl(hemu::t_blk->m);
+      hemu::t_blk->waiting[threadIdx.x] = hemu::WaitInfo{"barrier.cluster", 0, 0};
+    }
+    while (cl->gen == gen) cl->cv.wait_for(lk, std::chrono::milliseconds(50));
+    std::lock_guard<std::mutex> bl(hemu::t_blk->m);
+    hemu::t_blk->waiting.erase(threadIdx.x);
+  }
+  hemu::acquire(cl->done_vc[gen & 1], cl->done_av[gen & 1]);
+  hemu::tick();
+}
+// mbarrier.arrive.shared::cluster on the barrier at the same offset in CTA `cta` of the cluster.
+inline void mbar_arrive_remote(uint64_t* bar, uint32_t cta) {
+  hemu::EmuCall guard;
+  const uint32_t off = hemu::smem_offset(bar);
+  hemu::Cluster* cl = hemu::t_blk->cluster;
+  if (cl == nullptr || int(cta) >= cl->size) {
+    hemu::fail("mbarrier arrive on CTA %u of a cluster of %d", cta, cl ? cl->size : 1);
+    return;
+  }
+  hemu::Block& D = *cl->cta[cta];
+  std::lock_guard<std::mutex> lk(D.m);
+  if (&D != hemu::t_blk && D.finished.load() == D.threads)
+    hemu::fail("mbarrier arrive on CTA %u of the cluster after all its threads exited (a CTA must not exit while "
+               "its peers may still arrive on its barriers)",
+               cta);
+  hemu::Mbar& b = hemu::bar_at(off, "mbarrier.arrive (remote)", &D);
+  hemu::settle(b);
+  hemu::publish(b.acc_vc, b.acc_av);
+  b.pending--;
+  hemu::check_phase(b);
+  hemu::g_stats.remote_arrives++;
+}
+inline void tma_load_2d_multicast(void* dst, const CUtensorMap* map, int c0, int c1, uint64_t* bar, uint16_t mask) {
+  const int c[2] = {c0, c1};
+  hemu::tma_issue(dst, map, c, 2, bar, mask);
+}
+
+// stmatrix.m8n8.x4 (warp-wide): lane l writes the 16-byte row it addresses, row l % 8 of matrix
+// l / 8, from register l / 8 of lanes 4 (l % 8) .. 4 (l % 8) + 3 (a generic store of that lane).
+inline void stmatrix_x4(void* row, const uint32_t (&r)[4]) {
+  hemu::EmuCall guard;
+  hemu::WarpX& w = hemu::t_blk->warps[threadIdx.x / 32];
+  const int lane = threadIdx.x % 32;
+  const uint32_t off = hemu::smem_offset(row);
+  if (off % 16 || !hemu::in_dyn(off, 16)) hemu::fail("stmatrix row address smem %u misaligned or outside", off);
+  for (int i = 0; i < 4; ++i) w.x[lane][i] = r[i];
+  w.bar.wait();
+  uint32_t v[4];
+  for (int j = 0; j < 4; ++j) v[j] = w.x[4 * (lane % 8) + j][lane / 8];
+  w.bar.wait();
+  hemu::check_write(off, 16, hemu::kGeneric);
+  std::memcpy(row, v, 16);
+  hemu::record_write(off, 16, hemu::kGeneric, hemu::t_thr->me, hemu::t_thr->vc[hemu::t_thr->me]);
   hemu::g_stats.st_shared++;
 }
 
@@ -1457,6 +1825,17 @@ inline void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t db, int
 }
 
 inline float ex2(float x) { return std::exp2(x); }
+inline int shfl_idx(int v, int src) {
+  hemu::EmuCall guard;
+  hemu::WarpX& w = hemu::t_blk->warps[threadIdx.x / 32];
+  const int lane = threadIdx.x % 32;
+  std::memcpy(&w.f[lane], &v, 4);
+  w.bar.wait();
+  int r;
+  std::memcpy(&r, &w.f[src & 31], 4);
+  w.bar.wait();
+  return r;
+}
 inline float shfl_xor(float v, int mask) {
   hemu::EmuCall guard;
   hemu::WarpX& w = hemu::t_blk->warps[threadIdx.x / 32];

@@ -5,7 +5,7 @@
 //       tools/hopper_emulate_selftest.cpp -o /tmp/hopper_selftest && /tmp/hopper_selftest [section]
 //
 // Sections (all by default): desc | tma | wgmma | mbar | proxy | cpasync | regs | stage |
-// setmaxnreg | ctas; `deadlock` (not in the default run) must end the process with status 3
+// setmaxnreg | ctas | tmastore | cluster; `deadlock` (not in the default run) must end the process with status 3
 // through the watchdog. Cases that end their process (a trap, a watchdog report) run in a child.
 //  desc    descriptor decode == the "exact layouts" the PTX ISA gives as examples for its LBO / SBO
 //          encodings (K-major none / 32 B, MN-major none / 32 B / 64 B), element by element.
@@ -33,9 +33,20 @@
 //  setmaxnreg  40/232 and 24/240 splits are clean; asking for more registers than the CTA
 //          holds, a count not a multiple of 8, an .inc below the count, and a warp of the
 //          warpgroup skipping it, are errors.
+//  tmastore  stmatrix (accumulator-layout registers to 16-byte rows), fence.proxy.async and a TMA
+//          store of a 128-byte-swizzled tile write the tensor's rows and none past its end; a store
+//          without the fence, the tile written again before cp.async.bulk.wait_group.read, and a
+//          thread exiting with its store not retired are errors; shfl.idx returns the source lane's.
 //  ctas    two CTAs of a grid run at once (a handshake completes; one at a time it hangs); a CTA
 //          that reads the others' results without waiting for them is caught (one at a time, as
 //          the emulator ran before, it passes).
+//  tmastore  a staged 128B-swizzled box stored by TMA lands clipped at the tensor's end; a 3-d
+//          map keeps a box in its slice; a store with no proxy fence after the stores, or issued
+//          without a barrier after the other threads' stores, a box rewritten before
+//          wait_group.read or after it without a barrier, and a store never waited for, are errors.
+//  cluster TMA multicast lands in both CTAs of a cluster and completes bytes on each barrier;
+//          remote arrives complete the peer's phase; without barrier.cluster after the inits, or
+//          an arrive on a CTA whose threads have exited, errors.
 #include "hopper_emulate.h"
 
 #include "hopper/ptx.cuh"
@@ -1051,6 +1062,270 @@ static bool test_ctas() {
   return ok;
 }
 
+// ----------------------------------------------------------------------------------- tmastore
+// A 64-row x 64-column bf16 box staged by 32 threads with 4-byte stores at their 128B-swizzled
+// places, stored by TMA into a [rows][72] tensor at (col0, row0). How it goes wrong: `no_fence`
+// (no fence.proxy.async after the stores), `no_bar` (the issuer stores without a barrier after
+// the others' writes), `early_write` (the box is rewritten before cp.async.bulk.wait_group.read),
+// `unordered_write` (another thread rewrites it after the issuer's wait_group.read, with no
+// barrier in between), `no_wait` (the issuer exits without waiting for the store).
+struct StoreCase {
+  bool no_fence = false, no_bar = false, early_write = false, unordered_write = false, no_wait = false;
+  int rows = 100, col0 = 16, row0 = 50;
+};
+static bool store_run(const StoreCase& sc, std::vector<uint16_t>& g) {
+  const int cols = 72;
+  g.assign(size_t(sc.rows) * cols, 0xBEEF);
+  alignas(64) CUtensorMap map;
+  const cuuint64_t dims[2] = {cuuint64_t(cols), cuuint64_t(sc.rows)}, strides[1] = {cols * 2};
+  const cuuint32_t box[2] = {64, 64}, es[2] = {1, 1};
+  if (hemu::encode_tiled(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, g.data(), dims, strides, box, es,
+                         CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_NONE,
+                         CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
+    return false;
+  return hemu::launch(dim3(1), 32, 16384, [&] {
+    unsigned char* tile = aligned_base();
+    const int t = threadIdx.x;
+    // element (r, c) of the box = r * 64 + c; lane t writes rows t and t + 32, word pairs
+    for (int r = t; r < 64; r += 32)
+      for (int c = 0; c < 64; c += 2) {
+        const uint32_t v = uint32_t(r * 64 + c) | (uint32_t(r * 64 + c + 1) << 16);
+        st_shared4(tile + swizzle_offset(kSwizzle128, uint32_t(r * 128 + c * 2)), v);
+      }
+    if (!sc.no_fence) fence_proxy_async();
+    if (!sc.no_bar) __syncthreads();
+    if (t == 0) {
+      tma_store_2d(&map, tile, sc.col0, sc.row0);
+      bulk_commit();
+    }
+    if (sc.early_write) {
+      __syncthreads();  // the store is issued and not waited for: a write now races with its read
+      if (t == 1) st_shared4(tile + 4 * 32 * 1, 0u);
+      __syncthreads();
+    }
+    if (t == 0 && !sc.no_wait) bulk_wait_read<0>();
+    if (!sc.unordered_write) __syncthreads();
+    if (sc.unordered_write && t == 2) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));  // after the issuer's wait
+      st_shared4(tile + 128 * 2, 0u);
+    }
+    if (t == 0 && !sc.no_wait) bulk_wait<0>();
+  });
+}
+static bool store_landed(const StoreCase& sc, const std::vector<uint16_t>& g) {
+  const int cols = 72;
+  for (int r = 0; r < sc.rows; ++r)
+    for (int c = 0; c < cols; ++c) {
+      const int br = r - sc.row0, bc = c - sc.col0;
+      const bool in = br >= 0 && br < 64 && bc >= 0 && bc < 64;
+      if (g[size_t(r) * cols + c] != (in ? uint16_t(br * 64 + bc) : uint16_t(0xBEEF))) return false;
+    }
+  return true;
+}
+
+static bool test_tmastore() {
+  bool ok = true;
+  std::vector<uint16_t> g;
+  {
+    StoreCase sc;  // the box crosses the tensor's last column (col 72) and last row (100): clipped
+    ok = report(store_run(sc, g) && store_landed(sc, g),
+                "tmastore: a staged 128B-swizzled box lands in global memory, clipped at the tensor's end") && ok;
+  }
+  // split-K partials: a 3-d map [depth][rows][cols] keeps a box that runs past `rows` in its slice
+  {
+    std::vector<float> part(2 * 10 * 32, -1.f);
+    alignas(64) CUtensorMap map;
+    const cuuint64_t dims[3] = {32, 10, 2}, strides[2] = {128, 1280};
+    const cuuint32_t box[3] = {32, 64, 1}, es[3] = {1, 1, 1};
+    hemu::encode_tiled(&map, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 3, part.data(), dims, strides, box, es,
+                       CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_NONE,
+                       CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    const bool run = hemu::launch(dim3(1), 32, 16384, [&] {
+      unsigned char* tile = aligned_base();
+      for (int r = threadIdx.x; r < 64; r += 32)
+        for (int c = 0; c < 32; c += 2)
+          st_shared8(tile + swizzle_offset(kSwizzle128, uint32_t(r * 128 + c * 4)), make_float2(float(r), float(c)));
+      fence_proxy_async();
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        tma_store_3d(&map, tile, 0, 0, 1);
+        bulk_commit();
+        bulk_wait<0>();
+      }
+    });
+    bool land = true;  // slice 1 rows 0..9: (r, c) = (r, c - 1) for odd c; slice 0 untouched
+    for (int z = 0; z < 2; ++z)
+      for (int r = 0; r < 10; ++r)
+        for (int c = 0; c < 32; ++c)
+          land = land && part[size_t(z) * 320 + r * 32 + c] == (z == 0 ? -1.f : c % 2 ? float(c - 1) : float(r));
+    ok = report(run && land, "tmastore: a 3-d box (fp32, 8-byte stores) stays in its slice of [depth][rows][cols]") &&
+         ok;
+  }
+  const char* bad[] = {"with no fence.proxy.async after the stores", "by a thread not ordered after the others' stores",
+                       "rewritten before cp.async.bulk.wait_group.read",
+                       "rewritten after the issuer's wait_group.read with no barrier", "never waited for"};
+  for (int k = 0; k < 5; ++k) {
+    StoreCase sc;
+    sc.no_fence = k == 0;
+    sc.no_bar = k == 1;
+    sc.early_write = k == 2;
+    sc.unordered_write = k == 3;
+    sc.no_wait = k == 4;
+    std::printf("     (EMU-ERRORs expected next)\n");
+    ok = report(!store_run(sc, g), std::string("tmastore: a TMA store of a box ") + bad[k] + " is an error") && ok;
+  }
+  return ok;
+}
+
+// ----------------------------------------------------------------------------------- cluster
+// Clusters of 2 CTAs (32 threads): a TMA multicast of a 64 x 64 bf16 box lands in both CTAs and
+// completes bytes on each one's barrier; each CTA's barrier also counts the peer's remote arrive.
+// `no_sync`: no barrier.cluster between the inits and the peer's first multicast / arrive;
+// `late`: CTA 0 arrives on CTA 1's barrier after all of CTA 1's threads have exited.
+static bool cluster_run(bool no_sync, bool late, std::vector<int>& bad) {
+  std::vector<uint16_t> g(64 * 64);
+  for (size_t i = 0; i < g.size(); ++i) g[i] = uint16_t(i * 3 + 1);
+  alignas(64) CUtensorMap map;
+  const cuuint64_t dims[2] = {64, 64}, strides[1] = {128};
+  const cuuint32_t box[2] = {64, 32}, es[2] = {1, 1};
+  hemu::encode_tiled(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, g.data(), dims, strides, box, es,
+                     CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_NONE,
+                     CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  bad.assign(4, -1);
+  std::atomic<int> exited[2] = {0, 0};  // per cluster
+  return hemu::launch(dim3(4), 32, 16384, [&] {
+    unsigned char* tile = aligned_base();
+    uint64_t* full = reinterpret_cast<uint64_t*>(tile + 8192);
+    uint64_t* peer = full + 1;
+    const uint32_t rank = cluster_ctarank();
+    if (threadIdx.x == 0) {
+      mbar_init(full, 1);
+      mbar_init(peer, late ? 1 : 2);
+      mbar_init_fence();
+    }
+    if (no_sync) __syncthreads();
+    else cluster_sync();
+    if (late) {
+      if (rank == 1) {
+        if (threadIdx.x == 0) exited[blockIdx.x / 2]++;
+        return;
+      }
+      if (threadIdx.x == 0) {
+        while (exited[blockIdx.x / 2].load() == 0) std::this_thread::yield();
+        std::this_thread::sleep_for(std::chrono::milliseconds(200));
+        mbar_arrive_remote(peer, 1);
+      }
+      return;
+    }
+    if (threadIdx.x == 0) {
+      // each CTA loads its half of the rows and multicasts it to both
+      mbar_arrive_expect_tx(full, 64 * 64 * 2);
+      tma_load_2d_multicast(tile + rank * 4096, &map, 0, int(rank) * 32, full, 0x3);
+      mbar_arrive(peer);
+      mbar_arrive_remote(peer, rank ^ 1u);
+    }
+    mbar_wait(full, 0);
+    mbar_wait(peer, 0);
+    if (threadIdx.x == 0) {
+      int wrong = 0;
+      for (int r = 0; r < 64; ++r)
+        for (int c = 0; c < 64; ++c) {
+          uint16_t v;
+          std::memcpy(&v, tile + swizzle_offset(kSwizzle128, uint32_t(r * 128 + c * 2)), 2);
+          wrong += v != g[r * 64 + c];
+        }
+      bad[blockIdx.x] = wrong;
+    }
+    cluster_sync();  // no CTA exits while its peer may still multicast to it or arrive on it
+  }, 2);
+}
+
+static bool test_cluster() {
+  bool ok = true;
+  std::vector<int> bad;
+  const bool run = cluster_run(false, false, bad);
+  ok = report(run && bad == std::vector<int>{0, 0, 0, 0},
+              "cluster: TMA multicast lands in both CTAs of each cluster, remote arrives complete the peer's phase") &&
+       ok;
+  // (the lost phase then hangs: the child ends on the errors or on the watchdog)
+  ok = report(in_child([] {
+                std::vector<int> b;
+                std::_Exit(cluster_run(true, false, b) ? 0 : 1);
+              }, "DJEPA_EMU_DEADLOCK_S", "2") != 0,
+              "cluster: a multicast / remote arrive not ordered after the peer's mbarrier.init (no barrier.cluster) "
+              "is an error") && ok;
+  std::printf("     (EMU-ERRORs expected next)\n");
+  ok = report(!cluster_run(false, true, bad),
+              "cluster: an arrive on a peer CTA's barrier after all its threads exited is an error") && ok;
+  return ok;
+}
+
+// One warpgroup stages a [64 rows][64 cols] bf16 tile (128-byte rows, 128-byte swizzle) with
+// stmatrix from registers in the m64nN accumulator layout (value (row + col) % 64), fences, and
+// thread 0 stores it by TMA into a tensor of 50 rows (rows 50..63 lie past its end).
+enum StoreBug { kStoreClean, kStoreNoFence, kStoreEarlyWrite, kStoreNoWait };
+static bool tma_store_case(StoreBug bug) {
+  alignas(64) static CUtensorMap map;
+  std::vector<__nv_bfloat16> out(64 * 64, to_t<__nv_bfloat16>(-1.f));
+  const cuuint32_t es[4] = {1, 1, 1, 1}, box[4] = {64, 64, 1, 1};
+  const cuuint64_t dims[4] = {64, 50, 1, 1}, strides[3] = {128, 128 * 50, 128 * 50};
+  hemu::encode_tiled(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4, out.data(), dims, strides, box, es,
+                     CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_NONE,
+                     CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  const auto value = [](int row, int col) { return float((row + col) % 64); };
+  const bool clean = hemu::launch(dim3(1), 128, 16 * 1024, [&] {
+    unsigned char* tile = aligned_base();
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    auto stage = [&](float add) {
+      for (int k = 0; k < 4; ++k) {  // units 2k, 2k + 1 of the warp's 16 rows
+        uint32_t r[4];
+        for (int m = 0; m < 4; ++m) {
+          const int row = 16 * warp + 8 * (m & 1) + lane / 4, col = 8 * (2 * k + (m >> 1)) + 2 * (lane % 4);
+          r[m] = pack2<__nv_bfloat16>(value(row, col) + add, value(row, col + 1) + add);
+        }
+        const int row = 16 * warp + (lane & 7) + 8 * ((lane >> 3) & 1), unit = 2 * k + (lane >> 4);
+        stmatrix_x4(tile + swizzle_offset(kSwizzle128, uint32_t(row * 128 + unit * 16)), r);
+      }
+    };
+    stage(0.f);
+    if (bug != kStoreNoFence) fence_proxy_async();
+    named_bar_sync(1, 128);
+    if (threadIdx.x == 0) {
+      tma_store_4d(&map, tile, 0, 0, 0, 0);
+      bulk_commit();
+    }
+    if (bug == kStoreEarlyWrite) {
+      named_bar_sync(1, 128);
+      stage(1.f);  // the tile again, before the store has read it
+    }
+    if (threadIdx.x == 0 && bug != kStoreNoWait) bulk_wait_read<0>();
+  });
+  bool right = true;
+  for (int row = 0; row < 64; ++row)
+    for (int col = 0; col < 64; ++col)
+      right = right && to_f(out[row * 64 + col]) == (row < 50 ? value(row, col) : -1.f);
+  return clean && right;
+}
+
+static bool test_tmastore_stmatrix() {
+  bool ok = report(tma_store_case(kStoreClean), "tmastore: stmatrix + fence + TMA store write the tensor's 50 rows, "
+                                                "none past its end");
+  std::printf("     (EMU-ERRORs expected next)\n");
+  ok = report(!tma_store_case(kStoreNoFence), "tmastore: a TMA store of st.shared / stmatrix data without "
+                                              "fence.proxy.async is an error") && ok;
+  ok = report(!tma_store_case(kStoreEarlyWrite), "tmastore: the tile written again before wait_group.read is an error") &&
+       ok;
+  ok = report(!tma_store_case(kStoreNoWait), "tmastore: a thread exiting with its TMA store not retired is an error") &&
+       ok;
+  bool shfl = true;
+  hemu::launch(dim3(1), 64, 1024, [&] {
+    const int lane = threadIdx.x % 32;
+    if (shfl_idx(lane * 3 + int(threadIdx.x / 32), (lane + 5) % 32) != (lane + 5) % 32 * 3 + int(threadIdx.x / 32))
+      shfl = false;
+  });
+  return report(shfl, "tmastore: shfl.idx returns the source lane's value in each warp") && ok;
+}
+
 // ----------------------------------------------------------------------------------- deadlock
 static void deadlock() {
   hemu::launch(dim3(1), 32, 4096, [&] {
@@ -1092,6 +1367,9 @@ int main(int argc, char** argv) {
   if (run("proxy")) all = test_proxy_threads() && all;
   if (run("setmaxnreg")) all = test_setmaxnreg() && all;
   if (run("ctas")) all = test_ctas() && all;
+  if (run("tmastore")) all = test_tmastore() && all;
+  if (run("tmastore")) all = test_tmastore_stmatrix() && all;
+  if (run("cluster")) all = test_cluster() && all;
   std::printf(all ? "ALL OK\n" : "SOME FAILED\n");
   return all ? 0 : 1;
 }

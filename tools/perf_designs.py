@@ -16,7 +16,8 @@ today(), perf_model.py compiles it, checks the declaration against the SASS mark
 (a mismatch fails the run) and models it from its SASS.
 """
 from perf_schedules import (Alu, Arrive, BarArrive, BarSync, Gemm, MbarWait, Node, Schedule, WgmmaWait, convert,
-                            dsoftmax, overhead, probs, rescale, rs_gemm, softmax, ss_gemm, store_tile, zero)
+                            dsoftmax, fused_value, overhead, probs, rescale, rs_gemm, softmax, ss_gemm, store_tile,
+                            zero)
 
 SMEM_LIMIT = 232448      # bytes per block on sm_90
 BM = 128                 # attention query rows per CTA: two consumer warpgroups of 64
@@ -328,6 +329,107 @@ FA3_BWD_PUBLISHED = 560.0    # FA3 paper, backward hdim 128 (up to; H100 SXM5)
 
 
 # ------------------------------------------------------------------------------------------
+# The pipelined sm_90a attention kernels (csrc/hopper/attn_pipelined_*.cuh; design 0 of
+# csrc/attention_sm90.cu, the default; "today" above is design 1, the baseline)
+# ------------------------------------------------------------------------------------------
+def _pipelined_ref(kernel, dtype, D):
+    if dtype not in DTYPES:
+        return None
+    return ("csrc/attention_sm90.cu", rf"{kernel}_pipelined_sm90_kernelI{len(DTYPES[dtype])}{DTYPES[dtype]}Li{D}E")
+
+
+def _fwd_plan_smem(D):
+    fixed = 1024 + 3 * BM * D * 2 + 1024            # alignment slack, two Q tiles, the O tile, barriers
+    stages = min(4, (SMEM_LIMIT - fixed) // (2 * 128 * D * 2))
+    return fixed + stages * 2 * 128 * D * 2
+
+
+def attn_fwd_pipelined(D, dtype):
+    """csrc/hopper/attn_pipelined_fwd.cuh FwdConsumer::step, the loop over an item's 128-key tiles after
+    its first, warpgroup cw: wait K_t -> bar.sync (its turn) -> S_t = Q K_t^T (D/16 x m64n128k16, SS)
+    -> O *= alpha (FMUL per O value) -> wait V_{t-1} -> O += P_{t-1} V_{t-1} (8 k steps x one RS wgmma per
+    head-dim chunk) -> bar.arrive (the other's turn) -> wait<1> -> release K_t (and, predicated, Q on
+    the item's last tile) -> online softmax of S_t under the P V (FFMA s scale - m scale per score) ->
+    wait<0> -> release V_{t-1} -> P_t to 16-bit. The loop serves the last full tile too, so its masking
+    (ISETP + FSEL per column pair / score) sits in it behind a uniform branch taken on that tile only;
+    the model runs the SASS loop straight and counts it (a pessimistic reading). Turns: warpgroup 0
+    syncs on barrier 1 and hands over on 2, warpgroup 1 the reverse; warpgroup 0 starts with a turn."""
+    chunks = _chunks("O", D)
+    bars = (1, 2)
+
+    def loop(wg):
+        own, other = bars[wg], bars[1 - wg]
+        sm = softmax("S", 64, scale_first=False, masked=True) + overhead(LEAN_OVERHEAD, "o1")
+        return [MbarWait("k_full"), BarSync(own), ss_gemm("S = Q K^T", "S", 128, D),
+                Alu("O rescale", tuple(rescale(chunks, "sm.alpha"))), MbarWait("v_full"),
+                rs_gemm("O += P V", chunks, "P", 128), BarArrive(other), WgmmaWait(1), Arrive("k_empty"),
+                Arrive("q_empty (last tile)"), Alu("softmax", tuple(sm)), WgmmaWait(0), Arrive("v_empty"),
+                Alu("P", tuple(convert(lambda j: f"sm.p{j}", 64, "P")))]
+
+    def start(wg):
+        return [BarArrive(bars[0])] if wg == 0 else []
+    return Schedule("attn_fwd", "pipelined", f"d{D}-{dtype}", 2, loop, useful_flops=4 * BM * 128 * D,
+                    l2_bytes=2 * 128 * D * 2, smem_bytes=_fwd_plan_smem(D), regs=224, reg_limit=224, start=start,
+                    note="128x128 tiles, S_next and P V in flight (wait<1>), ping-pong turns, K and V released apart, "
+                         "56/224 registers",
+                    sass=_pipelined_ref("attn_fwd", dtype, D))
+
+
+def _bwd_plan_smem(D):
+    fixed = 1024 + 2 * 2 * 128 * D * 2 + 512 + 4 * 512
+    stages = min(4, (SMEM_LIMIT - fixed) // (2 * 64 * D * 2))
+    return fixed + stages * 2 * 64 * D * 2
+
+
+def attn_dkdv_pipelined_kernel(D, dtype):
+    """csrc/hopper/attn_pipelined_bwd.cuh DkdvConsumer::tile, per 64-query stream tile, each warpgroup
+    64 keys: wait Q -> S^T = K Q^T (SS, n64) -> wait dO -> dP^T = V dO^T (SS, n64) -> wait the tile's
+    statistics (staged in shared memory by the producer) -> wait<1> -> P^T = ex2(s scale - lse log2 e)
+    (an LDS.64 per column pair) -> 16-bit -> dV += P^T dO (RS) -> wait<1> -> dS^T = P^T (dP^T - delta)
+    from fp32 P^T (LDS.64 per pair) -> 16-bit -> dK += dS^T Q (RS) -> wait<0> -> release the stage."""
+    R, n = 64, 32
+    dk, dv = _chunks("dK", D), _chunks("dV", D)
+
+    def loop(wg):
+        loads, p_nodes = _hoisted(probs("S", n, stat="lds", state="pt"))
+        ds_loads, ds_nodes = _hoisted(dsoftmax(lambda i: f"pt.p{i}", "DP", n, stat="lds", state="ds"))
+        return [MbarWait("q_full"), ss_gemm("S^T = K Q^T", "S", R, D), MbarWait("do_full"),
+                ss_gemm("dP^T = V dO^T", "DP", R, D), MbarWait("stat_full"), WgmmaWait(1),
+                Alu("P^T", tuple(loads + p_nodes + convert(lambda j: f"pt.p{j}", n, "PT")
+                                 + overhead(LEAN_OVERHEAD, "o1"))),
+                rs_gemm("dV += P^T dO", dv, "PT", R), WgmmaWait(1),
+                Alu("dS^T", tuple(ds_loads + ds_nodes + convert(lambda j: f"ds.ds{j}", n, "DS"))),
+                rs_gemm("dK += dS^T Q", dk, "DS", R), WgmmaWait(0), Arrive("stage_empty")]
+    return Schedule("attn_dkdv", "pipelined", f"d{D}-{dtype}", 2, loop, useful_flops=2 * 64 * 2 * R * D * 4,
+                    l2_bytes=2 * R * D * 2 + 2 * R * 4, smem_bytes=_bwd_plan_smem(D), regs=232, reg_limit=232,
+                    note="64-query streams, statistics in shared memory, S^T / dP^T together, wait<1> twice, dS^T from "
+                         "fp32 P^T, 40/232 registers",
+                    sass=_pipelined_ref("attn_dkdv", dtype, D), extra=dict(pairs=128 * R))
+
+
+def attn_dq_pipelined_kernel(D, dtype):
+    """csrc/hopper/attn_pipelined_bwd.cuh DqConsumer::tile, per 64-key stream tile (the last, masked,
+    outside the loop), each warpgroup 64 queries: wait K -> S = Q K^T (SS, n64) -> wait V -> dP = dO V^T
+    (SS, n64) -> wait<1> -> P = ex2(s scale - lse log2 e) (statistics in registers) -> wait<0> -> dS =
+    P (dP - delta) -> 16-bit -> dQ += dS K (RS) -> wait<0> -> release the stage."""
+    R, n = 64, 32
+    dq = _chunks("dQ", D)
+
+    def loop(wg):
+        nodes_p = probs("S", n, stat="reg", state="pr") + overhead(LEAN_OVERHEAD, "o1")
+        nodes_ds = dsoftmax(lambda i: f"pr.p{i}", "DP", n, stat="reg", state="ds")
+        nodes_ds += convert(lambda j: f"ds.ds{j}", n, "DS")
+        return [MbarWait("k_full"), ss_gemm("S = Q K^T", "S", R, D), MbarWait("v_full"),
+                ss_gemm("dP = dO V^T", "DP", R, D), WgmmaWait(1), Alu("P", tuple(nodes_p)), WgmmaWait(0),
+                Alu("dS", tuple(nodes_ds)), rs_gemm("dQ += dS K", dq, "DS", R), WgmmaWait(0), Arrive("stage_empty")]
+    return Schedule("attn_dq", "pipelined", f"d{D}-{dtype}", 2, loop, useful_flops=2 * 64 * 2 * R * D * 3,
+                    l2_bytes=2 * R * D * 2, smem_bytes=_bwd_plan_smem(D), regs=224, reg_limit=224,
+                    note="64-key streams, S / dP together, wait<1> pipelining, statistics in registers, "
+                         "56/224 registers",
+                    sass=_pipelined_ref("attn_dq", dtype, D), extra=dict(pairs=128 * R))
+
+
+# ------------------------------------------------------------------------------------------
 # The denoise GEMM
 # ------------------------------------------------------------------------------------------
 EPILOGUES = {
@@ -362,6 +464,72 @@ def gemm_today(K, dtype, epilogue="bias"):
                     reg_limit=232, pre=pre, post=post, reps=K // 64,
                     note="128x128x64, 6 stages, both warpgroups on one unit, register epilogue not overlapped",
                     sass=("csrc/denoise_sm90.cu", rf"gemm_sm90_kernelI{len(DTYPES[dtype])}{DTYPES[dtype]}Lb1ELb1E"))
+
+
+def stage_tile(n, *, out_bytes=2, mufu_per_value=0, fma_per_value=1, loads_per_pair=0.5, stores_per_pair=1,
+               acc="C"):
+    """The TMA-store epilogue of a 64 x n accumulator tile (csrc/hopper/gemm_wide_epilogue.cuh), one
+    thread's share: per value the fused op (as store_tile), per pair one F2FP (16-bit outputs),
+    one ISETP (the bounds the fused ops' loads need), `stores_per_pair` 4- or 8-byte shared stores
+    at swizzled offsets fixed per thread, the bias / aux loads; per 128-byte chunk of the rows (64
+    16-bit or 32 fp32 columns) two bar.sync of the warpgroup alone (issue cost: its warps arrive
+    together; written WARPSYNC here, since a BAR element would order the warpgroups), a
+    fence.proxy.async, and the store thread's TMA store."""
+    nodes = []
+    pairs_per_chunk = 128 // out_bytes // 8 * 2
+    for i in range(0, n // 2, 2):
+        vals = [fused_value(nodes, acc, j, fma_per_value, mufu_per_value) for j in (i, i + 1)]
+        if loads_per_pair and (i // 2) % max(1, round(1 / loads_per_pair)) == 0:
+            nodes.append(Node("LDG.E", (f"ep.b{i % 16}",), ("ep.ptr",)))
+        nodes.append(Node("ISETP", (f"ep.ok{i}",), ("ep.row",)))
+        if out_bytes == 2:
+            nodes.append(Node("F2FP.BF16.F32.PACK_AB", (f"ep.pk{acc}{i}",), tuple(vals)))
+            vals = [f"ep.pk{acc}{i}"]
+        for st in range(stores_per_pair):
+            nodes.append(Node("STS" if out_bytes == 2 else "STS.64", (), tuple(vals) + (f"ep.ok{i}",), out_bytes * 2))
+        if (i // 2 + 1) % pairs_per_chunk == 0:
+            chunk = i // 2 // pairs_per_chunk
+            nodes += [Node("WARPSYNC", (f"ep.free{chunk}",), ()), Node("FENCE.VIEW.ASYNC.S", (), ()),
+                      Node("WARPSYNC", (f"ep.full{chunk}",), ()), Node("UTMASTG", (), (f"ep.full{chunk}",))]
+    return nodes
+
+
+# The 128x256 kernel's epilogues: (out_bytes, stage_tile arguments) per variant tag.
+WIDE_EPILOGUES = {
+    "bias": dict(out_bytes=2, fma_per_value=1, mufu_per_value=0, loads_per_pair=0.5, stores_per_pair=1),
+    "silu": dict(out_bytes=2, fma_per_value=2, mufu_per_value=2, loads_per_pair=0.5, stores_per_pair=2),
+}
+
+
+def gemm_wide(K, dtype, epilogue="bias"):
+    """csrc/hopper/gemm_wide_*.cuh: 128x256x64 tiles in clusters of 2 CTAs (B multicast, so each
+    CTA reads A [128 x K] and half of B [256 x K] from L2), both consumer warpgroups on one unit
+    (64 rows each, m64n256k16), per k tile: wait full -> 4 x m64n256k16 (SS) -> wait<1> ->
+    release the previous stage in both CTAs (a local and a remote arrive); per unit: zero the
+    accumulators, K/64 k tiles, wait<0>, the TMA-store epilogue (stage_tile), during which
+    neither warpgroup issues a wgmma (the producer runs ahead into the next unit)."""
+    acc = [("C", 256)]
+
+    def loop(wg):
+        return [Alu("stage", tuple(overhead({"ULEA": 1, "UIADD3": 3, "ULOP3": 1, "SHF": 1}, "o0"))),
+                MbarWait("full"), ss_gemm("C += A B", "C", 256, 64, desc=(6, 7)), WgmmaWait(1),
+                Arrive("empty"), Arrive("empty (peer CTA)"),
+                Alu("loop", tuple(overhead({"UIADD3": 2, "USEL": 2, "UISETP": 2, "LOP3": 1, "PLOP3": 1}, "o1")))]
+
+    def pre(wg):
+        return [Alu("zero", tuple(zero(acc)))]
+
+    def post(wg):
+        return [WgmmaWait(0), Arrive("empty"), Arrive("empty (peer CTA)"),
+                Alu("epilogue", tuple(stage_tile(256, **WIDE_EPILOGUES[epilogue])))]
+    tag = "" if epilogue == "bias" else f"-{epilogue}"
+    stage = (128 + 256) * 64 * 2
+    return Schedule("gemm", "128x256-cluster2", f"k{K}-{dtype}{tag}", 2, loop, useful_flops=2 * 128 * 256 * K,
+                    l2_bytes=(128 + 256 / 2) * K * 2, smem_bytes=1024 + 4 * stage + 4 * 8192 + 256, regs=232,
+                    reg_limit=232, pre=pre, post=post, reps=K // 64,
+                    note="128x256x64, 4 stages, clusters of 2 multicasting B, TMA-store epilogue (not overlapped)",
+                    sass=("csrc/denoise_sm90.cu",
+                          rf"gemm_sm90_wide_kernelI{len(DTYPES[dtype])}{DTYPES[dtype]}Lb1ELb1E"))
 
 
 def gemm_cooperative(K, BN, epilogue="bias", design=None, multicast=False):
@@ -424,13 +592,20 @@ GEMM_K = (1024, 1536)
 
 
 def today():
+    """The kernels that exist (checked against their SASS): the baseline attention kernels ("today"),
+    the pipelined ones, the GEMM."""
     out = []
     for dtype in ("bf16", "fp16"):
         for D in HEAD_DIMS:
             out += [attn_fwd_today(D, dtype), attn_dq_today(D, dtype), attn_dkdv_today(D, dtype)]
+            out += [attn_fwd_pipelined(D, dtype), attn_dq_pipelined_kernel(D, dtype),
+                    attn_dkdv_pipelined_kernel(D, dtype)]
         for K in GEMM_K:
             out.append(gemm_today(K, dtype))
         out.append(gemm_today(1536, dtype, "silu"))
+        for K in GEMM_K:
+            out.append(gemm_wide(K, dtype))
+        out.append(gemm_wide(1536, dtype, "silu"))
     return out
 
 
@@ -443,7 +618,7 @@ def calibration():
 
 
 FA3_PUBLISHED = {"fa3": 661.0, "fa3-no-overlap": 582.0}
-# This workplace's bf16 matmul (torch / cuBLAS, large square shapes; docs reference-facts):
+# This workplace's bf16 matmul (torch / cuBLAS, large square shapes; docs/design.md, the cost model):
 MATMUL_MEASURED = {"H100": 798.0, "H200": 790.0}
 
 

@@ -297,10 +297,10 @@ def backward_records(base):
     for (kernel, design, variant), r in sorted(idx.items()):
         if kernel != "attn_dq":
             continue
-        if design == "today":
-            pair = idx.get(("attn_dkdv", "today", variant))
+        if not design.startswith("cand:"):  # a kernel that exists: its dq with its dkdv
+            pair = idx.get(("attn_dkdv", design, variant))
             if pair:
-                out.append(combine_backward(r, pair, "today"))
+                out.append(combine_backward(r, pair, design))
         elif design.startswith("cand:dq-pipelined"):
             suffix = design[len("cand:dq-pipelined"):]
             for dk in sorted(d for (k, d, v) in idx if k == "attn_dkdv" and v == variant
@@ -358,7 +358,7 @@ def markdown(records, cal, sens=None):
     lines += _targets(h100) + [""] + _what_it_takes(h100)
     today = [r for r in h100 if r["design"] == "today" and r["kernel"] != "attn_bwd" and r["variant"].endswith("bf16")
              or r["design"] == "today" and r["kernel"] == "gemm" and "bf16" in r["variant"]]
-    others = [r for r in h100 if r["design"] != "today" and "cycles_per_iter" in r]
+    others = [r for r in h100 if r["design"] != "today" and "cycles_per_iter" in r and "-fp16" not in r["variant"]]
     lines += ["", "## Kernels and designs (H100; H200 rows equal but for the GEMM factor; fp16 rows in the JSON)", "",
               "| kernel | design | variant | src | tensor-busy | TF | cal. TF | cycles/iter | tensor | exposed | "
               "MUFU | FMA | ALU | issue | smem B/clk | L2 TB/s | fits | check |",
@@ -462,9 +462,21 @@ def _what_it_takes(recs):
         f"model's warning is memory, not schedule: 128x128 tiles read {gemm['l2_tbps_at_calibrated']:.0f} TB/s from "
         "L2 at the calibrated rate (64 FLOP per byte); 128x256 tiles "
         f"{by[('gemm', 'cand:128x256-coop', 'k1536-16bit')]['l2_tbps_at_calibrated']:.0f}, with a 2-CTA cluster "
-        f"multicasting B {by[('gemm', 'cand:128x256-coop-cluster2', 'k1536-16bit')]['l2_tbps_at_calibrated']:.0f}.",
+        f"multicasting B {by[('gemm', 'cand:128x256-coop-cluster2', 'k1536-16bit')]['l2_tbps_at_calibrated']:.0f}."
+        + _wide_gemm(by),
         "",
     ]
+
+
+def _wide_gemm(by):
+    """The 128x256 kernel built on that reading, from its SASS (when modelled)."""
+    wide, silu = by.get(("gemm", "128x256-cluster2", "k1536-bf16")), by.get(("gemm", "128x256-cluster2",
+                                                                               "k1536-bf16-silu"))
+    if not (wide and silu):
+        return ""
+    return (f" The 128x256 kernel built on this reading (`128x256-cluster2`, from its SASS; csrc/hopper/gemm_wide_*"
+            f".cuh): {wide['tensor_busy']:.2f} with a bias epilogue, {silu['tensor_busy']:.2f} with SiLU (its "
+            f"epilogue is not overlapped either), at {wide['l2_tbps_at_calibrated']:.0f} TB/s from L2.")
 
 
 def _targets(recs):
@@ -474,7 +486,7 @@ def _targets(recs):
         pick = {"attn_fwd": "d128-bf16", "attn_bwd": "d128-bf16", "gemm": "k1536-bf16"}[kernel]
         t = next((r for r in today if r["variant"] == pick), None)
         cands = sorted((r for r in recs if r["kernel"] == kernel and r["design"] != "today"
-                        and r["variant"].startswith(pick.split("-")[0])),
+                        and r["variant"].startswith(pick.split("-")[0]) and "-fp16" not in r["variant"]),
                        key=lambda r: -r["tensor_busy"])
         line = f"- **{kernel}** (target {goal:.2f}):"
         if t:
@@ -507,7 +519,8 @@ def _sass_vs_declared(recs):
 
         def pair(k):
             return f"{c[k]['declared']}/{c[k]['sass']}"
-        out.append(f"| {r['kernel']} | {r['variant']} | {r['tensor_busy']:.3f} | "
+        name = r["kernel"] if r["design"] == "today" else f"{r['kernel']} ({r['design']})"
+        out.append(f"| {name} | {r['variant']} | {r['tensor_busy']:.3f} | "
                    f"{r['from_declaration']['tensor_busy']:.3f} | {pair('mufu')} | {pair('fp32')} | {pair('fmnmx')} | "
                    f"{pair('f2fp')} | {pair('ldg')} | {pair('total')} |")
     gaps = {}

@@ -26,7 +26,7 @@ result beside the SASS stream's, so the synthesis is checked where both exist.
 """
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from perf_sim import CLASSES, Op, op_class
 
@@ -241,6 +241,21 @@ def zero(chunks):
     return [Node("CS2R", (f"{acc}.{i}", f"{acc}.{i + 1}"), ()) for acc, n in chunks for i in range(0, n // 2, 2)]
 
 
+def fused_value(nodes, acc, j, fma_per_value, mufu_per_value):
+    """Appends the epilogue's fused op on accumulator value `acc`.j (`fma_per_value` FP32 ops with
+    the bias, `mufu_per_value` MUFU each followed by an FMUL: SiLU's ex2 + rcp) and returns the
+    register holding the result."""
+    v = f"{acc}.{j}"
+    for f in range(fma_per_value):
+        nodes.append(Node("FFMA", (f"ep.{acc}.{j}.f{f}",), (v, f"ep.b{j % 16}")))
+        v = f"ep.{acc}.{j}.f{f}"
+    for m in range(mufu_per_value):
+        nodes.append(Node("MUFU.EX2" if m % 2 == 0 else "MUFU.RCP", (f"ep.{acc}.{j}.m{m}",), (v,)))
+        nodes.append(Node("FMUL", (f"ep.{acc}.{j}.n{m}",), (f"ep.{acc}.{j}.m{m}", v)))
+        v = f"ep.{acc}.{j}.n{m}"
+    return v
+
+
 def store_tile(acc_chunks, *, mufu_per_value=0, fma_per_value=1, loads_per_pair=0.5, stores_per_pair=1):
     """A register epilogue of a 64 x N accumulator tile: per value `fma_per_value` FP32 ops
     (bias, scale) and `mufu_per_value` MUFU (SiLU: ex2 + rcp), per value pair one F2FP and
@@ -249,17 +264,7 @@ def store_tile(acc_chunks, *, mufu_per_value=0, fma_per_value=1, loads_per_pair=
     nodes = []
     for acc, n in acc_chunks:
         for i in range(0, n // 2, 2):
-            vals = []
-            for j in (i, i + 1):
-                v = f"{acc}.{j}"
-                for f in range(fma_per_value):
-                    nodes.append(Node("FFMA", (f"ep.{acc}.{j}.f{f}",), (v, f"ep.b{j % 16}")))
-                    v = f"ep.{acc}.{j}.f{f}"
-                for m in range(mufu_per_value):
-                    nodes.append(Node("MUFU.EX2" if m % 2 == 0 else "MUFU.RCP", (f"ep.{acc}.{j}.m{m}",), (v,)))
-                    nodes.append(Node("FMUL", (f"ep.{acc}.{j}.n{m}",), (f"ep.{acc}.{j}.m{m}", v)))
-                    v = f"ep.{acc}.{j}.n{m}"
-                vals.append(v)
+            vals = [fused_value(nodes, acc, j, fma_per_value, mufu_per_value) for j in (i, i + 1)]
             if loads_per_pair and (i // 2) % max(1, round(1 / loads_per_pair)) == 0:
                 nodes.append(Node("LDG.E", (f"ep.b{i % 16}",), ("ep.ptr",)))
             nodes.append(Node("IMAD", (f"ep.addr{i}",), ("ep.row",)))
@@ -431,18 +436,26 @@ def class_counts(ops):
     return dict(c)
 
 
+def _same_marker(w, g):
+    """A declared marker against the SASS one; a named barrier whose id the SASS holds in a register
+    (None) matches the declared barrier of its kind."""
+    if w == g:
+        return True
+    return (w is not None and g is not None and w[0] == g[0] and w[0] in ("bar_sync", "bar_arrive")
+            and g[1] is None)
+
+
 def check_against_sass(elements, sass_ops):
     """(problems, counts): problems lists every marker that differs (a declaration that does
     not describe the compiled loop); counts = {class: (declared, sass)}."""
     want, got = markers(elements), sass_markers(sass_ops)
     problems = []
-    if want != got:
-        n = max(len(want), len(got))
-        for i in range(n):
-            w = want[i] if i < len(want) else None
-            g = got[i] if i < len(got) else None
-            if w != g:
-                problems.append(f"marker {i}: declared {w}, SASS {g}")
+    n = max(len(want), len(got))
+    for i in range(n):
+        w = want[i] if i < len(want) else None
+        g = got[i] if i < len(got) else None
+        if not _same_marker(w, g):
+            problems.append(f"marker {i}: declared {w}, SASS {g}")
     dc, sc = class_counts(synthesize(elements)), class_counts(sass_ops)
     counts = {k: (dc.get(k, 0), sc.get(k, 0)) for k in list(COUNTED) + ["total"]}
     return problems, counts
@@ -487,8 +500,23 @@ class Schedule:
     extra: dict = field(default_factory=dict)
 
     def iteration(self, wg, loop_ops=None):
-        """The stream of one modelled iteration (loop_ops: the SASS loop body, else synthesised)."""
+        """The stream of one modelled iteration (loop_ops: the SASS loop body, else synthesised).
+        Named barriers whose id the SASS holds in a register (one code for both warpgroups) take, in
+        order, the ids the declaration gives warpgroup wg."""
         body = loop_ops if loop_ops is not None else synthesize(self.loop(wg))
+        if loop_ops is not None and any(op.bar and op.bar[1] is None for op in body):
+            ids = [("sync" if isinstance(e, BarSync) else "arrive", e.bar) for e in self.loop(wg)
+                   if isinstance(e, (BarSync, BarArrive))]
+            filled, k = [], 0
+            for op in body:
+                if op.bar and op.bar[1] is None:
+                    if k >= len(ids) or ids[k][0] != op.bar[0]:
+                        raise ValueError(f"{self.kernel} {self.design}: the SASS's barrier {op.text!r} has no "
+                                         "declared counterpart")
+                    op = replace(op, bar=(op.bar[0], ids[k][1], op.bar[2]))
+                    k += 1
+                filled.append(op)
+            body = filled
         pre = synthesize(self.pre(wg)) if self.pre else []
         post = synthesize(self.post(wg)) if self.post else []
         return pre + body * self.reps + post

@@ -160,6 +160,10 @@ def decode(ins):
     if cls == "bar":
         kind = "sync" if ".SYNC" in op or ".RED" in op else "arrive"
         nums = [int(x, 16) for x in re.findall(r"0x([0-9a-f]+)", " ".join(ops))]
+        if ops and re.match(r"U?R\d+$", ops[0]):
+            # a barrier id in a register (warpgroup-dependent ping-pong turns): id None, which the
+            # declared schedule fills in per warpgroup (perf_schedules.Schedule.iteration)
+            return Op(text, cls, src=tuple(src + _regs(ops[0])), bar=(kind, None, nums[0] if nums else None))
         bar_id = nums[0] if nums else 0
         return Op(text, cls, bar=(kind, bar_id, nums[1] if len(nums) > 1 else None))
     dst = []

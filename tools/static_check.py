@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Static speed gate: compile every kernel for sm_90 (or sm_80) without a GPU and check it.
 
-    python tools/static_check.py [--arch 90|80] [--full] [--json OUT] [--jobs N] [--only triton|cuda]
+    python tools/static_check.py [--arch 90|80] [--full] [--json OUT] [--jobs N] [--only [BACKEND][:OP]]
 
 Triton (tools/static_triton.py): every kernel variant the ops can launch is captured from the
 ops' own launch code over the preset shapes (tiny/B/L/H), the benchmark shapes, and (with --full)
@@ -27,6 +27,12 @@ fails (exit 1) when
   - a variant does not compile.
 Without --full a small subset runs (the one the test suite runs); --full writes
 benchmarks/results/static/sm_<arch>.json/.md unless --json says otherwise.
+
+--only narrows a run to one backend (triton, cuda), one op (attention, denoise, ema: the Triton
+kernels of djepa.kernels.<op> and csrc/<op>.cu, csrc/<op>_sm90.cu) or both (triton:attention);
+with --merge only the records of that part are replaced in the committed table, e.g.
+    python tools/static_check.py --arch 90 --full --only attention --merge
+refreshes every attention record (Triton and CUDA) and keeps the rest.
 """
 import argparse
 import json
@@ -48,21 +54,44 @@ from sass import ARCHS, ROOT, find_tool  # noqa: E402
 from static_cuda import compile_cuda_file, cuda_records, cuda_sources  # noqa: E402
 from static_report import HOT_SCOPE, markdown, merge  # noqa: E402
 from static_rules import check  # noqa: E402
-from static_triton import compile_triton, triton_variants  # noqa: E402
+from static_triton import compile_triton, triton_kernel_ops, triton_variants  # noqa: E402
 
 # The gate's public names, for callers that load this file (tests/test_build_sm90.py, tools):
 from sass import parse_ptxas, parse_sass, parse_wgmma_serialized, split_template  # noqa: E402,F401
-from static_cuda import CUDA_ATTENTION_KERNELS, CUDA_DYNAMIC_SMEM, CUDA_LN_KERNELS, cuda_hot  # noqa: E402,F401
+from static_cuda import (CUDA_ATTENTION_KERNELS, CUDA_DROPOUT_KERNELS, CUDA_DYNAMIC_SMEM,  # noqa: E402,F401
+                         CUDA_LN_KERNELS, cuda_dropout, cuda_hot)
 from static_rules import (CUDA_WGMMA_KERNELS, HOT_DTYPES, MATMUL_KERNELS, VECTOR_KERNELS, record,  # noqa: E402,F401
                           violations)
 
-__all__ = ["main", "run_gate", "check", "record", "violations", "merge", "markdown", "parse_ptxas", "parse_sass",
-           "parse_wgmma_serialized", "split_template", "cuda_hot", "CUDA_ATTENTION_KERNELS", "CUDA_DYNAMIC_SMEM",
-           "CUDA_LN_KERNELS", "CUDA_WGMMA_KERNELS", "HOT_DTYPES", "MATMUL_KERNELS", "VECTOR_KERNELS", "ARCHS"]
+__all__ = ["main", "run_gate", "parse_only", "OPS", "check", "record", "violations", "merge", "markdown",
+           "parse_ptxas", "parse_sass", "parse_wgmma_serialized", "split_template", "cuda_hot", "cuda_dropout",
+           "CUDA_ATTENTION_KERNELS", "CUDA_DROPOUT_KERNELS", "CUDA_DYNAMIC_SMEM", "CUDA_LN_KERNELS",
+           "CUDA_WGMMA_KERNELS", "HOT_DTYPES", "MATMUL_KERNELS", "VECTOR_KERNELS", "ARCHS"]
 
 sys.path.insert(0, str(ROOT))
 
+BACKENDS = ("triton", "cuda")
+# The ops: one Triton module kernels/<op>.py and csrc/<op>.cu (+ csrc/<op>_sm90.cu) each.
+OPS = tuple(sorted(p.stem for p in (ROOT / "kernels").glob("*.py") if not p.stem.startswith("_")))
+
 _WORK = {}
+
+
+def parse_only(value):
+    """--only's value -> (backends, op): "triton" / "cuda" (one backend, every op), "attention"
+    (one op, both backends), "triton:attention" (both narrowed); None -> every part."""
+    if value is None:
+        return set(BACKENDS), None
+    backend, _, op = value.partition(":")
+    if backend in OPS and not op:
+        backend, op = "", backend
+    if backend and backend not in BACKENDS:
+        raise ValueError(f"--only {value}: unknown backend {backend!r}; choose from {BACKENDS}")
+    if op and op not in OPS:
+        raise ValueError(f"--only {value}: unknown op {op!r}; choose from {OPS}")
+    if not backend and not op:
+        raise ValueError(f"--only {value}: give a backend {BACKENDS}, an op {OPS}, or BACKEND:OP")
+    return ({backend} if backend else set(BACKENDS)), (op or None)
 
 
 def _run_job(job):
@@ -76,16 +105,19 @@ def _run_job(job):
         return kind, (path, str(exc))
 
 
-def run_gate(arch=90, full=False, jobs=None, only=None, kernel_filter=None, verbose=True, hot_only=False):
-    """All records of one gate run, each stamped with its toolchain and the day it was compiled."""
+def run_gate(arch=90, full=False, jobs=None, only=None, kernel_filter=None, verbose=True, hot_only=False,
+             scenario_filter=None):
+    """All records of one gate run, each stamped with its toolchain and the day it was compiled.
+    only: --only's value (parse_only); scenario_filter: a regex on the Triton scenarios' names."""
     t0 = time.time()
+    backends, op = parse_only(only)
     jobs_list = []
-    if only in (None, "cuda"):
+    if "cuda" in backends:
         if find_tool("nvcc") is None:
             raise SystemExit("static_check: nvcc not found (CUDA_HOME, PATH, /usr/local/cuda); use --only triton")
-        jobs_list += [("cuda", arch, str(p)) for p in cuda_sources(full)]
-    if only in (None, "triton"):
-        variants = triton_variants(full, arch)
+        jobs_list += [("cuda", arch, str(p)) for p in cuda_sources(full, op)]
+    if "triton" in backends:
+        variants = triton_variants(full, arch, op, scenario_filter)
         if kernel_filter:
             variants = [v for v in variants if re.search(kernel_filter, v.kernel)]
         if hot_only:
@@ -140,15 +172,27 @@ def main(argv=None):
     ap.add_argument("--json", metavar="OUT", help="write the records here (and a Markdown table at OUT.md); "
                     "default with --full: benchmarks/results/static/sm_<arch>.json")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (default: all cores)")
-    ap.add_argument("--only", choices=("triton", "cuda"), help="one backend only")
+    ap.add_argument("--only", metavar="[BACKEND][:OP]",
+                    help=f"one part: a backend {'|'.join(BACKENDS)}, an op {'|'.join(OPS)} (its Triton kernels and "
+                    "csrc/<op>*.cu), or both (triton:attention)")
     ap.add_argument("--kernel", metavar="REGEX", help="only Triton kernels whose name matches")
+    ap.add_argument("--scenario", metavar="REGEX", help="only the Triton launch scenarios whose name matches "
+                    "(e.g. 'dropout'; see --list); not with --merge (the table would lose the other scenarios' "
+                    "variants)")
     ap.add_argument("--hot", action="store_true", help="only the hot Triton variants")
     ap.add_argument("--merge", action="store_true", help="keep the records of OUT that this run does not "
-                    "replace (the other backend; with --kernel, the other Triton kernels) and write both")
+                    "replace (the other backend or op, see --only; with --kernel, the other Triton kernels) and "
+                    "write both")
     ap.add_argument("--list", action="store_true", help="list the Triton variants (no compiling)")
     args = ap.parse_args(argv)
     if args.jobs < 1:
         ap.error("--jobs must be >= 1")
+    try:
+        parse_only(args.only)
+    except ValueError as exc:
+        ap.error(str(exc))
+    if args.merge and args.scenario:
+        ap.error("--scenario cannot go with --merge: the records of the scenarios left out would be dropped")
     _prepare_environment()
     try:
         return _main(args)
@@ -158,7 +202,12 @@ def main(argv=None):
 
 def _main(args):
     if args.list:
-        for v in triton_variants(args.full, args.arch):
+        backends, op = parse_only(args.only)
+        if "triton" not in backends:
+            print("static_check: --list lists Triton variants (the CUDA ones are the csrc/ instantiations)",
+                  file=sys.stderr)
+            return 0
+        for v in triton_variants(args.full, args.arch, op, args.scenario):
             if not args.kernel or re.search(args.kernel, v.kernel):
                 print(f"{'hot ' if v.hot else '    '}{v.kernel} {v.label}  <- {v.sources[0]}"
                       f"{f' (+{len(v.sources) - 1})' if len(v.sources) > 1 else ''}")
@@ -167,10 +216,12 @@ def _main(args):
     out = args.json
     if out is None and (args.merge or (args.full and args.only is None and args.kernel is None and not args.hot)):
         out = default_out
-    records, elapsed = run_gate(args.arch, args.full, args.jobs, args.only, args.kernel, hot_only=args.hot)
+    records, elapsed = run_gate(args.arch, args.full, args.jobs, args.only, args.kernel, hot_only=args.hot,
+                                scenario_filter=args.scenario)
     if args.merge and Path(out).is_file():
-        backends = {"triton", "cuda"} if args.only is None else {args.only}
-        records = merge(json.loads(Path(out).read_text()), records, backends, args.kernel)
+        backends, op = parse_only(args.only)
+        records = merge(json.loads(Path(out).read_text()), records, backends, args.kernel, op,
+                        triton_kernel_ops() if op else None)
     md = markdown(records, args.arch, elapsed, args.full, HOT_SCOPE if args.hot else None)
     if out is not None:
         out = Path(out)

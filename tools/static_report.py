@@ -1,6 +1,7 @@
 """The static gate's tables: the Markdown beside the JSON records, and merging a partial run
 into a committed table."""
 import re
+from pathlib import Path
 
 from sass import ARCHS
 from static_rules import check, violations
@@ -12,11 +13,31 @@ def _record_order(r):
     return (r["backend"] != "cuda", r["kernel"], r["variant"])
 
 
-def merge(old, new, backends, kernel_filter=None):
-    """`old` with the records a run of `backends` (Triton: only kernels matching kernel_filter)
-    replaced by `new`: refreshes one backend's part of a committed table."""
+def record_op(r, triton_ops=None):
+    """The op a record belongs to: its `op` field, else (records written before it) the CUDA
+    file's name (csrc/attention_sm90.cu -> attention) or the Triton kernel's module
+    (triton_ops: {kernel name: op}, tools/static_triton.triton_kernel_ops)."""
+    if r.get("op"):
+        return r["op"]
+    if r["backend"] == "cuda":
+        return cuda_file_op(r.get("file") or r["kernel"])
+    return (triton_ops or {}).get(r["kernel"])
+
+
+def cuda_file_op(path):
+    """csrc/attention.cu, csrc/attention_sm90.cu -> attention."""
+    stem = Path(path).name.split(".", 1)[0]
+    return stem[:-len("_sm90")] if stem.endswith("_sm90") else stem
+
+
+def merge(old, new, backends, kernel_filter=None, op=None, triton_ops=None):
+    """`old` with the records a run of `backends` (Triton: only kernels matching kernel_filter;
+    op: only that op's kernels, record_op) replaced by `new`: refreshes one part of a committed
+    table."""
     def replaced(r):
         if r["backend"] not in backends:
+            return False
+        if op is not None and record_op(r, triton_ops) != op:
             return False
         return r["backend"] != "triton" or not kernel_filter or re.search(kernel_filter, r["kernel"])
     archs = {r["arch"] for r in old + new}

@@ -22,7 +22,9 @@ MATMUL_KERNELS = {"_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel", "gemm_ker
 # Memory-bound kernels that must move 16 bytes per access on their hot path.
 VECTOR_KERNELS = {"_ema_kernel"}
 # The sm_90a matmul kernels: on sm_90 each must compile to wgmma (HGMMA).
-CUDA_WGMMA_KERNELS = {"attn_fwd_sm90_kernel", "attn_dkdv_sm90_kernel", "attn_dq_sm90_kernel", "gemm_sm90_kernel"}
+CUDA_WGMMA_KERNELS = {"attn_fwd_sm90_kernel", "attn_dkdv_sm90_kernel", "attn_dq_sm90_kernel", "gemm_sm90_kernel",
+                      "gemm_sm90_wide_kernel", "attn_fwd_pipelined_sm90_kernel", "attn_dkdv_pipelined_sm90_kernel",
+                      "attn_dq_pipelined_sm90_kernel"}
 
 
 def record(backend, kernel, variant, arch, *, regs=0, spill_bytes=0, stack_bytes=0, smem_bytes=0,

@@ -7,13 +7,37 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _bench_attention_assignments():
+    """{name: value expression} of the module-level assignments of benchmarks/test_bench_attention.py."""
+    tree = ast.parse((ROOT / "benchmarks" / "test_bench_attention.py").read_text())
+    return {t.id: node.value for node in tree.body if isinstance(node, ast.Assign)
+            for t in node.targets if isinstance(t, ast.Name)}
+
+
 def bench_attention_shapes():
     """SHAPES of benchmarks/test_bench_attention.py (read, not imported: it needs a GPU)."""
-    tree = ast.parse((ROOT / "benchmarks" / "test_bench_attention.py").read_text())
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "SHAPES" for t in node.targets):
-            return ast.literal_eval(node.value)
-    raise RuntimeError("benchmarks/test_bench_attention.py has no SHAPES dict")
+    found = _bench_attention_assignments()
+    if "SHAPES" not in found:
+        raise RuntimeError("benchmarks/test_bench_attention.py has no SHAPES dict")
+    return ast.literal_eval(found["SHAPES"])
+
+
+def bench_attention_dropout():
+    """({id: (B, N, H, D)}, p): the shapes and dropout_p of the attention benchmark's dropout
+    mode (DROPOUT_SHAPES, DROPOUT_P; no shapes when MODES has no "fwdbwd-dropout")."""
+    found = _bench_attention_assignments()
+    missing = [n for n in ("MODES", "DROPOUT_P", "DROPOUT_SHAPES") if n not in found]
+    if missing:
+        raise RuntimeError(f"benchmarks/test_bench_attention.py has no {', '.join(missing)}")
+    shapes = bench_attention_shapes()
+    p = float(ast.literal_eval(found["DROPOUT_P"]))
+    if "fwdbwd-dropout" not in ast.literal_eval(found["MODES"]):
+        return {}, p
+    # DROPOUT_SHAPES is an expression over SHAPES (a comprehension): evaluated with nothing else in scope
+    expr = ast.Expression(found["DROPOUT_SHAPES"])
+    ids = eval(compile(expr, "test_bench_attention.py:DROPOUT_SHAPES", "eval"), {"__builtins__": {}},  # noqa: S307
+               {"SHAPES": shapes})
+    return {sid: shapes[sid] for sid in ids}, p
 
 
 def bench_denoise_sizes():

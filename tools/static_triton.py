@@ -19,7 +19,7 @@ from pathlib import Path
 
 from sass import dump_sass, parse_ptxas, parse_sass, parse_wgmma_serialized
 from static_rules import HOT_DTYPES, record
-from static_shapes import bench_attention_shapes, bench_denoise_sizes, bench_ema_presets
+from static_shapes import bench_attention_dropout, bench_attention_shapes, bench_denoise_sizes, bench_ema_presets
 
 
 @dataclass
@@ -40,6 +40,7 @@ class Scenario:
     launched: bool              # a preset or benchmark shape (not the coverage sweep)
     run: object                 # a no-argument callable running the launch code on meta tensors
     subset: object = False      # True, or a predicate on (kernel name, constexprs) for the subset
+    op: str = ""                # the kernel module it launches (djepa.kernels.<op>): attention, denoise, ema
 
 
 class _OfflineDriver:
@@ -89,9 +90,12 @@ def _meta(*shape, dtype):
     return torch.empty(*shape, dtype=dtype, device="meta")
 
 
-def _attention_call(B, N, H, D, dtype, masked, Nk=None):
+def _attention_call(B, N, H, D, dtype, masked, Nk=None, dropout_p=0.0, write_keep=False):
     """Forward + backward of masked_attention's Triton launch code on q/k/v views of a fused
-    qkv projection [B, N, 3, H, D] (the layout of djepa.nn.MaskedAttention)."""
+    qkv projection [B, N, 3, H, D] (the layout of djepa.nn.MaskedAttention). dropout_p > 0: the
+    dropout kernels, with the generator state the op draws (philox_state) and the threshold
+    it derives from p (an int argument: Triton specialises it by divisibility as any other);
+    write_keep: the forward's debug variant storing its keep bits (return_dropout_mask), forward only."""
     import torch
     from djepa.ops import attention as op
 
@@ -104,8 +108,13 @@ def _attention_call(B, N, H, D, dtype, masked, Nk=None):
         idx = cnt = None
         if masked:
             idx, cnt = op._compact(torch.ones(B, k.shape[2], dtype=torch.bool, device="meta"))
-        o, lse = op._fwd_impl(q, k, v, idx, cnt, D ** -0.5, "triton")
-        op._bwd_impl(torch.empty_like(o), q, k, v, o, lse, idx, cnt, D ** -0.5, "triton")
+        rng = op.philox_state(None, torch.device("meta")) if dropout_p > 0 else None
+        keep = None
+        if write_keep:
+            keep = torch.zeros(B, H, N, k.shape[2], dtype=torch.uint8, device="meta")
+        o, lse = op._fwd_impl(q, k, v, idx, cnt, D ** -0.5, "triton", rng, dropout_p, keep)
+        if not write_keep:
+            op._bwd_impl(torch.empty_like(o), q, k, v, o, lse, idx, cnt, D ** -0.5, "triton", rng, dropout_p)
     return run
 
 
@@ -187,6 +196,9 @@ def _subset_update(kernel, constexprs):
     return kernel == "denoise_update_kernel"
 
 
+COVERAGE_HEAD_DIMS = (16, 32, 48, 64, 80, 96, 128, 160, 192, 256)
+
+
 def scenarios(full):
     """Every launch scenario (full) or the test suite's subset of them."""
     import torch
@@ -194,67 +206,89 @@ def scenarios(full):
 
     f16, bf16, f32 = torch.float16, torch.bfloat16, torch.float32
     out = []
-    # --- presets: the encoder (masked, T + visible tokens) and the predictor (dense, T + L)
+    # --- presets: the encoder (masked, T + visible tokens) and the predictor (dense, T + L), in
+    # training with the preset's attention dropout too (both run their Blocks with attn_drop)
     for name, c in PRESETS.items():
         T, L = c.class_tokens, c.seq_len
         for dims, heads in ((c.embed_dim, c.num_heads), (c.pred_embed_dim, c.pred_num_heads)):
             D = dims // heads
-            for dt in (bf16, f16, f32):
-                out.append(Scenario(f"preset {name} attention dense {dt}".replace("torch.", ""), dt, True,
-                                    _attention_call(2, T + L, heads, D, dt, False), name == "H" and dt == bf16))
-                out.append(Scenario(f"preset {name} attention masked {dt}".replace("torch.", ""), dt, True,
-                                    _attention_call(2, T + max(1, int(L * (1 - c.mask_ratio_min)) | 1),
-                                                    heads, D, dt, True)))
+            for p in ((0.0, c.attn_dropout) if c.attn_dropout > 0 else (0.0,)):
+                drop = f" dropout={p:g}" if p else ""
+                for dt in (bf16, f16, f32):
+                    out.append(Scenario(f"preset {name} attention dense{drop} {dt}".replace("torch.", ""), dt, True,
+                                        _attention_call(2, T + L, heads, D, dt, False, dropout_p=p),
+                                        name == "H" and dt == bf16 and not p, "attention"))
+                    out.append(Scenario(f"preset {name} attention masked{drop} {dt}".replace("torch.", ""), dt, True,
+                                        _attention_call(2, T + max(1, int(L * (1 - c.mask_ratio_min)) | 1),
+                                                        heads, D, dt, True, dropout_p=p),
+                                        name == "B" and dt == bf16 and p > 0, "attention"))
         W, depth, Cin, z = c.diffloss_width, c.diffloss_depth, c.token_channels, c.pred_embed_dim
         M = 2 * L * c.diffusion_batch_mul
         for dt in (bf16, f16, f32):
             out.append(Scenario(f"preset {name} adaln_block train {dt}".replace("torch.", ""), dt, True,
                                 _adaln_train_call(M, W, dt),
                                 _subset_adaln if (name == "B" and dt == bf16) else
-                                _subset_ln_bwd if (name in ("L", "H") and dt == bf16) else False))
+                                _subset_ln_bwd if (name in ("L", "H") and dt == bf16) else False, "denoise"))
             if c.loss == "diffusion":  # the fused step serves the learned-sigma diffusion
                 for cfg in (False, True):
                     out.append(Scenario(f"preset {name} denoise_step cfg={int(cfg)} {dt}".replace("torch.", ""),
                                         dt, True, _fused_step_call(37, depth, W, z, Cin, dt, cfg),
-                                        _subset_update if (name == "B" and cfg and dt == bf16) else False))
+                                        _subset_update if (name == "B" and cfg and dt == bf16) else False, "denoise"))
         for x_dt, e_dt in ((f32, f32), (bf16, f32), (f16, f32), (bf16, bf16), (f16, f16)):
             for dtensor in (False, True):
                 out.append(Scenario(f"preset {name} ema {e_dt} <- {x_dt}{' decay-tensor' if dtensor else ''}"
                                     .replace("torch.", ""), x_dt, True, _ema_call(name, x_dt, e_dt, dtensor),
-                                    name == "B" and x_dt == bf16 and e_dt == f32 and not dtensor))
-    # --- benchmark shapes
+                                    name == "B" and x_dt == bf16 and e_dt == f32 and not dtensor, "ema"))
+    # --- benchmark shapes (the dropout mode at its own shapes and p)
+    drop_shapes, bench_p = bench_attention_dropout()
     for sid, (B, N, H, D) in bench_attention_shapes().items():
-        for dt in (bf16, f16):
-            for masked in (False, True):
-                out.append(Scenario(f"bench attention {sid} {'masked' if masked else 'dense'} {dt}"
-                                    .replace("torch.", ""), dt, True, _attention_call(B, N, H, D, dt, masked)))
+        for p in ((0.0, bench_p) if sid in drop_shapes else (0.0,)):
+            drop = f" dropout={p:g}" if p else ""
+            for dt in (bf16, f16):
+                for masked in (False, True):
+                    out.append(Scenario(f"bench attention {sid} {'masked' if masked else 'dense'}{drop} {dt}"
+                                        .replace("torch.", ""), dt, True,
+                                        _attention_call(B, N, H, D, dt, masked, dropout_p=p), op="attention"))
     sizes, train_m = bench_denoise_sizes()
     for name in ("B", "L", "H"):
         c = PRESETS[name]
         for M in sizes:
             out.append(Scenario(f"bench denoise {name} step M={M} bf16", bf16, True,
                                 _fused_step_call(M, c.diffloss_depth, c.diffloss_width, c.pred_embed_dim,
-                                                 c.token_channels, bf16, False)))
+                                                 c.token_channels, bf16, False), op="denoise"))
         out.append(Scenario(f"bench denoise {name} train M={train_m} bf16", bf16, True,
-                            _adaln_train_call(train_m, c.diffloss_width, bf16)))
+                            _adaln_train_call(train_m, c.diffloss_width, bf16), op="denoise"))
     for name in bench_ema_presets():
         for x_dt in (f32, bf16):
             out.append(Scenario(f"bench ema {name} float32 <- {x_dt}".replace("torch.", ""), x_dt, True,
-                                _ema_call(name, x_dt, f32, False)))
-    # --- coverage: every dtype, head dim class and width the ops accept (not hot)
-    for D in (16, 32, 48, 64, 80, 96, 128, 160, 192, 256):
+                                _ema_call(name, x_dt, f32, False), op="ema"))
+    # --- coverage: every dtype, head dim class and width the ops accept (not hot). Dropout at
+    # p = 0.5, whose threshold (32768) is divisible by 16, where the presets' 0.1 (6554) is not:
+    # both specialisations of the threshold argument are compiled. The debug forward that stores
+    # its keep bits (return_dropout_mask) is covered at every head dim, forward only.
+    for D in COVERAGE_HEAD_DIMS:
         for dt in (bf16, f16, f32):
             for masked in (False, True):
                 sub = ((not masked and D in (64, 80, 128) and dt == f32)
                        or (masked and D == 128 and dt == f32 and _subset_fwd)
                        or (not masked and D in (192, 256) and dt == f16 and _subset_fwd))
-                out.append(Scenario(f"coverage attention D={D} {'masked' if masked else 'dense'} {dt}"
+                kind = "masked" if masked else "dense"
+                out.append(Scenario(f"coverage attention D={D} {kind} {dt}".replace("torch.", ""), dt, False,
+                                    _attention_call(1, 100, 2, D, dt, masked, Nk=77), sub, "attention"))
+                out.append(Scenario(f"coverage attention D={D} {kind} dropout=0.5 {dt}".replace("torch.", ""), dt,
+                                    False, _attention_call(1, 100, 2, D, dt, masked, Nk=77, dropout_p=0.5),
+                                    op="attention"))
+                out.append(Scenario(f"coverage attention D={D} {kind} dropout=0.1 keep-bits {dt}"
                                     .replace("torch.", ""), dt, False,
-                                    _attention_call(1, 100, 2, D, dt, masked, Nk=77), sub))
+                                    _attention_call(1, 100, 2, D, dt, masked, Nk=77, dropout_p=0.1,
+                                                    write_keep=True), op="attention"))
     for W in (64, 1000, 2048, 4096, 8192):
         for dt in (bf16, f32):
             out.append(Scenario(f"coverage adaln_block W={W} {dt}".replace("torch.", ""), dt, False,
-                                _adaln_train_call(4 * 37, W, dt)))
+                                _adaln_train_call(4 * 37, W, dt), op="denoise"))
+    missing = [s.source for s in out if not s.op]
+    if missing:
+        raise RuntimeError(f"static_triton: scenarios without their op: {missing[:3]}")
     if full:
         return out
     return [s for s in out if s.subset]
@@ -284,8 +318,32 @@ class TritonVariant:
     label: str
     dtype: str
     constexprs: dict
+    op: str = ""
     sources: list = field(default_factory=list)
     hot: bool = False
+
+
+def kernel_op(jit_fn):
+    """The op of a Triton kernel: its module djepa.kernels.<op>."""
+    module = getattr(jit_fn, "__module__", "") or ""
+    return module.rsplit(".", 1)[-1] if module.startswith("djepa.kernels.") else module
+
+
+def triton_kernel_ops():
+    """{kernel name: op} of every Triton kernel in djepa.kernels.* (for records that carry no op)."""
+    import importlib
+    import pkgutil
+
+    import djepa.kernels
+    from triton.runtime import Autotuner, JITFunction
+
+    out = {}
+    for mod in pkgutil.iter_modules(djepa.kernels.__path__):
+        m = importlib.import_module(f"djepa.kernels.{mod.name}")
+        for name, obj in vars(m).items():
+            if isinstance(obj, (JITFunction, Autotuner)):
+                out[getattr(obj, "fn", obj).__name__] = mod.name
+    return out
 
 
 def _label(fn, specialization, kwargs):
@@ -320,18 +378,25 @@ def _first_float_dtype(specialization):
     return None
 
 
-def triton_variants(full, arch):
-    """The deduplicated Triton variants of every scenario (capture runs on meta tensors)."""
+def triton_variants(full, arch, op=None, scenario_filter=None):
+    """The deduplicated Triton variants of every scenario (capture runs on meta tensors); op:
+    only the kernels of djepa.kernels.<op>; scenario_filter: a regex on the scenario names."""
+    import re
+
     from triton.runtime import driver
 
     driver.set_active(_OfflineDriver(arch))
     launches = []
     for sc in scenarios(full):
+        if (op and sc.op != op) or (scenario_filter and not re.search(scenario_filter, sc.source)):
+            continue
         with recording(launches, sc):
             sc.run()
     variants = {}
     for ln in launches:
         for jit_fn, kwargs in _expand(ln):
+            if op and kernel_op(jit_fn) != op:
+                continue
             binder = jit_fn.device_caches[0][4]
             _, spec, opts = binder(*ln.args, **kwargs)
             label, consts = _label(jit_fn, spec, kwargs)
@@ -341,7 +406,7 @@ def triton_variants(full, arch):
             v = variants.get(key)
             if v is None:
                 v = variants[key] = TritonVariant(jit_fn, ln.grid, ln.args, kwargs, jit_fn.__name__, label,
-                                                  _first_float_dtype(spec), consts)
+                                                  _first_float_dtype(spec), consts, kernel_op(jit_fn))
             if ln.source not in v.sources:
                 v.sources.append(ln.source)
             v.hot = v.hot or ln.hot
@@ -354,7 +419,7 @@ def compile_triton(v, arch):
 
     consts = {k: int(x) if isinstance(x, bool) else x if isinstance(x, (int, float, str)) else str(x)
               for k, x in v.constexprs.items()}
-    base = dict(dtype=v.dtype, constexprs=consts,
+    base = dict(op=v.op, dtype=v.dtype, constexprs=consts,
                 sources=v.sources[:6] + ([f"... {len(v.sources) - 6} more"] if len(v.sources) > 6 else []))
     knobs.nvidia.dump_ptxas_log = True
     t0 = time.time()

@@ -75,6 +75,7 @@ struct Params {
   long long qs[3], ks[3], vs[3];
   float scale, scale_log2;
   int q_path, kv_path, do_path;
+  int o_path;            // pipelined forward: pipe::OPath
   int tiles_m;           // forward, dq: ceil(Nq / kBM); dk/dv: ceil(Nk / kBN) key tiles
   int items;             // B * H * tiles_m
 };
@@ -179,14 +180,6 @@ inline void plan(Params& p, Maps& m, EncodeFn enc, bool bf16, bool vec_ok) {
   p.q_path = q_ok ? kPathTma : kPathGather;
   p.kv_path = kv_ok ? kPathTma : kPathGather;
 }
-
-}  // namespace attn
-}  // namespace hopper
-}  // namespace djepa
-
-namespace djepa {
-namespace hopper {
-namespace attn {
 
 // The backward's paths and maps: dk/dv (`dkdv`) streams 64-row Q / dO tiles and keeps 128-row
 // K / V tiles; dq streams 64-row K / V tiles and keeps 128-row Q / dO tiles. dO is contiguous.

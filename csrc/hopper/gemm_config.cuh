@@ -50,6 +50,10 @@ struct Params {
   int splits;           // K ranges per output tile
   int k_tiles;          // ceil(K / kBK)
   int k_per_split;      // k tiles per split (the last split may get fewer)
+  // The 128x256 kernel only (gemm_wide_*.cuh): outputs stored by TMA (c with aux_out; the
+  // split-K partials), and the CTAs per cluster (2: B tiles multicast to both; 1: none).
+  bool c_tma, partial_tma;
+  int cluster;
 };
 
 // Work unit u = (tile, split): consecutive units share a tile's A rows (split-minor, then the
@@ -126,6 +130,27 @@ inline bool make_operand_map(EncodeFn enc, CUtensorMap* map, const void* base, b
   return enc(map, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2,
              const_cast<void*>(base), dims, strides, box, es, CU_TENSOR_MAP_INTERLEAVE_NONE,
              CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+             CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+// The tensor map of an output stored by TMA from 64-row x 128-byte boxes of a 128B-swizzled
+// staging tile: `rows` x `cols` elements of `elem_bytes` (2 or 4), row-major with a pitch of
+// `cols`, repeated `depth` times (split-K partials: [depth][rows][cols], so one split's tile
+// never spills into the next). False when TMA cannot store it (base or pitch not 16-byte aligned,
+// or the encoder refuses).
+inline bool make_store_map(EncodeFn enc, CUtensorMap* map, const void* base, int elem_bytes, bool bf16, int rows,
+                           int cols, int depth = 1) {
+  if (enc == nullptr || base == nullptr || rows <= 0 || cols <= 0 || depth <= 0) return false;
+  if (reinterpret_cast<std::uintptr_t>(base) % 16 != 0 || (int64_t(cols) * elem_bytes) % 16 != 0) return false;
+  const cuuint64_t dims[3] = {cuuint64_t(cols), cuuint64_t(rows), cuuint64_t(depth)};
+  const cuuint64_t strides[2] = {cuuint64_t(cols) * elem_bytes, cuuint64_t(cols) * elem_bytes * cuuint64_t(rows)};
+  const cuuint32_t box[3] = {cuuint32_t(128 / elem_bytes), 64, 1};
+  const cuuint32_t es[3] = {1, 1, 1};
+  const CUtensorMapDataType type = elem_bytes == 4 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT32
+                                   : bf16         ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+                                                  : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  return enc(map, type, depth > 1 ? 3 : 2, const_cast<void*>(base), dims, strides, box, es,
+             CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_NONE,
              CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 

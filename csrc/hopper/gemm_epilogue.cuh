@@ -54,13 +54,14 @@ __device__ __forceinline__ void store2(void* base, bool f32, int64_t idx, float 
   }
 }
 
-// Applies the epilogue to y = (y0, y1) (bias included) at (row, col), col + 1 if `two`.
+// The fused op on y = (y0, y1) (bias included) at (row, col), col + 1 if `two`: c's values.
 template <typename T>
-__device__ __forceinline__ void finish(const Params& p, int row, int col, float y0, float y1, bool two) {
+__device__ __forceinline__ void fused_op(const Params& p, int row, int col, float y0, float y1, bool two, float& o0,
+                                         float& o1) {
   const int ep = p.epilogue & 15;
-  const bool f32 = (p.epilogue & kEpF32) != 0;
   const int64_t idx = int64_t(row) * p.N + col;
-  float o0 = y0, o1 = y1;
+  o0 = y0;
+  o1 = y1;
   if (ep == kEpSilu) {
     o0 = y0 * sigmoid(y0);
     o1 = y1 * sigmoid(y1);
@@ -78,18 +79,32 @@ __device__ __forceinline__ void finish(const Params& p, int row, int col, float 
     o0 = y0 * s0 * (1.f + q0 * (1.f - s0));
     o1 = y1 * s1 * (1.f + q1 * (1.f - s1));
   }
+}
+
+// Applies the epilogue to y = (y0, y1) (bias included) at (row, col), col + 1 if `two`, and
+// stores c (and aux_out = y).
+template <typename T>
+__device__ __forceinline__ void finish(const Params& p, int row, int col, float y0, float y1, bool two) {
+  const bool f32 = (p.epilogue & kEpF32) != 0;
+  const int64_t idx = int64_t(row) * p.N + col;
+  float o0, o1;
+  fused_op<T>(p, row, col, y0, y1, two, o0, o1);
   store2<T>(p.c, f32, idx, o0, o1, two, p.pair_ok);
   if (p.aux_out) store2<T>(p.aux_out, f32, idx, y0, y1, two, p.pair_ok);
 }
 
-template <typename T>
-__device__ __forceinline__ void epilogue(const Params& p, const float (&acc)[64], const Unit& w, int cw, int warp,
-                                         int lane) {
+// The pair stores from the registers: consumer warpgroup cw's m64 x (2 kAcc) accumulator fragment
+// (kAcc fp32 per thread; 64 for the 128x128 tile, 128 for gemm_wide's 128x256), as 4- or 8-byte
+// stores of (column, column + 1) pairs, bias and the fused op applied (or split-K partials).
+template <typename T, int kAcc>
+__device__ __forceinline__ void store_pairs(const Params& p, const float (&acc)[kAcc], const Unit& w, int cw,
+                                            int warp, int lane) {
+  static_assert((kAcc & (kAcc - 1)) == 0, "the fragment index wraps with a power-of-two mask");
   const int g = lane >> 2, c = lane & 3;
   const T* bias = static_cast<const T*>(p.bias);
   const int64_t mn = int64_t(p.M) * p.N;
 #pragma unroll
-  for (int j = 0; j < kBN / 8; ++j) {
+  for (int j = 0; j < kAcc / 4; ++j) {
     const int col = w.n0 + 8 * j + 2 * c;
     if (col >= p.N) continue;
     const bool two = col + 1 < p.N;
@@ -100,7 +115,7 @@ __device__ __forceinline__ void epilogue(const Params& p, const float (&acc)[64]
       const int row = w.m0 + 64 * cw + 16 * warp + g + 8 * h;
       if (row >= p.M) continue;
       const int i = 4 * j + 2 * h + DJEPA_FAULT_VALUE(kPlantFragment, 0, 1);
-      const float y0 = acc[i & 63], y1 = acc[(i + 1) & 63];
+      const float y0 = acc[i & (kAcc - 1)], y1 = acc[(i + 1) & (kAcc - 1)];
       if (p.splits > 1) {
         store2<T>(p.partial + w.split * mn, true, int64_t(row) * p.N + col, y0, y1, two, (p.N % 2) == 0);
       } else {
@@ -108,6 +123,13 @@ __device__ __forceinline__ void epilogue(const Params& p, const float (&acc)[64]
       }
     }
   }
+}
+
+template <typename T>
+__device__ __forceinline__ void epilogue(const Params& p, const float (&acc)[64], const Unit& w, int cw, int warp,
+                                         int lane) {
+  static_assert(kBN / 8 == 64 / 4, "a 128x128 tile's fragment holds kBN / 2 values per thread");
+  store_pairs<T>(p, acc, w, cw, warp, lane);
 }
 
 // Sums the splits' fp32 partials in split order and applies the epilogue (one thread per pair).

@@ -1,6 +1,7 @@
 // Hopper (sm_90a) primitives for the kernels in csrc/hopper/: wgmma and its shared-memory matrix
-// descriptors, mbarriers with transaction counts, TMA (cp.async.bulk.tensor), cp.async with
-// mbarrier completion, proxy fences, named barriers, setmaxnreg.
+// descriptors, mbarriers with transaction counts, TMA (cp.async.bulk.tensor) loads, multicast
+// loads and stores with bulk async-groups, clusters, cp.async with mbarrier completion, stmatrix,
+// proxy fences, named barriers, setmaxnreg.
 //
 // Build: these need the sm_90a target (-gencode=arch=compute_90a,code=sm_90a; CMake's
 // CUDA_ARCHITECTURES "90a" expands to exactly that). In any other device pass (sm_80, plain
@@ -56,7 +57,9 @@ enum Plant : int {
   kPlantWgmmaWait = 6,     // the accumulators are read before wgmma.wait_group 0
   kPlantEarlyRelease = 7,  // a stage is released (empty barrier) before the wgmma reading it retired
   kPlantRegFence = 8,      // no wgmma.fence between writing wgmma registers and the wgmma
-  kPlantCount = 9,
+  kPlantPeerRelease = 9,   // cluster: a stage is released in this CTA only, not in the peer that multicasts into it
+  kPlantClusterSync = 10,  // cluster: no barrier.cluster between the mbarrier inits and the peers' first use
+  kPlantCount = 11,
 };
 
 // The fault-injection hook, the only way kernels refer to planted bugs:
@@ -134,6 +137,13 @@ __device__ __forceinline__ void mbar_init_fence() {
 __device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)) : "memory");
 }
+// One arrival on `bar` where `pred` holds (a predicated instruction, not a branch around it).
+__device__ __forceinline__ void mbar_arrive_if(uint64_t* bar, bool pred) {
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %1, 0;\n@p mbarrier.arrive.shared::cta.b64 _, [%0];\n}\n" ::"r"(
+                   smem_u32(bar)),
+               "r"(int(pred))
+               : "memory");
+}
 __device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes)
                : "memory");
@@ -190,6 +200,80 @@ __device__ __forceinline__ void fence_proxy_async() {
 }
 // An ordinary 16-byte shared store (the emulator tracks these for the proxy-fence rule).
 __device__ __forceinline__ void st_shared16(void* dst, uint4 v) { *reinterpret_cast<uint4*>(dst) = v; }
+// stmatrix.sync.aligned.m8n8.x4.shared.b16 (warp-wide; generic-proxy stores): four 8 x 8 16-bit
+// matrices; lane l holds in r[i] row l / 4, columns 2 (l % 4), +1 of matrix i (the layout of an
+// m64nN accumulator pair after packing) and gives the 16-byte-aligned address of row l % 8 of
+// matrix l / 8.
+__device__ __forceinline__ void stmatrix_x4(void* row, const uint32_t (&r)[4]) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(smem_u32(row)), "r"(r[0]),
+               "r"(r[1]), "r"(r[2]), "r"(r[3])
+               : "memory");
+}
+
+// ---- clusters (sm_90): a CTA's rank in its cluster, the cluster-wide barrier, arrivals on a peer
+// CTA's mbarrier (the same shared-memory offset in CTA `cta`), and TMA multicast: the box lands at
+// the same offset in every CTA of `mask` and completes bytes on the mbarrier at the same offset in
+// each of them.
+__device__ __forceinline__ uint32_t cluster_ctarank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+  return r;
+}
+// Every thread of every CTA of the cluster (release / acquire at cluster scope).
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+// Release at CTA scope, as CUTLASS's ClusterBarrier::arrive(cta_id): .release.cluster would
+// add a GPU-wide MEMBAR before every arrival (ptxas, sm_90a).
+__device__ __forceinline__ void mbar_arrive_remote(uint64_t* bar, uint32_t cta) {
+  asm volatile(
+      "{\n.reg .b32 remote;\nmapa.shared::cluster.u32 remote, %0, %1;\n"
+      "mbarrier.arrive.shared::cluster.b64 _, [remote];\n}\n" ::"r"(smem_u32(bar)),
+      "r"(cta)
+      : "memory");
+}
+__device__ __forceinline__ void tma_load_2d_multicast(void* dst, const CUtensorMap* map, int c0, int c1, uint64_t* bar,
+                                                      uint16_t mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1, {%2, "
+      "%3}], [%4], %5;\n" ::"r"(smem_u32(dst)),
+      "l"(map), "r"(c0), "r"(c1), "r"(smem_u32(bar)), "h"(mask)
+      : "memory");
+}
+
+// ---- TMA stores (shared -> global, bulk groups): the box at `src` (a swizzled tile laid out as
+// the tensor map says) to the coordinates; elements outside the tensor are not written. The
+// generic-proxy writes of the tile must be made visible first (fence_proxy_async, then a barrier
+// with the issuing thread). bulk_wait_read<N>: at most N groups may still read shared memory;
+// bulk_wait<N>: at most N groups are incomplete (their global writes included).
+__device__ __forceinline__ void tma_store_2d(const CUtensorMap* map, const void* src, int c0, int c1) {
+  asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];\n" ::"l"(map),
+               "r"(smem_u32(src)), "r"(c0), "r"(c1)
+               : "memory");
+}
+__device__ __forceinline__ void tma_store_3d(const CUtensorMap* map, const void* src, int c0, int c1, int c2) {
+  asm volatile("cp.async.bulk.tensor.3d.global.shared::cta.bulk_group [%0, {%2, %3, %4}], [%1];\n" ::"l"(map),
+               "r"(smem_u32(src)), "r"(c0), "r"(c1), "r"(c2)
+               : "memory");
+}
+__device__ __forceinline__ void tma_store_4d(const CUtensorMap* map, const void* src, int c0, int c1, int c2,
+                                             int c3) {
+  asm volatile("cp.async.bulk.tensor.4d.global.shared::cta.bulk_group [%0, {%2, %3, %4, %5}], [%1];\n" ::"l"(map),
+               "r"(smem_u32(src)), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
+               : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void bulk_wait_read() {
+  asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory");
+}
+template <int N>
+__device__ __forceinline__ void bulk_wait() {
+  asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(N) : "memory");
+}
+// Ordinary 4- and 8-byte shared stores (tracked by the emulator like st_shared16).
+__device__ __forceinline__ void st_shared4(void* dst, uint32_t v) { *reinterpret_cast<uint32_t*>(dst) = v; }
+__device__ __forceinline__ void st_shared8(void* dst, float2 v) { *reinterpret_cast<float2*>(dst) = v; }
 
 __device__ __forceinline__ void named_bar_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
@@ -227,11 +311,14 @@ __device__ __forceinline__ float ex2(float x) {
   return y;
 }
 __device__ __forceinline__ float shfl_xor(float v, int mask) { return __shfl_xor_sync(0xffffffffu, v, mask); }
+// Lane `src`'s v (every lane of the warp takes part).
+__device__ __forceinline__ int shfl_idx(int v, int src) { return __shfl_sync(0xffffffffu, v, src); }
 #else   // !DJEPA_SM90A: the host pass and the sm_80 / plain sm_90 device passes parse the kernels
         // (whose bodies are compiled out there) against these never-called stand-ins.
 __device__ __forceinline__ void mbar_init(uint64_t*, int) {}
 __device__ __forceinline__ void mbar_init_fence() {}
 __device__ __forceinline__ void mbar_arrive(uint64_t*) {}
+__device__ __forceinline__ void mbar_arrive_if(uint64_t*, bool) {}
 __device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t*, uint32_t) {}
 __device__ __forceinline__ bool mbar_try_wait(uint64_t*, uint32_t) { return true; }
 __device__ __forceinline__ void mbar_wait(uint64_t*, uint32_t) {}
@@ -242,6 +329,21 @@ __device__ __forceinline__ void cp_async16(void*, const void*, int) {}
 __device__ __forceinline__ void cp_async_mbar_arrive(uint64_t*) {}
 __device__ __forceinline__ void fence_proxy_async() {}
 __device__ __forceinline__ void st_shared16(void* dst, uint4 v) { *reinterpret_cast<uint4*>(dst) = v; }
+__device__ __forceinline__ uint32_t cluster_ctarank() { return 0; }
+__device__ __forceinline__ void cluster_sync() {}
+__device__ __forceinline__ void mbar_arrive_remote(uint64_t*, uint32_t) {}
+__device__ __forceinline__ void tma_load_2d_multicast(void*, const CUtensorMap*, int, int, uint64_t*, uint16_t) {}
+__device__ __forceinline__ void tma_store_2d(const CUtensorMap*, const void*, int, int) {}
+__device__ __forceinline__ void tma_store_3d(const CUtensorMap*, const void*, int, int, int) {}
+__device__ __forceinline__ void tma_store_4d(const CUtensorMap*, const void*, int, int, int, int) {}
+__device__ __forceinline__ void bulk_commit() {}
+template <int N>
+__device__ __forceinline__ void bulk_wait_read() {}
+template <int N>
+__device__ __forceinline__ void bulk_wait() {}
+__device__ __forceinline__ void st_shared4(void* dst, uint32_t v) { *reinterpret_cast<uint32_t*>(dst) = v; }
+__device__ __forceinline__ void st_shared8(void* dst, float2 v) { *reinterpret_cast<float2*>(dst) = v; }
+__device__ __forceinline__ void stmatrix_x4(void*, const uint32_t (&)[4]) {}
 __device__ __forceinline__ void named_bar_sync(int, int) {}
 __device__ __forceinline__ void named_bar_arrive(int, int) {}
 template <int R>
@@ -256,6 +358,7 @@ template <int R>
 __device__ __forceinline__ void fence_regs(float (&)[R]) {}
 __device__ __forceinline__ float ex2(float x) { return exp2f(x); }
 __device__ __forceinline__ float shfl_xor(float v, int) { return v; }
+__device__ __forceinline__ int shfl_idx(int v, int) { return v; }
 template <typename T, int N, int TA, int TB>
 __device__ __forceinline__ void wgmma_ss(float (&)[N / 2], uint64_t, uint64_t, int) {}
 template <typename T, int N, int TB>
