@@ -9,7 +9,16 @@ Whether `_C` is built (first rule that applies):
                             torch cannot hand the kernels GPU tensors, so compiling is wasted)
 Build settings:
   DJEPA_CUDA_ARCHS="80;90a" CMake CUDA architecture list (default 80;90a)
-  MAX_JOBS=N                parallel compile jobs
+  MAX_JOBS=N                parallel compile jobs; unset: the cores, fewer if free memory is
+                            short (MEM_PER_JOB_GB per job and nvcc thread)
+  NVCC_THREADS=N            nvcc --threads: the archs of one .cu in parallel; unset: as many as
+                            the cores allow beside one job per .cu file, at most one per arch
+  DJEPA_CCACHE=0|1|PATH     ccache in front of the compilers; default: when one is on PATH
+  DJEPA_DEVICE_CACHE=DIR    compile each .cu's device code once into DIR and reuse it when the
+                            same sources are built for another Python (tools/build_wheel.sh)
+  DJEPA_GLIBC=2.28          link _C to load on that glibc and newer (manylinux_2_28): libstdc++
+                            linked in, glibc calls bound to old symbol versions
+                            (tools/glibc_compat.py; tools/build_wheel.sh sets 2.28)
   CUDA_HOME                 where to look for nvcc first
 Compile progress is printed per file (visible with `pip install -v`, and on the terminal).
 """
@@ -19,6 +28,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from setuptools import Extension, find_packages, setup
@@ -26,6 +36,9 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
 BASE_VERSION = "0.1.0"
+# Peak resident memory of one nvcc job, measured on djepa's largest .cu files (the sm_90a
+# attention and GEMM kernels: about 1 GB each, 80;90a, CUDA 13.0), with headroom.
+MEM_PER_JOB_GB = 1.5
 
 
 def say(msg, tty=True):
@@ -119,6 +132,68 @@ def prebuilt_extension():
     return path, out.stdout.strip()
 
 
+def available_cores():
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def available_memory_gb():
+    """MemAvailable of /proc/meminfo in GB (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return None
+
+
+def positive_int(name):
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) < 1:
+        raise SystemExit(f"djepa: {name} must be a positive integer, got {raw!r}")
+    return int(raw)
+
+
+def parallelism(n_cu, n_archs, cores=None, mem_gb=None):
+    """(jobs, nvcc threads, why): MAX_JOBS and NVCC_THREADS when set, else chosen from the cores
+    and the free memory (a job and each of its nvcc threads take up to MEM_PER_JOB_GB)."""
+    cores = available_cores() if cores is None else cores
+    threads = positive_int("NVCC_THREADS")
+    if threads is None:  # spare cores beyond one job per .cu go to compiling its archs in parallel
+        threads = max(1, min(n_archs, cores // max(1, n_cu)))
+    jobs = positive_int("MAX_JOBS")
+    if jobs is not None:
+        return jobs, threads, "MAX_JOBS"
+    jobs = max(1, cores // threads)
+    why = f"{cores} cores"
+    mem_gb = available_memory_gb() if mem_gb is None else mem_gb
+    if mem_gb is not None:
+        by_memory = max(1, int(mem_gb / (MEM_PER_JOB_GB * threads)))
+        why += f", {mem_gb:.0f} GB free"
+        jobs = min(jobs, by_memory)
+    return jobs, threads, why
+
+
+def ccache_executable():
+    raw = os.environ.get("DJEPA_CCACHE", "").strip()
+    if raw == "0":
+        return None
+    if raw in ("", "1"):
+        found = shutil.which("ccache")
+        if raw == "1" and found is None:
+            raise SystemExit("djepa: DJEPA_CCACHE=1 but no ccache on PATH")
+        return found
+    if not (os.path.isfile(raw) and os.access(raw, os.X_OK)):
+        raise SystemExit(f"djepa: DJEPA_CCACHE={raw}: not an executable (0, 1 or a path)")
+    return raw
+
+
 class CMakeExtension(Extension):
     def __init__(self, name):
         super().__init__(name, sources=[])
@@ -141,6 +216,16 @@ class CMakeBuild(build_ext):
         build_dir = Path(self.build_temp).resolve() / "cmake"
         build_dir.mkdir(parents=True, exist_ok=True)
         archs = os.environ.get("DJEPA_CUDA_ARCHS", "80;90a")
+        n_cu = len(list((ROOT / "csrc").glob("*.cu")))
+        n_src = n_cu + len(list((ROOT / "csrc").glob("*.cpp")))
+        jobs, threads, why_jobs = parallelism(n_cu, len([a for a in re.split(r"[;,]", archs) if a.strip()]))
+        ccache = ccache_executable()
+        device_cache = os.environ.get("DJEPA_DEVICE_CACHE", "").strip()
+        if device_cache:
+            device_cache = str(Path(device_cache).expanduser().resolve())
+        glibc = os.environ.get("DJEPA_GLIBC", "").strip()
+        if glibc and not re.fullmatch(r"2\.\d+", glibc):
+            raise SystemExit(f"djepa: DJEPA_GLIBC must be a glibc version such as 2.28, got {glibc!r}")
         cmake = cmake_executable()
         cfg = "Release"
         configure = [
@@ -153,6 +238,10 @@ class CMakeBuild(build_ext):
             f"-DDJEPA_OUTPUT_DIR={out_dir}",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            f"-DDJEPA_NVCC_THREADS={threads if threads > 1 else ''}",
+            f"-DDJEPA_CCACHE={ccache or ''}",
+            f"-DDJEPA_DEVICE_CACHE={device_cache}",
+            f"-DDJEPA_GLIBC={glibc}",
         ]
         ninja = shutil.which("ninja")
         if ninja is None:
@@ -165,12 +254,16 @@ class CMakeBuild(build_ext):
         cached = (build_dir / "CMakeCache.txt").is_file()
         if ninja and not cached:
             configure += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
-        jobs = os.environ.get("MAX_JOBS") or str(max(1, os.cpu_count() or 1))
-        n_src = len(list((ROOT / "csrc").glob("*.cu"))) + len(list((ROOT / "csrc").glob("*.cpp")))
-        say(f"compiling djepa._C: {n_src} sources for CUDA archs {archs} with {jobs} jobs "
-            f"(minutes per arch; DJEPA_SKIP_CUDA=1 skips it)")
+        extras = [f"nvcc --threads {threads}"] if threads > 1 else []
+        extras += [f"ccache {ccache}"] if ccache else []
+        extras += [f"device code cached in {device_cache}"] if device_cache else []
+        extras += [f"linked for glibc {glibc}"] if glibc else []
+        say(f"compiling djepa._C: {n_src} sources for CUDA archs {archs} with {jobs} jobs ({why_jobs})"
+            + "".join(f", {e}" for e in extras) + " (minutes per arch; DJEPA_SKIP_CUDA=1 skips it)")
+        t0 = time.monotonic()
         subprocess.run(configure, cwd=build_dir, check=True, stdout=subprocess.DEVNULL)
-        build = subprocess.Popen([cmake, "--build", ".", "--config", cfg, "-j", jobs], cwd=build_dir,
+        say(f"  configured ({time.monotonic() - t0:.0f} s)")
+        build = subprocess.Popen([cmake, "--build", ".", "--config", cfg, "-j", str(jobs)], cwd=build_dir,
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         tail = []
         for line in build.stdout:
@@ -178,11 +271,16 @@ class CMakeBuild(build_ext):
             m = re.search(r"Building (?:CUDA|CXX) object .*?/([\w.]+)\.o", line)
             if m:
                 step = re.match(r"\s*\[\s*([\d/%]+)\s*\]", line)
-                say(f"  [{step.group(1) if step else '..'}] compiling {m.group(1)}")
+                say(f"  [{step.group(1) if step else '..'}] compiling {m.group(1)} (+{time.monotonic() - t0:.0f} s)")
+            elif line.startswith("djepa-nvcc: "):  # tools/nvcc_split.py
+                say("  " + line[len("djepa-nvcc: "):].rstrip())
+            elif line.startswith("glibc_compat.py: "):
+                say("  " + line.rstrip())
             elif "Linking" in line:
-                say("  linking djepa._C")
+                say(f"  linking djepa._C (+{time.monotonic() - t0:.0f} s)")
         if build.wait() != 0:
             raise RuntimeError("building djepa._C failed:\n" + "\n".join(tail))
+        say(f"  djepa._C built in {time.monotonic() - t0:.0f} s")
 
 
 def cuda_decision():
@@ -227,6 +325,8 @@ setup(
     version=version,
     packages=find_packages(include=["djepa", "djepa.*"]) + ["djepa.kernels"],
     package_dir={"djepa": "djepa", "djepa.kernels": "kernels"},
+    # djepa/tune.py reads the shipped tuning tables from here (tools/check_wheel.py checks they are in)
+    package_data={"djepa": ["tune_tables/*.json", "tune_tables/README.md"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,
