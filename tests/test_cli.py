@@ -49,6 +49,10 @@ def test_parse_labels_and_overrides():
     for bad in ("a", "3-1", "1,,2", ""):
         with pytest.raises(CLIError):
             parse_labels(bad)
+    assert parse_labels("0,9", num_classes=10) == [0, 9]
+    for bad in ("10", "9-10", "-1"):  # one past either end
+        with pytest.raises(CLIError, match="out of range"):
+            parse_labels(bad, num_classes=10)
     assert parse_overrides(["depth=2", "qk_norm=false", "loss=flow", "mlp_ratio=2.5"]) == {
         "depth": 2, "qk_norm": False, "loss": "flow", "mlp_ratio": 2.5}
     with pytest.raises(CLIError):

@@ -45,7 +45,7 @@ def _single_process_reference(s, world):
     and noise), one backward, clip, AdamW, EMA."""
     from djepa.data import build_dataset
     from djepa.models import build
-    from djepa.train import StepBatches, _param_groups, data_overrides, make_tokenizer
+    from djepa.train import StepBatches, data_overrides, make_tokenizer, param_groups
 
     dataset = build_dataset(s.data, "train", **s.data_options)
     patch = s.patch_size or dataset.default_patch_size
@@ -53,7 +53,7 @@ def _single_process_reference(s, world):
     model = build(s.preset, **{**s.overrides, **data_overrides(dataset, patch), "backend": None})
     init = {k: v.clone() for k, v in model.state_dict().items()}
     tokenizer = make_tokenizer(dataset.channels, patch)
-    opt = torch.optim.AdamW(_param_groups(model, s.weight_decay), lr=s.lr, betas=s.betas, weight_decay=s.weight_decay)
+    opt = torch.optim.AdamW(param_groups(model, s.weight_decay), lr=s.lr, betas=s.betas, weight_decay=s.weight_decay)
     gens = [torch.Generator().manual_seed(s.seed * 7919 + r + 1) for r in range(world)]
     batches = [StepBatches(len(dataset), s.batch_size, s.seed, r, world) for r in range(world)]
     model.train()

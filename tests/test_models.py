@@ -177,6 +177,20 @@ def test_label_drop_uses_fake_class():
     assert (model.net.class_embedding(labels) == model.net.class_emb(labels)).all()
 
 
+def test_label_drop_rate_and_label_range_at_its_edges():
+    model = tiny(label_drop_prob=0.1)
+    labels = torch.arange(4000) % model.config.num_classes
+    emb = model.net.class_embedding(labels, drop=True, generator=gen(9))
+    frac = (emb == model.net.fake_latent).all(-1).float().mean().item()
+    assert abs(frac - 0.1) < 0.03, frac  # 6 standard errors
+    n = model.config.num_classes
+    x = torch.randn(2, model.config.seq_len, model.config.token_channels)
+    model(x, torch.tensor([0, n - 1]), generator=gen(10))  # both ends are classes
+    for bad in (n, -1):  # n is the fake class's row: never a label
+        with pytest.raises(ValueError, match="lie in"):
+            model(x, torch.tensor([0, bad]), generator=gen(10))
+
+
 # --- masking --------------------------------------------------------------------------------
 def test_mask_ratio_law():
     r = masking.sample_mask_ratio(20000, 0.7, gen(8))

@@ -717,6 +717,44 @@ def test_checkpoint_files_prefixes_args_and_safetensors(tmp_path):
     assert big.num_heads == 16
 
 
+# What djepa assumes for a checkpoint whose `args` lack a field or that carries none: the
+# published training settings (the models' constructor defaults; diffusion_batch_mul 4 as in the
+# MAR/D-JEPA training commands and model classes, where main_mar.py's argparse says 1).
+OFFICIAL_DEFAULTS = dict(attn_dropout=0.1, proj_dropout=0.1, label_drop_prob=0.1, diffusion_batch_mul=4,
+                         num_sampling_steps="100", mask_ratio_min=0.7, ema_decay=0.9999, diffusion_weight=1.0)
+SOURCE_DEFAULTS = {"djepa": dict(temperature=0.95, ema_schedule="official"),
+                   "mar": dict(temperature=1.0, ema_schedule="constant")}
+
+
+@pytest.mark.parametrize("source", ["djepa", "mar"])
+@pytest.mark.parametrize("args", [None, {}, {"model": "x_tiny"}], ids=["no-args", "empty-args", "args-model-only"])
+def test_fields_a_checkpoint_lacks_take_the_official_defaults(source, args):
+    online, ema = ref_pair(RefDJEPA if source == "djepa" else RefMAR, seed=2)
+    cfg = from_official(source, checkpoint_of(online, ema, args), num_heads=HEADS).config
+    want = dict(OFFICIAL_DEFAULTS, **SOURCE_DEFAULTS[source])
+    assert {k: getattr(cfg, k) for k in want} == want
+    # and every field the args do carry wins over the default
+    given = dict(attn_dropout=0.25, proj_dropout=0.2, label_drop_prob=0.3, diffusion_batch_mul=3,
+                 num_sampling_steps="7", mask_ratio_min=0.6, ema_rate=0.99, diffusion_weight=2.0, temperature=0.8)
+    cfg = from_official(source, checkpoint_of(online, ema, argparse.Namespace(**given)), num_heads=HEADS).config
+    assert (cfg.attn_dropout, cfg.proj_dropout, cfg.label_drop_prob, cfg.diffusion_batch_mul, cfg.num_sampling_steps,
+            cfg.mask_ratio_min, cfg.ema_decay, cfg.diffusion_weight, cfg.temperature) == (
+        0.25, 0.2, 0.3, 3, "7", 0.6, 0.99, 2.0, 0.8)
+
+
+@pytest.mark.parametrize("prefix", ["", "_orig_mod.", "module.", "module._orig_mod.", "_orig_mod.module.",
+                                    "module.module."])
+def test_every_wrapper_prefix_combination_loads_the_same_weights(prefix):
+    """torch.compile (`_orig_mod.`), DDP (`module.`) and both, in either nesting order."""
+    online, ema = ref_pair(RefDJEPA, seed=3)
+    ck = {"model": {prefix + k: v for k, v in online.state_dict().items()},
+          "model_ema": {prefix + k: v for k, v in ema.state_dict().items()}}
+    model = from_official("djepa", ck, num_heads=HEADS)
+    for name, ref in online.state_dict().items():
+        assert torch.equal(model.net.state_dict()[name], ref), name
+    assert torch.equal(model.ema.module.z_proj.weight, ema.z_proj.weight)
+
+
 def test_errors_are_one_line_and_name_the_keys(tmp_path):
     online, ema = ref_pair(RefDJEPA)
     sd = online.state_dict()

@@ -169,6 +169,50 @@ def test_patch_attention_leaves_what_it_cannot_take():
     assert isinstance(root.module, Block) and root.replaced == [("", "RefBlock", "Block")]
 
 
+class ScaledAttention(RefAttention):
+    """A timm Attention with its own softmax scale (timm's qk_scale / a custom head)."""
+
+    def __init__(self, *args, scale, **kw):
+        super().__init__(*args, **kw)
+        self.scale = scale
+
+    def forward(self, x):
+        B, N, Dm = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = self.q_norm(q).to(x.dtype), self.k_norm(k).to(x.dtype)
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        return self.proj(o.transpose(1, 2).reshape(B, N, Dm))
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim, seed):
+        super().__init__()
+        self.gamma = nn.Parameter(0.5 + torch.rand(dim, generator=torch.Generator().manual_seed(seed)))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+def test_patched_blocks_keep_the_attention_scale_and_both_layer_scales():
+    block = small_random_(RefBlock(D, HEADS, True), 11, std=0.3).eval()
+    block.attn = small_random_(ScaledAttention(D, HEADS, True, scale=0.9), 12, std=0.3).eval()
+    block.ls1, block.ls2 = LayerScale(D, 1), LayerScale(D, 2)
+    ref32, ref64 = copy.deepcopy(block), copy.deepcopy(block).double()
+    patched = patch_attention(block, backend="eager").module
+    assert patched.attn.scale == 0.9 and patched.ls1 is block.ls1 and patched.ls2 is block.ls2
+    x = torch.randn(2, 6, D, generator=torch.Generator().manual_seed(13))
+    assert_close_to_reference(patched(x), ref32(x), ref64(x.double()), what="scaled block")
+
+
+@pytest.mark.parametrize("where", ["drop_path1", "drop_path2", "drop_path"])
+def test_a_block_with_stochastic_depth_on_either_branch_keeps_its_own_forward(where):
+    block = RefBlock(D, HEADS, False)
+    setattr(block, where, DropPath(0.1))
+    report = patch_attention(nn.Sequential(block))
+    assert any(p == "0" and where in why for p, why in report.skipped), report.skipped
+    assert report.replaced == [("0.attn", "RefAttention", "MaskedAttention")]
+
+
 def test_the_report_says_where_each_attention_runs_in_training(triton_device):
     """Per replaced block/attention: the backend of a training step, with its attention dropout
     (passed through, no eager fallback), or why an explicit backend cannot serve it."""

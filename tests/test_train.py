@@ -448,3 +448,19 @@ def test_no_function_of_the_training_loop_runs_over_80_lines():
                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
     assert {"_train", "_set_up", "_loop", "_train_step"} <= set(lengths)
     assert {name: n for name, n in lengths.items() if n > 80} == {}
+
+
+def test_a_run_folder_means_the_checkpoint_latest_names(tmp_path):
+    """`latest` wins over the newest step-* folder (e.g. a newer folder copied back in by hand);
+    a damaged or dangling `latest` falls back to the newest folder with a state.json."""
+    from djepa.checkpoint import resolve_checkpoint
+
+    for step in (2, 4):
+        (tmp_path / f"step-000000{step}").mkdir()
+        (tmp_path / f"step-000000{step}" / "state.json").write_text("{}")
+    (tmp_path / "latest").write_text("step-0000002\n")
+    assert resolve_checkpoint(tmp_path) == str(tmp_path / "step-0000002")
+    (tmp_path / "latest").write_text("step-0000009\n")
+    assert resolve_checkpoint(tmp_path) == str(tmp_path / "step-0000004")
+    (tmp_path / "latest").write_bytes(b"\xff\xfe")
+    assert resolve_checkpoint(tmp_path) == str(tmp_path / "step-0000004")

@@ -44,7 +44,7 @@ def fake_gpu(monkeypatch, tmp_path):
 
 
 def _auto(op, dtype=torch.bfloat16, **dims):
-    return _dispatch.select_backend(op, "auto", GPU, dtype=dtype, bucket=tune.bucket(op, **dims))
+    return _dispatch.select_backend(op, "auto", GPU, dtype=dtype, case=dims)
 
 
 def _entry(op, dtype, dims, ms):
@@ -125,6 +125,11 @@ def test_arch_check_of_the_extension():
     assert not backends._arch_runs(["100a"], (9, 0))
 
 
+def test_arch_check_at_its_boundaries():
+    assert backends._arch_runs(["80"], (8, 0)) and backends._arch_runs(["86"], (8, 6))  # SASS of exactly this GPU
+    assert backends._arch_runs(["90a"], (9, 0)) and not backends._arch_runs(["86"], (8, 0))  # no newer SASS
+
+
 # ----------------------------------------------------------------------------- tables
 def test_auto_follows_a_matching_table_exactly_and_at_the_nearest_bucket(fake_gpu, tmp_path, monkeypatch):
     path = _table(tmp_path / "t.json", [
@@ -144,14 +149,15 @@ def test_auto_follows_a_matching_table_exactly_and_at_the_nearest_bucket(fake_gp
     assert _auto("adaln_block", W=1024, M=50, train=True) == "eager"            # eager measured fastest
     # The measured winner cannot serve this call: the next fastest measured backend gets it.
     assert _dispatch.select_backend("masked_attention", "auto", GPU, dtype=torch.bfloat16, cuda_reason="D=48",
-                                    bucket=tune.bucket("masked_attention", D=64, Nk=320, train=True)) == "triton"
-    # A lazy bucket is evaluated only when a table is active.
+                                    case=dict(D=64, Nk=320, train=True)) == "triton"
+    # The tables measure no dropout: such a call follows the static rule.
+    assert _auto("masked_attention", D=64, Nk=320, train=True, dropout=True) == "triton"
+    # A lazy case is evaluated only when a table is active.
     calls = []
     _dispatch.select_backend("ema_update_", "auto", GPU, dtype=torch.bfloat16,
-                             bucket=lambda: calls.append(1) or tune.bucket("ema_update_", numel=10))
+                             case=lambda: calls.append(1) or dict(numel=10))
     assert calls == [1]
-    order, why = backends.auto_order("masked_attention", GPU, torch.bfloat16,
-                                     tune.bucket("masked_attention", D=64, Nk=1024, train=True))
+    order, why = backends.auto_order("masked_attention", GPU, torch.bfloat16, dict(D=64, Nk=1024, train=True))
     assert order[0] == "cuda" and "nearest measured bucket" in why and str(path) in why
 
 
@@ -283,6 +289,40 @@ def test_run_times_every_backend_and_the_written_table_drives_auto(fake_gpu, tmp
     assert _auto("masked_attention", dtype=torch.float32, D=16, Nk=8, train=True) == "triton"
     assert _auto("masked_attention", dtype=torch.float32, D=16, Nk=8, train=False) == "cuda"
     assert _auto("adaln_block", dtype=torch.float32, W=16, M=4, train=True) == "cuda"
+
+
+def test_run_times_each_sm90_gemm_design_of_the_denoise_ops(monkeypatch):
+    """Where djepa._C runs its sm_90a GEMMs, adaln_block / denoise_step are timed on cuda once
+    per DJEPA_SM90_GEMM design too (the entry's "sm90_gemm"); other ops and backends are not."""
+    import os
+
+    class FakeCase:
+        def __init__(self, op):
+            self.op, self.dtype, self.shape, self.key = op, torch.bfloat16, "s", "k"
+            self.bucket = (("W", 16),)
+
+        def build(self, device):
+            return lambda backend: (backend, os.environ.get("DJEPA_SM90_GEMM"))
+
+    monkeypatch.setattr(tune._backends, "uses_wgmma", lambda op, device: op != "ema_update_")
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.delenv("DJEPA_SM90_GEMM", raising=False)
+    calls = []
+    times = {(None,): 2.0, ("128x256",): 1.0, ("128x128",): 3.0}
+
+    def timer(fn, backend, case):
+        got = fn()
+        calls.append((case.op,) + got)
+        return times[(got[1],)] if backend == "cuda" else 5.0
+
+    entries, _ = tune.run([FakeCase("adaln_block"), FakeCase("ema_update_")], torch.device("cuda", 0), timer=timer,
+                          backends=("cuda", "triton"))
+    assert entries[0]["sm90_gemm"] == {"128x128": 3.0, "128x256": 1.0} and entries[0]["ms"] == {"cuda": 2.0,
+                                                                                               "triton": 5.0}
+    assert "sm90_gemm" not in entries[1]
+    assert [c[1:] for c in calls if c[0] == "adaln_block"] == [("cuda", None), ("triton", None), ("cuda", "128x128"),
+                                                              ("cuda", "128x256")]
+    assert "DJEPA_SM90_GEMM" not in os.environ  # restored
 
 
 def test_run_stops_at_the_budget_and_marks_the_table_partial(monkeypatch):
@@ -470,3 +510,33 @@ def test_the_walk_catches_an_import_of_the_runner(tmp_path):
     assert _imports("djepa.backends", f, files) - {"djepa"} == {"djepa.tune"}
     f.write_text("from . import tune_table\nfrom .tune_table import bucket\n")
     assert _imports("djepa.backends", f, files) - {"djepa"} == {"djepa.tune_table"}
+
+
+def test_a_bucket_exactly_the_largest_distance_away_is_followed(fake_gpu, tmp_path, monkeypatch):
+    path = _table(tmp_path / "t.json", [
+        _entry("masked_attention", "bfloat16", dict(D=64, Nk=512, train=True), {"cuda": 1.0, "triton": 2.0})])
+    monkeypatch.setenv(tune.ENV_VAR, str(path))
+    assert tune_table.MAX_DISTANCE == 2.0
+    assert _auto("masked_attention", D=64, Nk=2048, train=True) == "cuda"     # distance 2: followed
+    assert _auto("masked_attention", D=64, Nk=4096, train=True) == "triton"   # distance 3: the static rule
+
+
+def test_backends_a_table_did_not_time_stay_behind_the_timed_ones(fake_gpu, tmp_path, monkeypatch):
+    path = _table(tmp_path / "t.json", [
+        _entry("masked_attention", "bfloat16", dict(D=64, Nk=512, train=True), {"cuda": 1.0})])
+    monkeypatch.setenv(tune.ENV_VAR, str(path))
+    case = dict(D=64, Nk=512, train=True)
+    assert backends.auto_order("masked_attention", GPU, torch.bfloat16, case)[0] == ("cuda", "triton", "eager")
+    assert _dispatch.select_backend("masked_attention", "auto", GPU, dtype=torch.bfloat16, cuda_reason="no",
+                                    case=case) == "triton"
+
+
+def test_changing_the_table_variable_in_a_process_changes_the_table_followed(fake_gpu, tmp_path, monkeypatch):
+    bucket = dict(D=64, Nk=512, train=True)
+    a = _table(tmp_path / "a.json", [_entry("masked_attention", "bfloat16", bucket, {"cuda": 1.0, "triton": 2.0})])
+    b = _table(tmp_path / "b.json", [_entry("masked_attention", "bfloat16", bucket, {"cuda": 2.0, "triton": 1.0})])
+    monkeypatch.setenv(tune.ENV_VAR, str(a))
+    assert _auto("masked_attention", **bucket) == "cuda"
+    monkeypatch.setenv(tune.ENV_VAR, str(b))  # no reset: the cache is keyed on the variable
+    assert _auto("masked_attention", **bucket) == "triton"
+    assert backends.active_table(GPU).path == b
