@@ -1,4 +1,7 @@
-"""Peers (SDPA backends, FlexAttention, torch.compile, ...) that fail are skipped, not failed.
+"""The paths a suite times (djepa's and its peers'), each set up by a provider, and peers (SDPA
+backends, FlexAttention, torch.compile, ...) that fail skipped, not failed.
+
+`Providers`: one set-up per path, registered by name in the order the suite times them.
 
 A peer's first failure in a session (forward or backward, at compile or at run time) skips that
 case with the reason, and the same peer is skipped at once for every later case of the same
@@ -8,6 +11,18 @@ through this: their failures must fail the run.
 import pytest
 
 _failed = {}  # key -> reason of the peer's first failure in this session
+
+
+class Providers(dict):
+    """name -> set-up of one path, in the order they were registered."""
+
+    def register(self, *names):
+        """Decorator: register the set-up under each of `names`."""
+        def add(setup):
+            for name in names:
+                self[name] = setup
+            return setup
+        return add
 
 
 def _reason(exc):

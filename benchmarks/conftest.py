@@ -1,5 +1,5 @@
 """The two physical ceilings the suites report against, measured once per session on the GPU
-(design.md: bytes over measured copy bandwidth, FLOPs over measured bf16 matmul rate); the
+(docs/design.md: bytes over measured copy bandwidth, FLOPs over measured bf16 matmul rate); the
 machine info, synchronize and CUDA-error handling around every case; the partial JSON."""
 import datetime
 import json

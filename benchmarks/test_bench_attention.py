@@ -33,7 +33,7 @@ flash-attn with their dropout_p; FlexAttention has no dropout and is skipped say
 Knobs: DJEPA_BENCH_ATTN_SHAPES (comma list of ids below, default all),
 DJEPA_BENCH_ATTN_FRACTIONS (default "dense,random0.5,prefix0.5,random0.25,prefix0.25"),
 DJEPA_BENCH_ATTN_IMPLS (default all), DJEPA_BENCH_ATTN_MODES (default "fwd,fwdbwd,fwdbwd-dropout";
-the dropout mode runs at the djepa-* shapes only).
+the dropout mode runs at the djepa-* shapes only, DJEPA_BENCH_ATTN_DROPOUT_SHAPES narrows them).
 
 Targets on an H100, bf16 (benchmark, not a test): dense >= 0.9x the best SDPA backend, forward and
 forward+backward; 25% random visible >= 2.5x SDPA with the mask and >= 2x FlexAttention,
@@ -70,8 +70,6 @@ SHAPES = {
 }
 FRACTIONS = {"dense": (1.0, "random"), "random0.5": (0.5, "random"), "prefix0.5": (0.5, "prefix"),
              "random0.25": (0.25, "random"), "prefix0.25": (0.25, "prefix")}
-IMPLS = ["eager", "sdpa-math", "sdpa-efficient", "sdpa-cudnn", "sdpa-flash-dense", "flex",
-         "flash-attn-varlen", "djepa-triton", "djepa-cuda"]
 MODES = ["fwd", "fwdbwd", "fwdbwd-dropout"]
 DROPOUT_P = 0.1  # D-JEPA's and MAR's attention dropout
 DROPOUT_SHAPES = [s for s in SHAPES if s.startswith("djepa-")]
@@ -110,71 +108,97 @@ def _make_mask(B, N, fraction, pattern, gen):
     return order < n_vis
 
 
-def _peer_forward(impl, q, k, v, mask, dense, cache, dropout_p=0.0):
-    """A callable running one forward of `impl` (with dropout_p on the attention probabilities),
-    or a pytest.skip with the reason."""
-    B, H, N, D = q.shape
-    if impl == "djepa-cuda" or impl == "djepa-triton":
-        backend = impl.split("-")[1]
-        why = (backends.cuda_unavailable_reason("masked_attention", q.device) or cuda_reason(q)) \
-            if backend == "cuda" else \
-            (backends.triton_unavailable_reason("masked_attention", q.device) or triton_reason(q))
-        if why:
-            pytest.skip(f"{impl}: {why}")
-        key_mask = None if dense else mask
-        return lambda: masked_attention(q, k, v, key_mask, dropout_p=dropout_p, backend=backend)
-    if impl == "eager":
-        if dropout_p:  # its own bernoulli draw: the eager path of masked_attention
-            return lambda: masked_attention(q, k, v, mask, dropout_p=dropout_p, backend="eager")
-        return lambda: masked_attention_reference(q, k, v, mask, upcast=False)
-    if impl.startswith("sdpa-") and impl != "sdpa-flash-dense":
-        backend = {"sdpa-math": SDPBackend.MATH, "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
-                   "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION}[impl]
-        attn_mask = mask[:, None, None, :]
+# ------------------------------------------------------------------------------------------
+# Providers: one set-up per implementation, in the order the cases time them (the peers first,
+# so that djepa's cases record their speed-up over each). A set-up takes the case's q, k, v
+# (requires_grad for the backward), its key mask (`dense`: every key visible) and dropout_p, and
+# returns a callable running one forward, or skips with the reason (pytest.skip).
+# ------------------------------------------------------------------------------------------
+PROVIDERS = bench_peers.Providers()
 
-        def run():
-            with sdpa_kernel(backend):
-                return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
-        try:
-            run()
-        except RuntimeError as exc:
-            what = "a boolean mask" + (" with dropout" if dropout_p else "")
-            pytest.skip(f"{impl} refuses {what} here: {str(exc).splitlines()[0]}")
-        return run
-    if impl == "sdpa-flash-dense":
-        def run():
-            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-        return run
-    if dropout_p and impl == "flex":
+
+@PROVIDERS.register("eager")
+def _eager(impl, q, k, v, mask, dense, dropout_p):
+    if dropout_p:  # its own bernoulli draw: the eager path of masked_attention
+        return lambda: masked_attention(q, k, v, mask, dropout_p=dropout_p, backend="eager")
+    return lambda: masked_attention_reference(q, k, v, mask, upcast=False)
+
+
+@PROVIDERS.register("sdpa-math", "sdpa-efficient", "sdpa-cudnn")
+def _sdpa_masked(impl, q, k, v, mask, dense, dropout_p):
+    backend = {"sdpa-math": SDPBackend.MATH, "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
+               "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION}[impl]
+    attn_mask = mask[:, None, None, :]
+
+    def run():
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+    try:
+        run()
+    except RuntimeError as exc:
+        what = "a boolean mask" + (" with dropout" if dropout_p else "")
+        pytest.skip(f"{impl} refuses {what} here: {str(exc).splitlines()[0]}")
+    return run
+
+
+@PROVIDERS.register("sdpa-flash-dense")
+def _sdpa_flash_dense(impl, q, k, v, mask, dense, dropout_p):
+    def run():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+    return run
+
+
+@PROVIDERS.register("flex")
+def _flex(impl, q, k, v, mask, dense, dropout_p):
+    if dropout_p:
         pytest.skip("flex: FlexAttention has no dropout of the attention probabilities")
-    if impl == "flex":
-        try:
-            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-        except ImportError as exc:
-            pytest.skip(f"FlexAttention is not available: {exc}")
-        if "flex" not in cache:
-            cache["flex"] = torch.compile(flex_attention)
-        block_mask = create_block_mask(lambda b, h, qi, ki: mask[b, ki], B, None, N, N, device="cuda")
-        return lambda: cache["flex"](q, k, v, block_mask=block_mask)
-    if impl == "flash-attn-varlen":
-        try:
-            from flash_attn import flash_attn_varlen_func
-        except ImportError as exc:
-            pytest.skip(f"flash-attn is not installed: {exc}")
-        cu_q = torch.arange(0, (B + 1) * N, N, dtype=torch.int32, device="cuda")
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError as exc:
+        pytest.skip(f"FlexAttention is not available: {exc}")
+    if "flex" not in _compiled:
+        _compiled["flex"] = torch.compile(flex_attention)
+    B, _, N, _ = q.shape
+    block_mask = create_block_mask(lambda b, h, qi, ki: mask[b, ki], B, None, N, N, device="cuda")
+    return lambda: _compiled["flex"](q, k, v, block_mask=block_mask)
 
-        def run():
-            qt = q.transpose(1, 2).reshape(B * N, H, D)
-            sel = mask.flatten().nonzero().squeeze(1)  # host sync, as unpad_input does
-            kt = k.transpose(1, 2).reshape(B * N, H, D).index_select(0, sel)
-            vt = v.transpose(1, 2).reshape(B * N, H, D).index_select(0, sel)
-            counts = mask.sum(1, dtype=torch.int32)
-            cu_k = F.pad(counts.cumsum(0, dtype=torch.int32), (1, 0))
-            out = flash_attn_varlen_func(qt, kt, vt, cu_q, cu_k, N, int(counts.max()), dropout_p=dropout_p)
-            return out.view(B, N, H, D).transpose(1, 2)
-        return run
-    raise ValueError(impl)
+
+@PROVIDERS.register("flash-attn-varlen")
+def _flash_attn_varlen(impl, q, k, v, mask, dense, dropout_p):
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError as exc:
+        pytest.skip(f"flash-attn is not installed: {exc}")
+    B, H, N, D = q.shape
+    cu_q = torch.arange(0, (B + 1) * N, N, dtype=torch.int32, device="cuda")
+
+    def run():
+        qt = q.transpose(1, 2).reshape(B * N, H, D)
+        sel = mask.flatten().nonzero().squeeze(1)  # host sync, as unpad_input does
+        kt = k.transpose(1, 2).reshape(B * N, H, D).index_select(0, sel)
+        vt = v.transpose(1, 2).reshape(B * N, H, D).index_select(0, sel)
+        counts = mask.sum(1, dtype=torch.int32)
+        cu_k = F.pad(counts.cumsum(0, dtype=torch.int32), (1, 0))
+        out = flash_attn_varlen_func(qt, kt, vt, cu_q, cu_k, N, int(counts.max()), dropout_p=dropout_p)
+        return out.view(B, N, H, D).transpose(1, 2)
+    return run
+
+
+@PROVIDERS.register("djepa-triton", "djepa-cuda")
+def _djepa(impl, q, k, v, mask, dense, dropout_p):
+    backend = impl.split("-")[1]
+    if backend == "cuda":
+        why = backends.cuda_unavailable_reason("masked_attention", q.device) or cuda_reason(q)
+    else:
+        why = backends.triton_unavailable_reason("masked_attention", q.device) or triton_reason(q)
+    if why:
+        pytest.skip(f"{impl}: {why}")
+    key_mask = None if dense else mask
+    return lambda: masked_attention(q, k, v, key_mask, dropout_p=dropout_p, backend=backend)
+
+
+IMPLS = list(PROVIDERS)
 
 
 @pytest.mark.parametrize("impl", select("DJEPA_BENCH_ATTN_IMPLS", IMPLS))
@@ -188,7 +212,8 @@ def test_masked_attention(benchmark, matmul_tflops, shape, fraction, mode, impl)
 @pytest.mark.parametrize("impl", select("DJEPA_BENCH_ATTN_IMPLS", IMPLS))
 @pytest.mark.parametrize("mode", [m for m in select("DJEPA_BENCH_ATTN_MODES", MODES) if m == "fwdbwd-dropout"])
 @pytest.mark.parametrize("fraction", select("DJEPA_BENCH_ATTN_FRACTIONS", FRACTIONS))
-@pytest.mark.parametrize("shape", [s for s in select("DJEPA_BENCH_ATTN_SHAPES", SHAPES) if s in DROPOUT_SHAPES])
+@pytest.mark.parametrize("shape", [s for s in select("DJEPA_BENCH_ATTN_SHAPES", SHAPES)
+                                   if s in select("DJEPA_BENCH_ATTN_DROPOUT_SHAPES", DROPOUT_SHAPES)])
 def test_masked_attention_dropout(benchmark, matmul_tflops, shape, fraction, mode, impl):
     _time_case(benchmark, matmul_tflops, shape, fraction, mode, impl)
 
@@ -212,7 +237,7 @@ def _time_case(benchmark, matmul_tflops, shape, fraction, mode, impl):
     dropout_p = DROPOUT_P if mode == "fwdbwd-dropout" else 0.0
     q, k, v = (t.requires_grad_(backward) for t in qkv.detach().unbind(0))
     mask = _make_mask(B, N, frac, pattern, gen)
-    forward = guard(_peer_forward, impl, q, k, v, mask, dense, _compiled, dropout_p)
+    forward = guard(PROVIDERS[impl], impl, q, k, v, mask, dense, dropout_p)
 
     if mode == "fwd":
         def fn():

@@ -10,6 +10,10 @@ Heads of D-JEPA-B/L/H, read from djepa.models.presets (MAR SimpleMLPAdaLN, depth
             steps; x_T and every step's noise drawn beforehand        M in 512, 2048, 8192
   train     MLP forward + backward of M = 32768 rows (MSE against a random target; grads set
             to None each time, as an optimizer step would)
+  gemm      the head's GEMMs alone, djepa._C.gemm_sm90 against cuBLAS (torch): fwd = x W^T + b
+            [M, W] x [W, W] with bias (M in the step sizes and the training rows), wgrad = dy^T x
+            [W, M] x [M, W] into float32 (M = the training rows: split-K), and one square
+            8192 x 8192 x 8192 (the shape of the matmul rate below)
 
 Paths, timed in this order for each (head, case, M) so each later path records its ratio to the
 earlier ones:
@@ -22,6 +26,10 @@ earlier ones:
   djepa-triton    backend="triton": djepa.ops.denoise_step / djepa.diffusion.sample (fused steps,
                   the loop captured as one CUDA graph) / DenoisingMLP with fused adaln_block
   djepa-cuda      backend="cuda", the same through djepa._C
+The gemm case times its own paths: cublas (torch.nn.functional.linear with bias, torch.mm for
+wgrad: bf16 out, cuBLAS's own choice of kernel), and djepa._C.gemm_sm90 under each design
+(sm90-auto: by shape, sm90-128x256, sm90-128x128: DJEPA_SM90_GEMM's values; split-K
+workspace allocated once, outside the timed call); `extra_info` adds the ratio to cublas.
 A path whose backend is unavailable is skipped with djepa.backends' reason.
 
 Weights: sampling (step, loop) runs every bf16 path on a bfloat16 copy of the weights (the
@@ -40,7 +48,7 @@ without classifier-free guidance (M rows, cfg 1). A table of the ratios prints a
 
 Knobs: DJEPA_BENCH_DENOISE_HEADS (default "B,L,H"), DJEPA_BENCH_DENOISE_M (step/loop rows,
 default "512,2048,8192"), DJEPA_BENCH_DENOISE_TRAIN_M (default 32768),
-DJEPA_BENCH_DENOISE_CASES (default "step,loop,train"), DJEPA_BENCH_DENOISE_PATHS (default all),
+DJEPA_BENCH_DENOISE_CASES (default "step,loop,train,gemm"), DJEPA_BENCH_DENOISE_PATHS (default all),
 DJEPA_BENCH_DENOISE_STEPS (loop length, default 100), DJEPA_BENCH_DENOISE_COMPILE_MODE (the
 compile peer's torch.compile mode, default max-autotune; reduce-overhead compiles in a fraction
 of the time, still with CUDA graphs). A quick look:
@@ -91,7 +99,7 @@ SELECTED_HEADS = select("DJEPA_BENCH_DENOISE_HEADS", HEADS)
 SIZES = [int(m) for m in os.environ.get("DJEPA_BENCH_DENOISE_M", "512,2048,8192").split(",") if m.strip()]
 TRAIN_M = int(os.environ.get("DJEPA_BENCH_DENOISE_TRAIN_M", "32768"))
 STEPS = int(os.environ.get("DJEPA_BENCH_DENOISE_STEPS", "100"))
-CASES = select("DJEPA_BENCH_DENOISE_CASES", ["step", "loop", "train"])
+CASES = select("DJEPA_BENCH_DENOISE_CASES", ["step", "loop", "train", "gemm"])
 SELECTED_PATHS = select("DJEPA_BENCH_DENOISE_PATHS", PATHS)
 COMPILE_MODE = select("DJEPA_BENCH_DENOISE_COMPILE_MODE",
                       ["max-autotune", "reduce-overhead", "max-autotune-no-cudagraphs", "default"])
@@ -301,6 +309,8 @@ def _runner(case, path, head, M):
 def _cases():
     for head in SELECTED_HEADS:
         for case in CASES:
+            if case == "gemm":
+                continue
             for M in ([TRAIN_M] if case == "train" else SIZES):
                 for path in SELECTED_PATHS:
                     yield pytest.param(head, case, M, path, id=f"{head}-{case}-M{M}-{path}")
@@ -346,4 +356,99 @@ def test_denoise(benchmark, matmul_tflops, head, case, M, path):
         if peer in row and path != peer:
             info[f"speedup_vs_{peer}"] = row[peer] / ms
     row[path] = ms
+    benchmark.extra_info.update(info)
+
+
+# ------------------------------------------------------------------------------ the GEMMs alone
+GEMM_PATHS = ["cublas", "sm90-auto", "sm90-128x256", "sm90-128x128"]
+_gemm_ms = {}  # (name, M, N, K) -> {path: ms}
+
+
+def _gemm_shapes():
+    """(name, M, N, K, a_trans, b_trans, fp32 out) of the gemm case."""
+    out = [("square", 8192, 8192, 8192, 0, 1, False)]
+    for head in SELECTED_HEADS:
+        W = HEADS[head][1]
+        for M in sorted(set(SIZES + [TRAIN_M])):
+            out.append((f"{head}-fwd", M, W, W, 0, 1, False))
+        out.append((f"{head}-wgrad", W, W, TRAIN_M, 1, 0, True))
+    return list(dict.fromkeys(out))
+
+
+def _gemm_cases():
+    if "gemm" not in CASES:
+        return
+    for shape in _gemm_shapes():
+        for path in GEMM_PATHS:
+            name, M, N, K = shape[:4]
+            yield pytest.param(shape, path, id=f"gemm-{name}-{M}x{N}x{K}-{path}")
+
+
+def _gemm_runner(shape, path):
+    """One call of the shape's GEMM on `path` (bf16 operands, bias on fwd/square)."""
+    from djepa.ops import _dispatch
+
+    name, M, N, K, a_trans, b_trans, f32 = shape
+    g = torch.Generator(device=DEVICE).manual_seed(2)
+    a = torch.randn(K if a_trans else M, M if a_trans else K, device=DEVICE, generator=g, dtype=torch.bfloat16)
+    b = torch.randn(N if b_trans else K, K if b_trans else N, device=DEVICE, generator=g,
+                    dtype=torch.bfloat16) * K ** -0.5
+    bias = None if f32 else torch.randn(N, device=DEVICE, generator=g, dtype=torch.bfloat16)
+    if path == "cublas":
+        if f32:
+            return lambda: torch.mm(a.t() if a_trans else a, b.t() if b_trans else b)
+        return lambda: F.linear(a, b, bias)
+    ext = backends.cuda_extension()
+    kernel = backends.SM90_GEMM_DESIGNS[path.split("-", 1)[1]]
+    c = torch.empty(M, N, device=DEVICE, dtype=torch.float32 if f32 else torch.bfloat16)
+    splits = int(ext.gemm_sm90_splits(M, N, K, kernel=kernel))
+    ws = torch.empty(splits * M * N, device=DEVICE) if splits > 1 else None
+    args = (a.data_ptr(), b.data_ptr(), c.data_ptr(), 0 if bias is None else bias.data_ptr(), M, N, K, a_trans,
+            b_trans, 16 if f32 else 0, 0, 0, 0, _dispatch.dtype_code(torch.bfloat16),
+            _dispatch.stream_handle(torch.device(DEVICE)), 0, 0 if ws is None else ws.data_ptr(), splits,
+            0 if ws is None else ws.numel())
+    return lambda: ext.gemm_sm90(*args, kernel=kernel)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _gemm_summary():
+    yield
+    if not _gemm_ms:
+        return
+    lines = ["", "denoise GEMMs: TFLOP/s per path (ratio to cublas)"]
+    for (name, M, N, K), row in _gemm_ms.items():
+        base = row.get("cublas")
+        cells = [f"{p}={2 * M * N * K / (ms * 1e-3) / 1e12:.0f}" + (f" ({base / ms:.2f}x)" if base and p != "cublas"
+                                                                   else "") for p, ms in row.items()]
+        lines.append(f"{name:10s} {M}x{N}x{K}  " + "  ".join(cells))
+    print("\n".join(lines))
+
+
+@pytest.mark.parametrize("shape,path", list(_gemm_cases()))
+def test_denoise_gemm(benchmark, matmul_tflops, shape, path):
+    import triton
+
+    dev = torch.device(DEVICE)
+    if path != "cublas" and not backends.uses_wgmma("adaln_block", dev):
+        why = backends.cuda_unavailable_reason("adaln_block", dev) or (
+            "not an sm_90 GPU with a 90a build, or DJEPA_SM90_KERNELS=0")
+        pytest.skip(f"{path}: djepa._C runs no sm_90a GEMM here ({why})")
+    name, M, N, K = shape[:4]
+    benchmark.group = f"denoise gemm {name} {M}x{N}x{K}"
+    run = _gemm_runner(shape, path)
+
+    def synced():
+        run()
+        torch.cuda.synchronize()
+
+    synced()
+    ms = triton.testing.do_bench(run, warmup=25, rep=200, return_mode="median")
+    benchmark.pedantic(synced, rounds=5, iterations=1, warmup_rounds=1)
+    tflops = 2 * M * N * K / (ms * 1e-3) / 1e12
+    row = _gemm_ms.setdefault((name, M, N, K), {})
+    row[path] = ms
+    info = dict(ms=ms, tflops=tflops, matmul_tflops=matmul_tflops, fraction_of_matmul=tflops / matmul_tflops,
+                path=path, device=torch.cuda.get_device_name())
+    if "cublas" in row and path != "cublas":
+        info["speedup_vs_cublas"] = row["cublas"] / ms
     benchmark.extra_info.update(info)

@@ -32,6 +32,7 @@ if not torch.cuda.is_available():
 
 import triton  # noqa: E402
 
+import bench_peers  # noqa: E402
 from djepa import backends  # noqa: E402
 from djepa.models import build  # noqa: E402
 from djepa.nn import EMA  # noqa: E402
@@ -41,7 +42,6 @@ pytestmark = pytest.mark.gpu
 
 PRESETS = [p.strip() for p in os.environ.get("DJEPA_BENCH_EMA_PRESETS", "B,L").split(",") if p.strip()]
 PARAM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-PATHS = ["loop", "foreach-lerp", "apex-axpby", "djepa-triton", "djepa-cuda", "djepa-module"]
 DECAY = 0.9999
 _loop_ms = {}
 _lerp_ms = {}
@@ -73,46 +73,59 @@ class _Holder(torch.nn.Module):
         self.ps = torch.nn.ParameterList([torch.nn.Parameter(x, requires_grad=False) for x in xs])
 
 
-def _apex_axpby():
+# ------------------------------------------------------------------------------------------
+# Providers: one set-up per path, in the order the cases time them (the loop and foreach-lerp first,
+# so that djepa's cases record their speed-up over them). A set-up takes the EMA and parameter
+# lists and returns a zero-argument callable doing one update, or skips with the reason.
+# ------------------------------------------------------------------------------------------
+PROVIDERS = bench_peers.Providers()
+
+
+@PROVIDERS.register("loop")
+def _loop(name, emas, xs):
+    def run():
+        for e, x in zip(emas, xs):
+            e.mul_(DECAY).add_(x, alpha=1 - DECAY)
+    return run
+
+
+@PROVIDERS.register("foreach-lerp")
+def _foreach_lerp(name, emas, xs):
+    if xs[0].dtype != torch.float32:
+        pytest.skip(f"{name}: torch._foreach_lerp_ needs the EMA and the parameters in one dtype")
+    return lambda: torch._foreach_lerp_(emas, xs, 1 - DECAY)
+
+
+@PROVIDERS.register("apex-axpby")
+def _apex_axpby(name, emas, xs):
     try:
         import amp_C
         from apex.multi_tensor_apply import multi_tensor_applier
     except Exception as exc:  # not installed, or a foreign "apex" package
-        return None, f"NVIDIA apex is not importable ({type(exc).__name__}: {exc})"
-    return (amp_C, multi_tensor_applier), None
+        pytest.skip(f"{name}: NVIDIA apex is not importable ({type(exc).__name__}: {exc})")
+    flag = torch.zeros(1, dtype=torch.int, device="cuda")
+    # out = a*x + b*y with x = params, y = emas, out = emas
+    return lambda: multi_tensor_applier(amp_C.multi_tensor_axpby, flag, [xs, emas, emas], 1 - DECAY, DECAY, -1)
 
 
-def _runner(path, emas, xs):
-    """A zero-argument callable doing one EMA update by `path`, or a skip reason."""
-    if path == "loop":
-        def run():
-            for e, x in zip(emas, xs):
-                e.mul_(DECAY).add_(x, alpha=1 - DECAY)
-        return run, None
-    if path == "foreach-lerp":
-        if xs[0].dtype != torch.float32:
-            return None, "torch._foreach_lerp_ needs the EMA and the parameters in one dtype"
-        return (lambda: torch._foreach_lerp_(emas, xs, 1 - DECAY)), None
-    if path == "apex-axpby":
-        apex, why = _apex_axpby()
-        if apex is None:
-            return None, why
-        amp_C, applier = apex
-        flag = torch.zeros(1, dtype=torch.int, device="cuda")
-        # out = a*x + b*y with x = params, y = emas, out = emas
-        return (lambda: applier(amp_C.multi_tensor_axpby, flag, [xs, emas, emas], 1 - DECAY, DECAY, -1)), None
-    if path in ("djepa-triton", "djepa-cuda"):
-        backend = path.split("-")[1]
-        reason = (backends.triton_unavailable_reason if backend == "triton"
-                  else backends.cuda_unavailable_reason)("ema_update_", torch.device("cuda"))
-        if reason:
-            return None, reason
-        return (lambda: ema_update_(emas, xs, DECAY, backend=backend)), None
-    if path == "djepa-module":
-        model = _Holder(xs)
-        ema = EMA(model, decay=DECAY)
-        return (lambda: ema.update(model)), None
-    raise ValueError(path)
+@PROVIDERS.register("djepa-triton", "djepa-cuda")
+def _djepa(name, emas, xs):
+    backend = name.split("-")[1]
+    reason = (backends.triton_unavailable_reason if backend == "triton"
+              else backends.cuda_unavailable_reason)("ema_update_", torch.device("cuda"))
+    if reason:
+        pytest.skip(f"{name}: {reason}")
+    return lambda: ema_update_(emas, xs, DECAY, backend=backend)
+
+
+@PROVIDERS.register("djepa-module")
+def _djepa_module(name, emas, xs):
+    model = _Holder(xs)
+    ema = EMA(model, decay=DECAY)
+    return lambda: ema.update(model)
+
+
+PATHS = list(PROVIDERS)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -120,9 +133,7 @@ def _runner(path, emas, xs):
 @pytest.mark.parametrize("preset", PRESETS)
 def test_ema_update(benchmark, copy_bandwidth, preset, param_dtype, path):
     emas, xs = _lists(preset, PARAM_DTYPES[param_dtype])
-    run, why = _runner(path, emas, xs)
-    if run is None:
-        pytest.skip(f"{path}: {why}")
+    run = PROVIDERS[path](path, emas, xs)
     benchmark.group = f"ema {preset} {param_dtype}"
     numel = sum(x.numel() for x in xs)
     moved = numel * (4 + 4 + xs[0].element_size())

@@ -12,6 +12,7 @@ import functools
 import importlib
 import os
 import platform
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -19,12 +20,24 @@ from djepa import tune_table
 
 BACKENDS = ("auto", "cuda", "triton", "eager")
 
-# op name -> (functions it needs from djepa._C, its Triton module)
+class OpKernels(NamedTuple):
+    """What djepa has for one op, as the dispatch layer sees it (declared here, not by the ops,
+    so that `djepa info` knows every op without importing the ops layer)."""
+    c_functions: tuple          # the functions it needs from djepa._C
+    triton_module: str          # its Triton kernels
+    matmul_bound: bool          # its time goes to tensor-core matmuls (else to memory bandwidth)
+    sm90_head_dims: Optional[tuple] = None  # head dims djepa._C's sm_90a (wgmma) kernels serve (None: all)
+    sm90_dropout: bool = True   # whether those serve dropout
+
+
 OPS = {
-    "ema_update_": (("ema_update",), "djepa.kernels.ema"),
-    "masked_attention": (("masked_attention_fwd", "masked_attention_bwd"), "djepa.kernels.attention"),
-    "adaln_block": (("adaln_modulate_fwd", "adaln_modulate_bwd", "gemm"), "djepa.kernels.denoise"),
-    "denoise_step": (("adaln_modulate_fwd", "denoise_update", "gemm"), "djepa.kernels.denoise"),
+    "ema_update_": OpKernels(("ema_update",), "djepa.kernels.ema", matmul_bound=False),
+    "masked_attention": OpKernels(("masked_attention_fwd", "masked_attention_bwd"), "djepa.kernels.attention",
+                                  matmul_bound=True, sm90_head_dims=(64, 80, 96, 128), sm90_dropout=False),
+    "adaln_block": OpKernels(("adaln_modulate_fwd", "adaln_modulate_bwd", "gemm"), "djepa.kernels.denoise",
+                             matmul_bound=True),
+    "denoise_step": OpKernels(("adaln_modulate_fwd", "denoise_update", "gemm"), "djepa.kernels.denoise",
+                              matmul_bound=True),
 }
 
 
@@ -114,7 +127,7 @@ def _extension_reason(op: str):
     ext = cuda_extension()
     if ext is None:
         return cuda_extension_error()
-    missing = [f for f in OPS[op][0] if not hasattr(ext, f)]
+    missing = [f for f in OPS[op].c_functions if not hasattr(ext, f)]
     if missing:
         return f"djepa._C was built without {', '.join(missing)}"
     return None
@@ -167,14 +180,6 @@ def triton_unavailable_reason(op: str, device: torch.device):
     return f"Triton does not run on {device.type} tensors"
 
 
-# Ops whose time goes to tensor-core matmuls (the rest, EMA, are bound by memory bandwidth).
-MATMUL_BOUND = frozenset({"masked_attention", "adaln_block", "denoise_step"})
-# Calls of an op that djepa._C's sm_90a (wgmma) kernels do not serve whatever their shape: they
-# run on its mma.sync kernels (so on sm_90 the static rule puts Triton's wgmma first). op -> [(case, why)]
-WGMMA_EXCLUDED = {"masked_attention": [("dropout_p > 0", "the sm_90a kernels have no dropout "
-                                                          "(dropout_p > 0 runs on the mma.sync kernels)")]}
-
-
 def triton_mma(capability) -> str:
     """The tensor-core instruction Triton's tl.dot compiles to (fp16/bf16) on `capability`."""
     return {9: "wgmma", 10: "tcgen05"}.get(capability[0], "mma.sync")
@@ -184,6 +189,40 @@ def sm90_kernels_enabled() -> bool:
     """False when DJEPA_SM90_KERNELS=0: djepa._C then runs its mma.sync kernels on sm_90 as well
     (A/B timings, the sanitizer's cases of those kernels on a Hopper GPU)."""
     return os.environ.get("DJEPA_SM90_KERNELS", "1").strip() != "0"
+
+
+# DJEPA_SM90_GEMM: the design of djepa._C.gemm_sm90 that the denoise ops run (its `kernel`
+# argument): "auto" chooses per call by shape (wave-quantised time estimates, csrc/hopper/
+# gemm_wide_config.cuh), "128x256" the 128x256 kernel (2-CTA clusters multicasting B, TMA-store
+# epilogue; a call whose operands TMA cannot load still runs the 128x128 one), "128x128" the
+# first design (register epilogue, no clusters), kept for A/B timings.
+SM90_GEMM_DESIGNS = {"auto": 0, "128x128": 1, "128x256": 2}
+
+
+def sm90_gemm_design() -> str:
+    """The sm_90a GEMM design DJEPA_SM90_GEMM asks for ("auto" when unset); ValueError for another
+    value."""
+    value = os.environ.get("DJEPA_SM90_GEMM", "auto").strip().lower() or "auto"
+    if value not in SM90_GEMM_DESIGNS:
+        raise ValueError(f"DJEPA_SM90_GEMM={value!r} is not one of {tuple(SM90_GEMM_DESIGNS)}")
+    return value
+
+
+# DJEPA_SM90_ATTENTION: the design of djepa._C.masked_attention_{fwd,bwd}_sm90 that backend="cuda"
+# runs on sm_90 (their `design` argument): "pipelined" (the default; FlashAttention-3's schedule,
+# csrc/hopper/attn_pipelined_*.cuh) or "baseline" (the first sm_90a kernels, attn_*_kernel.cuh),
+# kept so one GPU run measures both.
+SM90_ATTENTION_DESIGNS = {"pipelined": 0, "baseline": 1}
+
+
+def sm90_attention_design() -> str:
+    """The sm_90a attention design DJEPA_SM90_ATTENTION asks for ("pipelined" when unset);
+    ValueError for another value."""
+    value = os.environ.get("DJEPA_SM90_ATTENTION", "pipelined").strip().lower() or "pipelined"
+    if value not in SM90_ATTENTION_DESIGNS:
+        raise ValueError(f"masked_attention: DJEPA_SM90_ATTENTION={value!r} is not one of "
+                         f"{tuple(SM90_ATTENTION_DESIGNS)}")
+    return value
 
 
 def cuda_mma(op: str, capability) -> str:
@@ -206,24 +245,45 @@ def uses_wgmma(op: str, device: torch.device) -> bool:
     return cuda_mma(op, device_info(device)["capability"]) == "wgmma"
 
 
-def static_rule(op: str, device: torch.device, wgmma_reason=None):
-    """(backend order, why) of the static rule for `op` on `device` (no measurement).
+def wgmma_reason(op: str, case=None):
+    """Why djepa._C serves a call of `op` with its mma.sync kernels even where it has sm_90a
+    (wgmma) kernels for the op, or None when those serve it. case: the call's features by name
+    (see auto_order; this asks D, the head dim, and dropout)."""
+    kernels, case = OPS[op], case or {}
+    if case.get("dropout") and not kernels.sm90_dropout:
+        return "the sm_90a kernels have no dropout (dropout_p > 0 runs on the mma.sync kernels)"
+    D = case.get("D")
+    if kernels.sm90_head_dims is not None and D is not None and D not in kernels.sm90_head_dims:
+        return f"the sm_90a kernels serve head dims {kernels.sm90_head_dims}, not {D}"
+    return None
 
-    wgmma_reason: why this call's djepa._C kernel is the mma.sync one even where the op has
-    wgmma kernels (e.g. a head dim they do not serve), or None."""
+
+def _wgmma_limited(op: str) -> bool:
+    """Whether some calls of `op` are not served by djepa._C's sm_90a kernels (wgmma_reason)."""
+    return OPS[op].sm90_head_dims is not None or not OPS[op].sm90_dropout
+
+
+def static_rule(op: str, device: torch.device, case=None):
+    """(backend order, why) of the static rule for one call of `op` on `device` (no measurement);
+    case: the call's features (see auto_order), None for the op's calls in general."""
     if device.type != "cuda":
         return ("eager",), f"the tensors are on {device.type}: eager (the kernels run on a GPU)"
+    return _static_order(op, device, wgmma_reason(op, case))
+
+
+def _static_order(op, device, mma_sync_why):
+    """static_rule, with mma_sync_why = wgmma_reason(op, case)."""
     cap = tuple(device_info(device)["capability"])
     sm = f"sm_{cap[0]}{cap[1]}"
-    if op not in MATMUL_BOUND:
+    if not OPS[op].matmul_bound:
         return ("cuda", "triton", "eager"), f"static rule, {sm}: memory-bound op, djepa._C first, then Triton"
     tri, cu = triton_mma(cap), cuda_mma(op, cap)
-    if cu == "wgmma" and wgmma_reason:
+    if cu == "wgmma" and mma_sync_why:
         cu = "mma.sync"
         if tri != "mma.sync":
             return ("triton", "cuda", "eager"), (
                 f"static rule, {sm}: matmul-bound op; Triton's tl.dot emits {tri}, djepa._C has no wgmma "
-                f"kernel for this call ({wgmma_reason}): Triton first")
+                f"kernel for this call ({mma_sync_why}): Triton first")
     if tri != "mma.sync" and cu == "mma.sync":
         return ("triton", "cuda", "eager"), (
             f"static rule, {sm}: matmul-bound op; Triton's tl.dot emits {tri}, djepa._C's kernels are "
@@ -265,51 +325,68 @@ def table_environment(device: torch.device) -> dict:
     env = {"gpu": info["name"], "capability": list(info["capability"]), "sms": info["sms"]}
     env.update(build_versions())
     env["sm90_kernels"] = sm90_kernels_enabled()
+    if uses_wgmma("masked_attention", device):  # the attention design its "cuda" times are of
+        env["sm90_attention"] = _sm90_attention_or_raw()
     return env
+
+
+def _sm90_attention_or_raw() -> str:
+    try:
+        return sm90_attention_design()
+    except ValueError:
+        return os.environ.get("DJEPA_SM90_ATTENTION", "")
+
+
+def _table_key():
+    """What the table auto follows depends on besides the device and $DJEPA_TUNE_TABLE."""
+    return sm90_kernels_enabled(), os.environ.get("DJEPA_SM90_ATTENTION")
 
 
 def active_table(device: torch.device):
     """The tuning table auto follows on `device` (None: the static rule)."""
-    return tune_table.select_table(device, table_environment, sm90_kernels_enabled())[0]
+    return tune_table.select_table(device, table_environment, _table_key())[0]
 
 
 def describe_tables(device: torch.device) -> str:
     """Which tuning table auto follows on `device`, and the ones it ignored and why."""
-    return tune_table.describe_tables(device, table_environment, sm90_kernels_enabled())
+    return tune_table.describe_tables(device, table_environment, _table_key())
 
 
-def auto_order(op: str, device: torch.device, dtype=None, bucket=None, wgmma_reason=None):
+def auto_order(op: str, device: torch.device, dtype=None, case=None):
     """(backend order, why) that backend="auto" tries for one call of `op` on `device`.
 
-    dtype: the call's dtype (torch.dtype or its name); bucket: its shape bucket
-    (djepa.tune_table.bucket(op, ...), or a function returning it, called only when a tuning table for
-    this GPU is active). Without both, or without a measurement near the bucket, the static rule
-    (wgmma_reason: see static_rule).
+    dtype: the call's dtype (torch.dtype or its name). case: the call's features by name, the
+    sizes djepa.tune_table.bucket takes (masked_attention: D, Nk, train; adaln_block: W, M,
+    train; denoise_step: W, M; ema_update_: numel) and flags (dropout), or a function returning
+    them, called only when they are needed. A tuning table active for this GPU decides when it
+    measured the dtype at a bucket near the case's; else the static rule, which asks the case
+    whether djepa._C's sm_90a kernels serve it (wgmma_reason).
     """
     if device.type != "cuda":
         return static_rule(op, device)
     table = active_table(device)
-    if table is None or dtype is None or bucket is None:
-        key = (op, device, None, None, None, wgmma_reason)
-    else:
-        if callable(bucket):
-            bucket = bucket()
-        key = (op, device, tune_table.dtype_name(dtype), tuple(bucket), id(table), wgmma_reason)
+    lookup = table is not None and dtype is not None and case is not None
+    if callable(case):
+        case = case() if lookup or _wgmma_limited(op) else None
+    bucket = tune_table.bucket(op, **case) if lookup else None
+    mma_sync_why = wgmma_reason(op, case)
+    key = (op, device, mma_sync_why) if bucket is None else \
+        (op, device, mma_sync_why, tune_table.dtype_name(dtype), bucket, id(table))
     hit = _AUTO_CACHE.get(key)
     if hit is None:
-        order, why = static_rule(op, device, wgmma_reason)
-        if key[2] is not None:
-            entry, dist = table.lookup(op, key[2], key[3])
+        order, why = _static_order(op, device, mma_sync_why)
+        if bucket is not None:
+            entry, dist = table.lookup(op, key[3], bucket)
             if entry is not None:
                 order, why = tune_table.order_from_entry(entry, order), tune_table.explain(table, entry, dist)
         hit = _AUTO_CACHE[key] = (order, why)
     return hit
 
 
-def auto_backend(op: str, device: torch.device, wgmma_reason=None) -> str:
-    """What backend='auto' picks for `op` on `device`, before any case-specific limit
-    (wgmma_reason: see static_rule)."""
-    order, _ = auto_order(op, device, wgmma_reason=wgmma_reason)
+def auto_backend(op: str, device: torch.device, case=None) -> str:
+    """What backend='auto' picks for `op` on `device`, before any limit of the call but those of
+    `case` (see auto_order)."""
+    order, _ = auto_order(op, device, case=case)
     why = {"cuda": cuda_unavailable_reason(op, device), "triton": triton_unavailable_reason(op, device),
            "eager": None}
     return next(b for b in order if why[b] is None) if device.type == "cuda" else "eager"
@@ -340,9 +417,30 @@ def describe() -> str:
     else:
         lines.append("gpu          none visible (torch.cuda.is_available() is False)")
     lines.append(f"default      backend={default_backend()} (DJEPA_BACKEND)")
+    lines.append(f"sm90 gemm    {_describe_sm90_gemm()} (DJEPA_SM90_GEMM: {' | '.join(SM90_GEMM_DESIGNS)})")
+    lines.append(f"sm90 attn    {_describe_sm90_attention()} (DJEPA_SM90_ATTENTION: "
+                 f"{' | '.join(SM90_ATTENTION_DESIGNS)})")
     device = torch.device("cuda", torch.cuda.current_device()) if gpu_available() else torch.device("cpu")
     lines.extend(_describe_ops(device))
     return "\n".join(lines)
+
+
+def _describe_sm90_gemm():
+    try:
+        design = sm90_gemm_design()
+    except ValueError as exc:
+        return f"invalid: {exc}"
+    return {"auto": "auto (by shape: 128x256 clusters or 128x128)", "128x256": "128x256 (2-CTA clusters, TMA "
+            "multicast, TMA-store epilogue)", "128x128": "128x128 (the first design)"}[design]
+
+
+def _describe_sm90_attention():
+    try:
+        design = sm90_attention_design()
+    except ValueError as exc:
+        return f"invalid: {exc}"
+    return {"pipelined": "pipelined (FlashAttention-3's schedule: softmax under the GEMMs, ping-pong consumers)",
+            "baseline": "baseline (the first sm_90a kernels)"}[design]
 
 
 def _describe_ops(device):
@@ -374,10 +472,12 @@ def _describe_ops(device):
             if name == "cuda" and reason is None and device.type == "cuda":
                 state += (" (sm_90a wgmma kernels)" if uses_wgmma(op, device) else " (mma.sync kernels)")
             lines.append(f"    {name:7s} {state}")
-        for case, why in WGMMA_EXCLUDED.get(op, ()):
-            _, case_rule = static_rule(op, device, why)
-            lines.append(f"    {case}: auto -> {auto_backend(op, device, why)}  [{case_rule}]; eager, triton and "
-                         f"djepa._C serve it, djepa._C with its mma.sync kernels ({why.split(' (')[0]})")
+        if not OPS[op].sm90_dropout:
+            case = {"dropout": True}
+            _, case_rule = static_rule(op, device, case)
+            lines.append(f"    dropout_p > 0: auto -> {auto_backend(op, device, case)}  [{case_rule}]; eager, triton "
+                         f"and djepa._C serve it, djepa._C with its mma.sync kernels "
+                         f"({wgmma_reason(op, case).split(' (')[0]})")
     return lines
 
 

@@ -52,8 +52,8 @@ def git_state(root=None) -> dict:
 
 def machine_info(root=None) -> dict:
     """What a benchmark ran on: the GPU and its driver, CUDA, torch, triton, djepa, djepa._C's
-    build (CUDA version of its nvcc, archs, sm_90a ops), whether the sm_90a kernels were on,
-    and the git commit and dirty flag of the code (see git_state)."""
+    build (CUDA version of its nvcc, archs, sm_90a ops), whether the sm_90a kernels were on and
+    their attention design, and the git commit and dirty flag of the code (see git_state)."""
     import platform
 
     import torch
@@ -81,6 +81,7 @@ def machine_info(root=None) -> dict:
                      "wgmma_ops": list(getattr(ext, "wgmma_ops", ()))} if ext is not None
                     else {"error": backends.cuda_extension_error()}),
         "sm90_kernels": backends.sm90_kernels_enabled(),
+        "sm90_attention": _sm90_attention(),
         "git": git_state(root),
     })
     record = os.environ.get("DJEPA_BUILD_RECORD")
@@ -93,6 +94,16 @@ def machine_info(root=None) -> dict:
     return info
 
 
+def _sm90_attention():
+    """The sm_90a attention design the ops run (DJEPA_SM90_ATTENTION), or "invalid: ..."."""
+    from djepa import backends
+
+    try:
+        return backends.sm90_attention_design()
+    except ValueError as exc:
+        return f"invalid: {exc}"
+
+
 def machine_line(info: dict) -> str:
     """One line of machine_info for a report's head."""
     if not info:
@@ -103,7 +114,12 @@ def machine_line(info: dict) -> str:
     commit = (git.get("commit") or "?")[:12] + ("+dirty" if git.get("dirty") else "")
     return (f"{info.get('gpu')} (driver {info.get('gpu_driver')}, CUDA {info.get('cuda')}), torch {info.get('torch')}, "
             f"triton {info.get('triton')}, djepa {info.get('djepa')} ({build}; sm_90a kernels "
-            f"{'on' if info.get('sm90_kernels', True) else 'off'}), commit {commit}")
+            f"{'on' if info.get('sm90_kernels', True) else 'off'}{_attention_design(info)}), commit {commit}")
+
+
+def _attention_design(info: dict) -> str:
+    on = info.get("sm90_kernels", True) and info.get("sm90_attention")
+    return f", attention {info['sm90_attention']}" if on else ""
 
 
 # ----------------------------------------------------------------------------- benchmark JSON
@@ -198,7 +214,8 @@ def tune_markdown(data: dict, title: str = "") -> str:
     lines = [f"# {title}", ""] if title else []
     state = "complete" if data.get("complete", True) else f"partial: {data.get('partial', 'cut short')}"
     lines += [f"{data.get('gpu')}, torch {data.get('torch')}, triton {data.get('triton')}, djepa {data.get('djepa')}, "
-              f"djepa._C {data.get('c_build')}, sm_90a kernels {'off' if data.get('sm90_kernels') is False else 'on'}; "
+              f"djepa._C {data.get('c_build')}, sm_90a kernels {'off' if data.get('sm90_kernels') is False else 'on'}"
+              f"{_attention_design(data)}; "
               f"{len(data['entries'])} entries ({state}); created {data.get('created')}", "",
               "| op | dtype | bucket | shape | fastest | cuda ms | triton ms | eager ms | not served |",
               "|---|---|---|---|---|---:|---:|---:|---|"]
@@ -206,6 +223,8 @@ def tune_markdown(data: dict, title: str = "") -> str:
         b = e["bucket"]
         key = "-".join(str(v) if isinstance(v, str) else f"{k}{v}" for k, v in b.items())
         ms = [_fmt(e["ms"][k]) if k in e["ms"] else "" for k in ("cuda", "triton", "eager")]
+        if e.get("sm90_attention") and ms[0]:  # cuda under each sm_90a attention design
+            ms[0] += " (" + ", ".join(f"{d} {_fmt(t)}" for d, t in e["sm90_attention"].items()) + ")"
         unserved = "; ".join(f"{k}: {str(v)[:80]}" for k, v in (e.get("unserved") or {}).items())
         lines.append(f"| {e['op']} | {e['dtype']} | {key} | {e.get('shape', '')} | {e['backend']} | "
                      + " | ".join(ms) + f" | {unserved} |")

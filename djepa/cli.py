@@ -106,6 +106,25 @@ def _add_sampling(p, n_default, cfg_default):
     p.add_argument("--seed", type=int, default=0, help="seed of the sampler (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=500, help="samples drawn at once (default: %(default)s)")
     p.add_argument("--preset", default=None, help="refuse a checkpoint of any other preset")
+    f = p.add_argument_group("faster sampling (opt-in; without these flags: the official procedure)")
+    f.add_argument("--fast", action="store_true",
+                   help="the measured fast setting (README, 'Fast sampling'); the flags below replace its parts")
+    f.add_argument("--solver", choices=["ddpm", "ddim", "dpm++2m", "euler", "heun", "midpoint"], default=None,
+                   help="the head's solver: ddpm/ddim/dpm++2m for a diffusion head, euler/heun/midpoint for a "
+                        "flow head (default: the official ddpm / euler loop)")
+    f.add_argument("--head-steps", type=int, default=None,
+                   help="the head's steps (default: the model's num_sampling_steps)")
+    f.add_argument("--eta", type=float, default=None, help="DDIM's noise level in [0, 1] (default 0)")
+    f.add_argument("--anneal", choices=["none", "linear", "cosine"], default=None,
+                   help="lower the head's steps as tokens become known (default none)")
+    f.add_argument("--min-head-steps", type=int, default=None,
+                   help="the annealing floor (default: head steps // 4)")
+    f.add_argument("--feature-reuse", type=float, default=None, metavar="TOL",
+                   help="reuse encoder/predictor features of tokens that moved less than TOL (relative) "
+                        "since the last iteration; 0 reuses nothing (default: off)")
+    f.add_argument("--cfg-refresh", type=int, default=None, metavar="N",
+                   help="with --cfg: run the unconditional encoder/predictor half every N-th iteration and "
+                        "reuse its guidance residual in between (default 1: every iteration)")
 
 
 # ----------------------------------------------------------------------------- train
@@ -189,6 +208,30 @@ def _check_sampling_args(args):
         raise CLIError(f"--cfg must be >= 1 (1 = no guidance), got {args.cfg}")
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
+    for flag in ("head_steps", "min_head_steps"):
+        v = getattr(args, flag)
+        if v is not None and not 1 <= v <= 1000:
+            raise CLIError(f"--{flag.replace('_', '-')} must lie in [1, 1000], got {v}")
+    if args.eta is not None and not 0.0 <= args.eta <= 1.0:
+        raise CLIError(f"--eta must lie in [0, 1], got {args.eta}")
+    if args.feature_reuse is not None and not args.feature_reuse >= 0:
+        raise CLIError(f"--feature-reuse must be >= 0, got {args.feature_reuse}")
+    if args.cfg_refresh is not None and args.cfg_refresh < 1:
+        raise CLIError(f"--cfg-refresh must be >= 1, got {args.cfg_refresh}")
+
+
+def _sampler_kwargs(args, model) -> dict:
+    """DJEPA.sample's faster options from the flags, checked against the model's head."""
+    from djepa.models.sampler import resolve_options
+
+    kw = {k: getattr(args, k) for k in ("solver", "head_steps", "eta", "anneal", "min_head_steps", "feature_reuse",
+                                        "cfg_refresh") if getattr(args, k) is not None}
+    try:
+        resolve_options(model.config.loss, args.fast, **kw).check(model.config.loss,
+                                                                  int(model.config.num_sampling_steps))
+    except ValueError as exc:
+        raise CLIError(f"{exc} (this model's head: {model.config.loss})") from None
+    return dict(kw, fast=True) if args.fast else kw
 
 
 def cmd_sample(args) -> int:
@@ -209,18 +252,22 @@ def _sample(args, out) -> int:
     import numpy as np
 
     from djepa.data import pixel_scale
-    from djepa.evaluate import generate
+    from djepa.evaluate import sampler_settings, timed_generate
     from djepa.plots import sample_grid
+    from djepa.train import atomic_write_text
 
     stem = os.path.splitext(out)[0]
     device = _device(args.device)
     model, state, tokenizer = _load(args, device)
     labels = parse_labels(args.labels, num_classes=model.config.num_classes)
+    sampler = _sampler_kwargs(args, model)
     y = torch.tensor(labels, dtype=torch.long).repeat_interleave(args.n)
-    images = generate(model, tokenizer, y, state["data"]["image_size"], num_iter=_num_iter(args, model),
-                      cfg=args.cfg, cfg_schedule=args.cfg_schedule, temperature=args.temperature,
-                      seed=args.seed, batch_size=args.batch_size, use_ema=not args.no_ema,
-                      progress=_progress(args))
+    num_iter = _num_iter(args, model)
+    temperature = model.config.temperature if args.temperature is None else args.temperature
+    images, seconds, stats = timed_generate(
+        model, tokenizer, y, state["data"]["image_size"], num_iter=num_iter, cfg=args.cfg,
+        cfg_schedule=args.cfg_schedule, temperature=temperature, seed=args.seed, batch_size=args.batch_size,
+        use_ema=not args.no_ema, progress=_progress(args), sampler=sampler)
     to_pixels, prange = pixel_scale(state["data"])
     pixels = to_pixels(images).numpy().astype(np.float32)
     npz = stem + ".npz"
@@ -228,6 +275,17 @@ def _sample(args, out) -> int:
     np.savez_compressed(tmp, images=pixels, labels=y.numpy(),
                         pixel_range=np.asarray(prange if prange else (np.nan, np.nan), dtype=np.float32))
     os.replace(tmp, npz)
+    report = {
+        "settings": {"checkpoint": state["folder"], "step": state["step"], "preset": state["preset"],
+                     "labels": args.labels, "n_per_label": args.n, "n_samples": len(y), "num_iter": num_iter,
+                     "cfg": args.cfg, "cfg_schedule": args.cfg_schedule, "temperature": temperature,
+                     "seed": args.seed, "batch_size": args.batch_size, "use_ema": not args.no_ema,
+                     "device": str(device), "backend": args.backend, "torch_threads": torch.get_num_threads(),
+                     "sampler": sampler_settings(model, sampler)},
+        "sampling_seconds": seconds,
+        "counts": stats,
+    }
+    atomic_write_text(stem + ".json", json.dumps(report, indent=1) + "\n")
     if prange is None:
         lo, hi = float(pixels.min()), float(pixels.max())
         prange = (lo, hi if hi > lo else lo + 1)
@@ -239,6 +297,8 @@ def _sample(args, out) -> int:
     else:
         print(f"{pixels.shape[1]}-channel samples (latents) cannot be drawn; no grid written")
     print(f"wrote {npz} (images {list(pixels.shape)} in the data's own scale, labels)")
+    print(f"wrote {stem}.json (settings; sampling {seconds:.2f} s, {stats['cpu_seconds']:.2f} CPU s, model loading excluded; "
+          f"{stats['encoder_passes']} encoder/predictor passes, {stats['head_evaluations']} head evaluations)")
     return 0
 
 
@@ -273,7 +333,7 @@ def _eval(args, out, model, state, tokenizer) -> int:
     res = evaluate(model, tokenizer, train_set, test_set, n_per_class=args.n_per_class,
                    num_iter=_num_iter(args, model), cfg=args.cfg, cfg_schedule=args.cfg_schedule,
                    temperature=args.temperature, seed=args.seed, batch_size=args.batch_size,
-                   progress=_progress(args))
+                   progress=_progress(args), sampler=_sampler_kwargs(args, model))
     res.update(checkpoint=state["folder"], step=state["step"], preset=state["preset"], data=spec)
     print(format_table(res))
     atomic_write_text(out, json.dumps(res, indent=1) + "\n")
@@ -417,7 +477,7 @@ def cmd_convert(args) -> int:
     import djepa
     from djepa.models import get_config
     from djepa.models.official import from_official, load_official, matching_preset, preset_for
-    from djepa.train import (UNRECORDED_DATA, TrainSettings, _param_groups, ensure_writable_dir, list_checkpoints,
+    from djepa.train import (UNRECORDED_DATA, TrainSettings, ensure_writable_dir, list_checkpoints, param_groups,
                              save_checkpoint)
 
     overrides = parse_overrides(args.set)
@@ -462,7 +522,7 @@ def cmd_convert(args) -> int:
     ensure_writable_dir(out)
     if list_checkpoints(out):
         raise CLIError(f"{out!r} already holds checkpoints; choose another --out (nothing was overwritten)")
-    optimizer = torch.optim.AdamW(_param_groups(model, settings.weight_decay), lr=settings.lr,
+    optimizer = torch.optim.AdamW(param_groups(model, settings.weight_decay), lr=settings.lr,
                                   betas=settings.betas, weight_decay=settings.weight_decay)
     data = {"name": "latents", "channels": cfg.token_channels // (patch * patch), "image_size": [side * patch] * 2,
             "num_classes": cfg.num_classes, "scale": scale, "spec": spec, "patch_size": patch}

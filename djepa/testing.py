@@ -10,7 +10,7 @@ def max_abs_err(a, b) -> float:
 
 
 def assert_close_to_reference(fast, lowp, ref, atol=1e-6, what="output"):
-    """design.md's rule: max|fast - ref| <= 2 * max|eager_lowp - ref| + atol.
+    """The tolerance rule of docs/design.md: max|fast - ref| <= 2 * max|eager_lowp - ref| + atol.
 
     `ref` is the eager path in float64 (or float32 upcast on a GPU), `lowp` the eager path in
     the fast path's dtype. Non-finite values in `fast` (e.g. poisoned, unwritten outputs) fail.

@@ -35,7 +35,7 @@ from djepa.distributed import Dist, setup_distributed  # noqa: F401
 
 __all__ = ["CheckpointError", "Dist", "LOOP_DEFAULTS", "StepBatches", "TrainError", "TrainInterrupted",
            "TrainResult", "TrainSettings", "atomic_write_text", "check_backend", "ensure_writable_dir",
-           "list_checkpoints", "load_checkpoint", "load_weights", "make_tokenizer", "output_dir",
+           "list_checkpoints", "load_checkpoint", "load_weights", "make_tokenizer", "output_dir", "param_groups",
            "read_checkpoint_state", "resolve_checkpoint", "save_checkpoint", "setup_distributed", "train"]
 
 METRICS_FILE, LOSS_PLOT = "metrics.jsonl", "loss.png"
@@ -341,7 +341,9 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def _param_groups(model, weight_decay: float):
+def param_groups(model, weight_decay: float):
+    """AdamW's parameter groups: `weight_decay` on the trainable parameters of 2 or more dims,
+    none on the rest (biases, norm weights)."""
     trainable = {id(p) for p in model.trainable_parameters()}
     decay, no_decay = [], []
     for _, p in model.named_parameters():
@@ -470,7 +472,7 @@ def _set_up(settings, out, dist_info, *, resume, given, loop_given, backend, sho
     model = _build_model(settings, from_data, backend, ckpt_state, ckpt_folder)
     model.to(dev)
     tokenizer = make_tokenizer(dataset.channels, patch)
-    optimizer = torch.optim.AdamW(_param_groups(model, settings.weight_decay), lr=settings.lr,
+    optimizer = torch.optim.AdamW(param_groups(model, settings.weight_decay), lr=settings.lr,
                                   betas=settings.betas, weight_decay=settings.weight_decay)
     generator = torch.Generator(device=dev)
     generator.manual_seed(settings.seed * 7919 + dist_info.rank + 1)

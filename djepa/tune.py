@@ -226,11 +226,59 @@ def gpu_timer(fn, backend=None, case=None) -> float:
     return sorted(times)[len(times) // 2]
 
 
+# The denoise ops whose djepa._C GEMMs have two sm_90a designs (DJEPA_SM90_GEMM): where they run,
+# the "cuda" time is that of the default ("auto", by shape) and each design's is recorded beside
+# it in the entry's "sm90_gemm" ({design: ms}), for choosing the shape rule from measurements.
+SM90_GEMM_OPS = ("adaln_block", "denoise_step")
+
+
+def sm90_gemm_designs(case, device) -> tuple:
+    """The sm_90a GEMM designs `run` times for `case` on `device` (none where they do not run)."""
+    if case.op not in SM90_GEMM_OPS or device.type != "cuda" or not _backends.uses_wgmma(case.op, device):
+        return ()
+    return tuple(d for d in _backends.SM90_GEMM_DESIGNS if d != "auto")
+
+
+def sm90_attention_designs(case, device) -> tuple:
+    """The sm_90a attention designs (DJEPA_SM90_ATTENTION) `run` times masked_attention's "cuda" under,
+    beside the "cuda" time of the design in force (none where those kernels do not run)."""
+    if case.op != "masked_attention" or device.type != "cuda" or not _backends.uses_wgmma(case.op, device):
+        return ()
+    return tuple(_backends.SM90_ATTENTION_DESIGNS)
+
+
+# The design knobs `run` times "cuda" under: (the entry's field, the environment variable, the
+# designs of a case on a device).
+_DESIGN_KNOBS = (("sm90_gemm", "DJEPA_SM90_GEMM", sm90_gemm_designs),
+                 ("sm90_attention", "DJEPA_SM90_ATTENTION", sm90_attention_designs))
+
+
+def _with_env(fn, name, value):
+    """fn with the environment variable `name` = value while it runs (the ops read the design
+    knobs at each call)."""
+    import os
+
+    def call():
+        old = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            return fn()
+        finally:
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
+    return call
+
+
 def run(case_list, device, timer=gpu_timer, backends=BACKEND_NAMES, budget_s=None, log=None, on_entry=None):
     """Times each backend of each case; returns (entries, complete). `timer(fn, backend, case)`
     returns the milliseconds of fn() (one call of the case's op with that backend) or raises
     Unserved. Stops starting new cases once `budget_s` seconds have passed (complete is then
-    False). `on_entry(entries)` is called after every timed case with the entries so far."""
+    False). `on_entry(entries)` is called after every timed case with the entries so far.
+    Where djepa._C runs its sm_90a kernels, "cuda" is also timed under each design of a knob
+    (_DESIGN_KNOBS): masked_attention's entries get "sm90_attention" = {design: ms}, adaln_block's
+    and denoise_step's "sm90_gemm"."""
     t0 = time.monotonic()
     entries = []
     for i, case in enumerate(case_list):
@@ -245,6 +293,15 @@ def run(case_list, device, timer=gpu_timer, backends=BACKEND_NAMES, budget_s=Non
                 ms[b] = float(timer(lambda: call(b), b, case))
             except Unserved as exc:
                 unserved[b] = str(exc)
+        designs = {}  # field -> {design: ms}
+        if "cuda" in ms:
+            for field, env, designs_of in _DESIGN_KNOBS:
+                for d in designs_of(case, device):
+                    try:
+                        designs.setdefault(field, {})[d] = float(timer(_with_env(lambda: call("cuda"), env, d),
+                                                                       "cuda", case))
+                    except Unserved as exc:
+                        unserved[f"cuda[{d}]"] = str(exc)
         del call
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -255,8 +312,10 @@ def run(case_list, device, timer=gpu_timer, backends=BACKEND_NAMES, budget_s=Non
         best = min(ms, key=ms.get)
         entries.append({"op": case.op, "dtype": dtype_name(case.dtype), "bucket": case.bucket, "key": case.key,
                         "shape": case.shape, "backend": best, "ms": ms, "unserved": unserved})
+        entries[-1].update(designs)
         if log:
             times = "  ".join(f"{b} {ms[b]:8.3f}" for b in sorted(ms, key=ms.get))
+            times += "".join(f"  cuda[{d}] {t:8.3f}" for field in designs for d, t in designs[field].items())
             log(f"{case.op:17s} {dtype_name(case.dtype):9s} {case.key:18s} -> {best:6s}  {times}  ms")
         if on_entry is not None:
             on_entry(entries)
@@ -275,6 +334,12 @@ def main(args) -> int:
     SIGTERM: the partial table is written first)."""
     if args.budget is not None and not args.budget > 0:
         print("djepa tune: error: --budget must be a positive number of seconds", file=sys.stderr)
+        return 2
+    try:
+        _backends.sm90_attention_design()
+        _backends.sm90_gemm_design()
+    except ValueError as exc:
+        print(f"djepa tune: error: {exc}", file=sys.stderr)
         return 2
     selected = cases(quick=args.quick, ops=args.op, dtypes=args.dtype)
     if args.dry_run:
@@ -296,8 +361,9 @@ def main(args) -> int:
         return 2
     env = environment(device)
     out = Path(args.out) if args.out else default_path(env["gpu"])
+    design = f", attention design {env['sm90_attention']}" if "sm90_attention" in env else ""
     print(f"tuning on {env['gpu']} (torch {env['torch']}, triton {env['triton']}, djepa._C {env['c_build']}, "
-          f"sm_90a kernels {'on' if env['sm90_kernels'] else 'off'}): {len(selected)} case(s)"
+          f"sm_90a kernels {'on' if env['sm90_kernels'] else 'off'}{design}): {len(selected)} case(s)"
           f"{'' if args.budget is None else f', no new case after {args.budget:g} s'}", flush=True)
     done = []
 

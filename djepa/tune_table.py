@@ -7,11 +7,16 @@ A table (JSON):
 
     {"format": 1, "gpu": "NVIDIA H200", "capability": [9, 0], "torch": "2.11.0+cu130",
      "triton": "3.6.0", "cuda_driver": 13000, "djepa": "0.1.0+cu130", "c_build": "13.0.88/80,90a",
-     "sm90_kernels": true, "complete": true, "created": "2026-12-01T12:00:00",
+     "sm90_kernels": true, "sm90_attention": "pipelined", "complete": true,
+     "created": "2026-12-01T12:00:00",
      "entries": [{"op": "masked_attention", "dtype": "bfloat16", "bucket": {"D": 64, "Nk": 512,
                   "mode": "train"}, "key": "D64-Nk512-train", "shape": "B64 H12 N320 D64 mask 0.5",
                   "backend": "triton", "ms": {"cuda": 0.91, "triton": 0.62, "eager": 4.1},
-                  "unserved": {}}, ...]}
+                  "unserved": {}, "sm90_attention": {"pipelined": 0.91, "baseline": 1.2}}, ...]}
+
+An attention entry measured where djepa._C runs its sm_90a kernels also times "cuda" under each
+design of DJEPA_SM90_ATTENTION ("sm90_attention", for A/B); its "ms" and "backend" are those of
+the design the table records at the top, which a table must match to be followed.
 
 `backend="auto"` (djepa.backends.auto_order) follows the first table that matches this GPU and
 these versions, searched in: $DJEPA_TUNE_TABLE (a file; "off" disables tables), then the user
@@ -36,8 +41,9 @@ FORMAT = 1
 ENV_VAR = "DJEPA_TUNE_TABLE"
 SHIPPED_DIR = Path(__file__).with_name("tune_tables")
 # What must match between the table and this machine for the table to be followed (c_build by
-# the code it runs on this GPU, see build_mismatch; sm90_kernels only where the table has it).
-MATCH_FIELDS = ("gpu", "torch", "triton", "cuda_driver", "djepa", "c_build", "sm90_kernels")
+# the code it runs on this GPU, see build_mismatch; sm90_kernels only where the table has it;
+# sm90_attention, the sm_90a attention design (DJEPA_SM90_ATTENTION), where both run those kernels).
+MATCH_FIELDS = ("gpu", "torch", "triton", "cuda_driver", "djepa", "c_build", "sm90_kernels", "sm90_attention")
 MAX_DISTANCE = 2.0  # e.g. a 4x larger M, or 2x in two sizes
 BACKEND_NAMES = ("cuda", "triton", "eager")
 
@@ -54,14 +60,18 @@ def _p2(n: int) -> int:
 
 
 def bucket(op: str, **dims) -> tuple:
-    """The shape bucket of one call of `op`, as ((name, value), ...) (hashable, JSON-able).
+    """The shape bucket of one call of `op`, as ((name, value), ...) (hashable, JSON-able), or
+    None for a call no table measures.
 
-    masked_attention: D (head dim), Nk (keys, rounded up to a power of two), train (grad needed)
+    masked_attention: D (head dim), Nk (keys, rounded up to a power of two), train (grad needed);
+                      None with dropout (tables measure none) or without Nk
     adaln_block:      W (width), M (rows, power of two), train
     denoise_step:     W, M (rows of the MLP: 2B with CFG, power of two)
     ema_update_:      numel (all tensors' elements, power of two)
     """
     if op == "masked_attention":
+        if dims.get("dropout") or dims.get("Nk") is None:
+            return None
         return (("D", int(dims["D"])), ("Nk", _p2(dims["Nk"])), ("mode", "train" if dims["train"] else "infer"))
     if op == "adaln_block":
         return (("W", int(dims["W"])), ("M", _p2(dims["M"])), ("mode", "train" if dims["train"] else "infer"))
@@ -194,6 +204,10 @@ class Table:
                 if mine is not None and theirs is not None and bool(mine) != bool(theirs):
                     state = "on" if mine else "off (DJEPA_SM90_KERNELS=0)"
                     return f"measured with the sm_90a kernels {state}, here they are {'on' if theirs else 'off'}"
+            elif field == "sm90_attention":
+                if mine is not None and theirs is not None and mine != theirs:
+                    return (f"measured with the sm_90a attention design {mine!r}, here DJEPA_SM90_ATTENTION "
+                            f"selects {theirs!r}")
             elif mine != theirs:
                 return f"measured with {field} {mine!r}, this machine has {theirs!r}"
         return None

@@ -1,3 +1,7 @@
-"""Triton kernels (installed as djepa.kernels). One file per op; the dispatch lives in djepa.ops.
+"""djepa's Triton kernels, one file per op (ema.py, attention.py, denoise.py); the dispatch
+between them, djepa._C and eager lives in djepa.ops.
 
-Under TRITON_INTERPRET=1 (set before triton is imported) every kernel runs on CPU tensors."""
+This folder sits at the top of the source tree, beside csrc/ (the CUDA kernels), and is
+installed as the subpackage `djepa.kernels` (setup.py maps it): import `djepa.kernels.attention`,
+not `kernels.attention`. Under TRITON_INTERPRET=1 (set before triton is imported) every kernel
+runs on CPU tensors."""

@@ -1,7 +1,11 @@
-"""Triton kernels of the denoising MLP: LayerNorm + AdaLN modulate (forward, backward), a
-tl.dot GEMM with fused epilogues (bias, SiLU, gate + residual, dSiLU), the gate backward, the
-per-step SiLU(cond + time) and the diffusion step's elementwise update."""
+"""Triton kernels of the denoising MLP (MAR's SimpleMLPAdaLN, LTH14/mar models/diffloss.py):
+LayerNorm + AdaLN modulate (forward, backward), a tl.dot GEMM with fused epilogues (bias, SiLU,
+gate + residual, dSiLU), the gate backward, the per-step SiLU(cond + time) and the diffusion
+step's elementwise update. djepa.ops.denoise launches them (its _Triton runner) under the
+contract its module docstring states for both fast backends.
+"""
 import os
+from typing import NamedTuple
 
 import triton
 import triton.language as tl
@@ -10,14 +14,27 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # A LayerNorm program works on tiles of about LN_TILE elements (rows x BLOCK_W), 16 per thread.
 LN_TILE = 4096
+# Elements per program of the elementwise kernels (gate_bwd, add_silu): 8 per thread of 4 warps.
+ELEMENTWISE_BLOCK = 1024
+# Elements per program of denoise_update_kernel: its state is small (B x C with C = 16: 32768
+# elements at 2048 rows), so smaller programs spread it over more SMs.
+UPDATE_BLOCK = 512
 
-EPI_NONE, EPI_SILU, EPI_GATE_RES, EPI_DSILU = 0, 1, 2, 3
+# The GEMM's epilogue codes (djepa.ops.denoise's contract, csrc/denoise_kernels.cuh's Epilogue).
+EPI_NONE, EPI_SILU, EPI_GATE_RES, EPI_DSILU = (tl.constexpr(code) for code in range(4))
 
 
 @triton.jit
 def ln_mod_fwd_kernel(x_ptr, mod_ptr, lnw_ptr, lnb_ptr, h_ptr, stats_ptr, M, W, mod_ld, eps,
                       HAS_AFFINE: tl.constexpr, HAS_STATS: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr):
+    """LayerNorm and AdaLN modulation of BLOCK_M rows of x [M, W] (DiT's adaLN, Peebles & Xie
+    2023; MAR's ResBlock): with mean and rstd = 1 / sqrt(var + eps) of each row (biased variance),
+
+        y = (x - mean) * rstd [* ln_w + ln_b]      (HAS_AFFINE)
+        h = y * (1 + scale) + shift                (shift, scale: row r of mod at r * mod_ld, + W)
+
+    h in h's dtype, fp32 math; HAS_STATS stores (mean, rstd) per row for the backward."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_W)
     rmask = rows < M
@@ -49,7 +66,15 @@ def ln_mod_bwd_kernel(x_ptr, mod_ptr, lnw_ptr, lnb_ptr, stats_ptr, dh_ptr, dres_
                       dw_part_ptr, db_part_ptr, M, W,
                       HAS_AFFINE: tl.constexpr, HAS_DRES: tl.constexpr,
                       ROWS: tl.constexpr, TILE_ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
-    """ROWS rows per program (= rows per partial sum of dln_w, dln_b), TILE_ROWS at a time."""
+    """Backward of ln_mod_fwd_kernel for ROWS rows per program, TILE_ROWS at a time: with
+    xhat = (x - mean) * rstd, y = xhat [* w + b] and dh the gradient of h,
+
+        dshift = dh,   dscale = dh * y,   dy = dh * (1 + scale),   dxhat = dy [* w]
+        dx     = rstd * (dxhat - xhat * mean(dxhat * xhat) - mean(dxhat))   [+ dres]
+        dw_part, db_part = this program's sums of dy * xhat and dy (HAS_AFFINE)
+
+    the LayerNorm backward of Ba et al. 2016 (as in Triton's layer-norm tutorial); the partial
+    sums (ROWS rows each) are added up by the caller, so no atomics."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_W)
     cmask = cols < W
@@ -95,8 +120,16 @@ def ln_mod_bwd_kernel(x_ptr, mod_ptr, lnw_ptr, lnb_ptr, stats_ptr, dh_ptr, dres_
         tl.store(db_part_ptr + pid.to(tl.int64) * W + cols, db_acc, mask=cmask)
 
 
-def ln_config(W, element_size=2):
-    """(BLOCK_W, rows per tile, num_warps) of the LayerNorm kernels at width W: tiles of about
+class LnTile(NamedTuple):
+    """The launch configuration of the LayerNorm kernels: block_w (BLOCK_W, the row padded to a
+    power of two), rows (rows per tile), warps (num_warps)."""
+    block_w: int
+    rows: int
+    warps: int
+
+
+def ln_config(W, element_size=2) -> LnTile:
+    """The LnTile of the LayerNorm kernels at width W: tiles of about
     LN_TILE elements, 16 per thread where 16-byte vectors serve the rows (16-bit, W a multiple
     of 16), else 8 (scalar accesses hold an address per element), so registers stay flat from
     W = 64 to 8192 (checked by tools/static_check.py)."""
@@ -104,17 +137,18 @@ def ln_config(W, element_size=2):
     vector = element_size == 2 and W % 16 == 0  # Triton specialises W on "divisible by 16"
     tile_rows = max(1, (LN_TILE if vector else LN_TILE // 2) // block_w)
     warps = max(4, min(16, tile_rows * block_w // (512 if vector else 256)))
-    return block_w, tile_rows, warps
+    return LnTile(block_w, tile_rows, warps)
 
 
 def ln_bwd_rows(W):
     """Rows per program of the LayerNorm backward (= rows per partial of dln_w / dln_b)."""
-    return max(16, ln_config(W)[1])
+    return max(16, ln_config(W).rows)
 
 
 @triton.jit
 def gate_bwd_kernel(dout_ptr, mod_ptr, y2_ptr, dy2_ptr, dmod_ptr, M, W, BLOCK: tl.constexpr):
-    """dy2 = dout * gate; dmod[:, 2W:] = dout * y2 (gate's gradient)."""
+    """Backward of out = x + gate * y2 for the gate and y2, elementwise over [M, W]:
+    dy2 = dout * gate; dgate = dmod[:, 2W:] = dout * y2 (gate: row r of mod at 3W r + 2W)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M * W
     r = offs // W
@@ -128,7 +162,8 @@ def gate_bwd_kernel(dout_ptr, mod_ptr, y2_ptr, dy2_ptr, dmod_ptr, M, W, BLOCK: t
 
 @triton.jit
 def add_silu_kernel(c_ptr, t_ptr, out_ptr, M, W, BLOCK: tl.constexpr):
-    """out[r, :] = silu(c[r, :] + t[:])  (the adaLN input of every block, once per step)."""
+    """out[r, :] = silu(c[r, :] + t[:]), silu(v) = v / (1 + exp(-v)): the adaLN input of every
+    block (MAR: y = t_emb + c_emb, then SiLU in adaLN_modulation), once per step."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M * W
     v = tl.load(c_ptr + offs, mask=mask, other=0.0).to(tl.float32) + \
@@ -141,6 +176,15 @@ def denoise_update_kernel(x_ptr, mo_ptr, noise_ptr, out_ptr, xin_ptr, B, C, out_
                           coef_x, coef_eps, min_log, max_log, noise_scale,
                           CFG: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_XIN: tl.constexpr,
                           BLOCK: tl.constexpr):
+    """One reverse step's elementwise tail for B tokens of C channels (fp32 math):
+
+        eps    = out[r, j], with CFG: u + cfg_scale * (eps - u), u = out[r + B, j]  (Ho & Salimans 2022)
+        v      = out[r, C + j];  frac = (v + 1) / 2
+        logvar = frac * max_log + (1 - frac) * min_log      (Improved DDPM's learned range, eq. 15)
+        x'     = coef_x * x - coef_eps * eps [+ exp(logvar / 2) * noise_scale * noise]
+
+    coef_x, coef_eps fold the posterior mean of x0 predicted from eps (Nichol & Dhariwal 2021;
+    MAR's p_sample); x' is written in fp32, and with HAS_XIN in the MLP's dtype (twice with CFG)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < B * C
     r = offs // C
@@ -166,12 +210,37 @@ def denoise_update_kernel(x_ptr, mo_ptr, noise_ptr, out_ptr, xin_ptr, B, C, out_
             tl.store(xin_ptr + B * C + offs, res.to(xin_ptr.dtype.element_ty), mask=mask)
 
 
+class GemmTile(NamedTuple):
+    """One autotune candidate of gemm_kernel. Fields, in this order in every row: block_m and
+    block_n (the output tile), warps (num_warps), stages (num_stages: the depth of Triton's
+    software pipeline over the K loop). BLOCK_K = 64 and GROUP_M = 8 are common to all."""
+    block_m: int
+    block_n: int
+    warps: int
+    stages: int
+
+
+# The candidates autotune times per (M, N, K, epilogue); _prune_gemm_configs keeps those whose
+# accumulator fits beside the epilogue. Registers and shared memory: the static gate, sm_90,
+# Triton 3.9, over the hot shapes (W = 1024-1536, M = 512-32768).
+GEMM_TILES = (
+    GemmTile(128, 128, 8, 3),  # the big tile for training's M = 32768: 64 accumulators per thread,
+                               # 106-217 regs, 96 KiB smem in 3 stages; not with dSiLU
+    GemmTile(128, 64, 4, 4),   # 64 per thread over one warpgroup: 126-184 regs, 96 KiB in 4 stages
+    GemmTile(64, 128, 4, 4),   # its transpose, for wide outputs: 117-204 regs
+    GemmTile(64, 64, 4, 4),    # small M (sampling rows): more programs for the SMs, 70-127 regs
+    GemmTile(128, 64, 8, 4),   # 32 per thread: the dSiLU epilogue's large tile, 64-127 regs
+    GemmTile(64, 128, 8, 4),   # 32 per thread, transposed: 64-128 regs
+)
+# The interpreter runs one program at a time: one small tile.
+INTERPRETER_GEMM = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4})
+
+
 def _gemm_configs():
     if INTERPRET:
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4})]
-    tiles = [(128, 128, 3, 8), (128, 64, 4, 4), (64, 128, 4, 4), (64, 64, 4, 4), (128, 64, 4, 8), (64, 128, 4, 8)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=s, num_warps=w)
-            for m, n, s, w in tiles]
+        return [INTERPRETER_GEMM]
+    return [triton.Config({"BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "BLOCK_K": 64, "GROUP_M": 8},
+                          num_stages=t.stages, num_warps=t.warps) for t in GEMM_TILES]
 
 
 def _acc_per_thread(config):
@@ -184,23 +253,41 @@ def _prune_gemm_configs(configs, named_args, **kwargs):
     32 accumulator elements per thread; the others up to 64. (A 128 x 256 tile, 128 per thread,
     spilled with the epilogues 2 and 3; 128 x 128 over 16 warps spilled on Triton 3.6.)"""
     epilogue = kwargs.get("EPILOGUE", named_args.get("EPILOGUE"))
-    if epilogue == EPI_DSILU:
+    if epilogue == EPI_DSILU.value:
         kept = [c for c in configs if _acc_per_thread(c) <= 32]
     else:
         kept = [c for c in configs if _acc_per_thread(c) <= 64]
     return kept or configs[:1]
 
 
-@triton.autotune(configs=_gemm_configs(), key=["M", "N", "K", "EPILOGUE", "IEEE"],
-                 prune_configs_by={"early_config_prune": _prune_gemm_configs})
+def _gemm_tuning(fn):
+    """Autotuned on a GPU; under the CPU interpreter its one tile as fixed meta-parameters, since
+    Triton 3.3's Autotuner asks the GPU driver for a benchmarker as soon as it is made."""
+    if INTERPRET:
+        tile = _gemm_configs()[0].kwargs
+        return triton.heuristics({name: (lambda args, v=v: v) for name, v in tile.items()})(fn)
+    return triton.autotune(configs=_gemm_configs(), key=["M", "N", "K", "EPILOGUE", "IEEE"],
+                           prune_configs_by={"early_config_prune": _prune_gemm_configs})(fn)
+
+
+@_gemm_tuning
 @triton.jit
 def gemm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, aux1_ptr, aux2_ptr, auxo_ptr, M, N, K,
                 stride_am, stride_ak, stride_bk, stride_bn, aux2_ld,
                 EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_AUX_OUT: tl.constexpr,
                 IEEE: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """c[M, N] = epilogue(a @ b + bias), a/b addressed through strides (transposes for free);
-    c, aux1, aux_out are contiguous [M, N]; aux2 rows have stride aux2_ld."""
+    """c[M, N] = epilogue(y), y = a @ b + bias, fp32 accumulation, one BLOCK_M x BLOCK_N tile per
+    program (grouped by GROUP_M rows of tiles for L2 reuse, as in Triton's matmul tutorial):
+
+        EPI_NONE       c = y
+        EPI_SILU       c = silu(y) = y * sigmoid(y)                      (the MLP's first layer)
+        EPI_GATE_RES   c = aux1 + aux2 * y       (x + gate * MLP(h): MAR's ResBlock residual)
+        EPI_DSILU      c = y * s * (1 + p * (1 - s)), s = sigmoid(p), p = aux1   (silu'(p) * y)
+
+    HAS_AUX_OUT stores y too (the pre-activation the backward needs). a and b are addressed
+    through their strides (transposes for free); c, aux1, aux_out are contiguous [M, N]; aux2
+    rows have stride aux2_ld (the gate chunk of mod)."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -233,13 +320,13 @@ def gemm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, aux1_ptr, aux2_ptr, auxo_ptr, M, 
     off = rm64[:, None] * N + rn64[None, :]
     if HAS_AUX_OUT:
         tl.store(auxo_ptr + off, acc.to(auxo_ptr.dtype.element_ty), mask=mask)
-    if EPILOGUE == 1:
+    if EPILOGUE == EPI_SILU:
         acc = acc / (1.0 + tl.exp(-acc))
-    elif EPILOGUE == 2:
+    elif EPILOGUE == EPI_GATE_RES:
         res = tl.load(aux1_ptr + off, mask=mask, other=0.0).to(tl.float32)
         gate = tl.load(aux2_ptr + rm64[:, None] * aux2_ld + rn64[None, :], mask=mask, other=0.0).to(tl.float32)
         acc = res + gate * acc
-    elif EPILOGUE == 3:
+    elif EPILOGUE == EPI_DSILU:
         p = tl.load(aux1_ptr + off, mask=mask, other=0.0).to(tl.float32)
         s = 1.0 / (1.0 + tl.exp(-p))
         acc = acc * s * (1.0 + p * (1.0 - s))

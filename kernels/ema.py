@@ -12,12 +12,17 @@ import torch
 import triton
 import triton.language as tl
 
+# Elements per program, and warps: 16 elements per thread, so each thread keeps several 16-byte
+# loads in flight (the update is bound by memory bandwidth; a program is one tensor's slice).
 BLOCK = 4096
+WARPS = 8
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 @triton.jit
 def _lerp_block(ema, x, start, numel, d, w, EMA_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    """ema[i] = d * ema[i] + w * x[i] (w = 1 - d) for i in [start, start + BLOCK) below numel,
+    in fp32, stored in EMA_DTYPE: the EMA update of BYOL / I-JEPA, `ema.mul_(d).add_(x, 1 - d)`."""
     offs = start + tl.arange(0, BLOCK).to(tl.int64)
     mask = offs < numel
     e = tl.load(ema + offs, mask=mask).to(tl.float32)
@@ -39,6 +44,10 @@ def _ema_kernel(
     BLOCK: tl.constexpr,
     VEC: tl.constexpr,
 ):
+    """The EMA update of every tensor of a list, one launch: program p finds its tensor t by a
+    binary search of the block starts (SEARCH_STEPS = ceil(log2 T) + 1 steps), then updates
+    BLOCK elements of it with _lerp_block, d = decay (or *decay_ptr, a device scalar), as
+    `torch._foreach_lerp_` and apex's multi_tensor_apply do over a tensor list."""
     pid = tl.program_id(0).to(tl.int64)
     # table rows: [0] EMA pointers, [1] tensor pointers, [2] numels, [3] block starts (T + 1)
     starts = table_ptr + 3 * num_tensors
@@ -119,5 +128,5 @@ def ema_update(ema_tensors, tensors, decay_tensor, decay, one_minus_decay):
         SEARCH_STEPS=_search_steps(n),
         BLOCK=BLOCK,
         VEC=16 // min(ema_tensors[0].element_size(), tensors[0].element_size()),
-        num_warps=8,
+        num_warps=WARPS,
     )

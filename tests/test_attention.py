@@ -939,9 +939,9 @@ def test_cuda_dropout_hands_the_mma_sync_kernels_one_philox_state(monkeypatch, w
     the sm_90a kernels would serve the call without dropout; a call without dropout passes none."""
     ext, _ = _fake_cuda(monkeypatch, _FakeAttentionC)
     monkeypatch.setattr(backends, "uses_wgmma", lambda op, device: wgmma)
-    monkeypatch.setattr(_FakeAttentionC, "masked_attention_fwd_sm90", lambda self, *a: self.calls.append(
+    monkeypatch.setattr(_FakeAttentionC, "masked_attention_fwd_sm90", lambda self, *a, **kw: self.calls.append(
         ("masked_attention_fwd_sm90", None, None, (0, 0.0))), raising=False)
-    monkeypatch.setattr(_FakeAttentionC, "masked_attention_bwd_sm90", lambda self, *a: self.calls.append(
+    monkeypatch.setattr(_FakeAttentionC, "masked_attention_bwd_sm90", lambda self, *a, **kw: self.calls.append(
         ("masked_attention_bwd_sm90", None, None, (0, 0.0))), raising=False)
     q, k, v, mask = _inputs(1, 2, 5, 7, 64, torch.float16, "cpu")
     q.requires_grad_()
@@ -963,7 +963,7 @@ def test_auto_sends_dropout_where_it_is_served_on_sm90(monkeypatch):
     """On an sm_90 GPU with the sm_90a kernels, auto's static rule keeps djepa._C for calls they
     serve and puts Triton's wgmma first for dropout (the sm_90a kernels have none); djepa info
     says so; an explicit backend="cuda" still serves dropout (mma.sync)."""
-    from djepa.ops.attention import SM90_NO_DROPOUT, _choose_backend, choose_backend
+    from djepa.ops.attention import _choose_backend, choose_backend
 
     class Ext:
         cuda_version, cuda_archs, registered = "13.0", "80,90a", ()
@@ -983,7 +983,7 @@ def test_auto_sends_dropout_where_it_is_served_on_sm90(monkeypatch):
         assert _choose_backend("auto", gpu, torch.bfloat16, 64, 256, True, False) == "cuda"
         assert _choose_backend("auto", gpu, torch.bfloat16, 64, 256, True, True) == "triton"
         assert choose_backend("cuda", gpu, torch.bfloat16, 64, train=True, dropout_p=0.1) == "cuda"
-        order, why = backends.static_rule("masked_attention", gpu, SM90_NO_DROPOUT)
+        order, why = backends.static_rule("masked_attention", gpu, {"D": 64, "dropout": True})
         assert order[0] == "triton" and "no dropout" in why
         monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
         monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)

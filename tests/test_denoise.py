@@ -593,6 +593,30 @@ def test_sampler_loop_captures_and_replays_under_the_guard(triton_device, rerun_
     assert not torch.equal(outs[0], outs[1])
 
 
+def test_a_captured_loop_is_not_replayed_for_another_temperature_or_changed_weights(triton_device, rerun_graphs):
+    """The graph cache's key holds every input baked into a capture: the temperature, and the
+    weights' versions (an in-place optimizer step or EMA update changes the packed weights)."""
+    gen = torch.Generator().manual_seed(11)
+    m = _head(gen).to(triton_device)
+    B, steps = 2, 3
+    z = torch.randn(B, 6, generator=gen).to(triton_device)
+    x_T, sn = torch.randn(B, 4, generator=gen).to(triton_device), torch.randn(steps, B, 4, generator=gen).to(triton_device)
+
+    def both(temperature):
+        kw = dict(steps=steps, temperature=temperature, noise=x_T, step_noise=sn, backend="triton")
+        return sample(m, z, **kw), sample(m, z, cuda_graph=False, **kw)
+
+    for temperature in (0.97, 0.5):
+        graphed, plain = both(temperature)
+        torch.testing.assert_close(graphed, plain, rtol=0, atol=0)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(1.5)
+    graphed, plain = both(0.5)
+    torch.testing.assert_close(graphed, plain, rtol=0, atol=0)
+    assert len(_RerunCapture.made) == 3
+
+
 class _TorchRunner:
     """The fused step's kernel calls (djepa.ops.denoise's runner contract) in plain torch ops."""
     name = "torch"

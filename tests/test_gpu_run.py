@@ -92,10 +92,19 @@ def test_dry_run_checks_every_command_and_runs_the_plan_with_the_gpu_faked(tmp_p
                                     f"{stamp}_{gpu}_tune.json"] +
                                    [f"{stamp}_{gpu}_{s}.json" for s in ("ema", "attention", "denoise", "model")])
     den = json.loads((out / f"{stamp}_{gpu}_denoise.json").read_text())
-    assert den["cases"] and all("-M2048-" in c or "-M8192-" in c for c in den["cases"])  # the run's knobs
+    # the run's knobs (the gemm case's ids name its GEMM shapes, not M)
+    assert den["cases"] and all("-M2048-" in c or "-M8192-" in c for c in den["cases"] if "gemm" not in c)
     assert den["machine_info"]["gpu"] == "NVIDIA H200 (faked)" and "djepa_C" in den["machine_info"]
     attn = json.loads((out / f"{stamp}_{gpu}_attention.json").read_text())["cases"]
     assert attn and not any("sdpa-math" in c or "varlen" in c for c in attn) and any("sdpa-cudnn" in c for c in attn)
+    # the dropout mode (fwd+bwd, dropout_p 0.1) at the B shape only: 2 fractions x 6 peers and djepa paths
+    dropout = [c for c in attn if "fwdbwd-dropout" in c]
+    assert len(dropout) == 12 and all("[djepa-B-" in c for c in dropout), dropout
+    assert all(any(c.endswith(f"-{impl}]") for c in dropout) for impl in ("djepa-cuda", "djepa-triton"))
+    assert not any(c.endswith("-eager]") for c in attn)  # trimmed for time: the targets are SDPA's and Flex's
+    assert summary["knobs"]["DJEPA_BENCH_ATTN_DROPOUT_SHAPES"] == "djepa-B"
+    assert "bench-attention: 60 cases would run:" in r.stdout  # the dry run names them
+    assert "    test_masked_attention_dropout[djepa-B-random0.25-fwdbwd-dropout-djepa-cuda]" in r.stdout
     results = [json.loads(ln) for ln in (out / f"{stamp}_{gpu}_results.jsonl").read_text().splitlines()]
     smoke = [x for x in results if x["stage"] == "smoke"]
     assert len(smoke) == 6 and all(x["outcome"] == "passed" for x in smoke)
@@ -505,7 +514,7 @@ def test_benchmark_peers_go_through_the_failure_memory():
     """Every non-djepa path that compiles or calls a peer library runs under bench_peers."""
     attn = (ROOT / "benchmarks" / "test_bench_attention.py").read_text()
     assert "bench_peers.check((impl, mode, f\"D{D}\"), (impl, \"fwd\", f\"D{D}\"))" in attn
-    for call in ("guard(_peer_forward", "guard(fn)", "guard(triton.testing.do_bench", "guard(benchmark.pedantic"):
+    for call in ("guard(PROVIDERS[impl]", "guard(fn)", "guard(triton.testing.do_bench", "guard(benchmark.pedantic"):
         assert call in attn, call
     den = (ROOT / "benchmarks" / "test_bench_denoise.py").read_text()
     assert 'if path == "compile":' in den and "bench_peers.check((path, case))" in den

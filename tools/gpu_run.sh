@@ -34,7 +34,7 @@
 #                the rest (skipped once the sm_90a kernels are off)
 #   sanitize     compute-sanitizer memcheck (PYTORCH_NO_CUDA_MEMORY_CACHING=1, so accesses past a
 #                tensor inside torch's cached blocks are seen) and racecheck, one small case per
-#                CUDA kernel (tools/sanitize_cases.py)
+#                CUDA kernel (tools/sanitize_cases.py; masked_attention with and without dropout)
 #   bench-ema, bench-attention, bench-denoise, bench-model
 #                the benchmark suites at the preset shapes, each its own pytest session, its JSON in
 #                $OUT (rewritten after every case, so a suite cut short keeps what it measured)
@@ -76,10 +76,13 @@
 # placeholders). --fake-hang CASE: that smoke case's process hangs ignoring SIGINT, as one stuck
 # in a kernel does, to show the fallback end to end.
 #
-# Knobs (defaults for this run; export to change): DJEPA_BENCH_EMA_PRESETS=B,L;
-# DJEPA_BENCH_ATTN_SHAPES=djepa-B,djepa-H, DJEPA_BENCH_ATTN_FRACTIONS=dense,random0.25,
-# DJEPA_BENCH_ATTN_IMPLS=eager,sdpa-efficient,sdpa-cudnn,sdpa-flash-dense,flex,djepa-triton,djepa-cuda
-# (no SDPA math backend, no flash-attn varlen: not on the machine); DJEPA_BENCH_DENOISE_HEADS=B,
+# Knobs (defaults for this run; export to change): DJEPA_BENCH_EMA_PRESETS=L (the list of the EMA
+# target); DJEPA_BENCH_ATTN_SHAPES=djepa-B,djepa-H, DJEPA_BENCH_ATTN_FRACTIONS=dense,random0.25,
+# DJEPA_BENCH_ATTN_MODES=fwd,fwdbwd,fwdbwd-dropout, DJEPA_BENCH_ATTN_DROPOUT_SHAPES=djepa-B (the
+# dropout mode, fwd+bwd with dropout_p 0.1, at the B shape only: 12 cases, not 24),
+# DJEPA_BENCH_ATTN_IMPLS=sdpa-efficient,sdpa-cudnn,sdpa-flash-dense,flex,djepa-triton,djepa-cuda (no
+# eager and no SDPA math backend: the attention targets are against SDPA and Flex, trimmed for
+# time; no flash-attn varlen: not on the machine); DJEPA_BENCH_DENOISE_HEADS=B,
 # DJEPA_BENCH_DENOISE_M=2048, DJEPA_BENCH_DENOISE_TRAIN_M=8192,
 # DJEPA_BENCH_DENOISE_COMPILE_MODE=reduce-overhead; DJEPA_BENCH_PRESETS=B, DJEPA_BENCH_SAMPLE_BATCH=32.
 # DJEPA_GPU_RUN_SMOKE_LIMIT (20; dry run 3), DJEPA_GPU_RUN_TEST_TIMEOUT (120 s per test),
@@ -103,13 +106,13 @@ export PYTHONUNBUFFERED=1
 # name | estimate s | limit s | exit bit | what          (priority order)
 STAGE_TABLE="
 env|10|60|1|nvidia-smi, versions, the GPU's arch (device query: 60 s timeout)
-install|25|90|1|djepa + the prebuilt _C (its build record must match), missing test tools from the carry
+install|20|90|1|djepa + the prebuilt _C (its build record must match), missing test tools from the carry
 smoke|30|100|2|each sanitize case once, own process, 20 s: an sm_90a hang/failure turns sm_90a off
 tests-gpu|110|170|2|pytest -m gpu but the sm_90a cases (sm_90a off): mma.sync + Triton vs references
 tests-sm90|45|90|2|pytest -m gpu, the sm_90a (wgmma) cases alone, after the rest
-sanitize|50|100|4|compute-sanitizer memcheck + racecheck, one small case per CUDA kernel
-bench-ema|25|50|8|EMA suite: B, L parameter lists
-bench-attention|60|100|8|attention: djepa-B/H, dense + 25% random, fwd + fwd+bwd; SDPA eff/cuDNN/flash, Flex
+sanitize|55|100|4|compute-sanitizer memcheck + racecheck, one small case per CUDA kernel, dropout too
+bench-ema|15|50|8|EMA suite: the L parameter list
+bench-attention|70|110|8|attention: djepa-B/H, dense + 25% random, fwd + fwd+bwd, B with dropout 0.1; SDPA eff/cuDNN/flash, Flex
 bench-denoise|90|130|8|denoise suite: B head, M=2048: step, 100-step loop, training
 tune|45|75|32|djepa tune --quick --budget: a partial table on interrupt
 bench-model|50|100|8|model suite: B preset training step and model.sample
@@ -165,10 +168,12 @@ fi
 export GPU_RUN_DRY=$DRY GPU_RUN_FAKE_HANG=$FAKE_HANG  # for the stages, run as `gpu_run.sh --in-stage S`
 
 # ------------------------------------------------------------------------------ knobs
-export DJEPA_BENCH_EMA_PRESETS=${DJEPA_BENCH_EMA_PRESETS:-B,L}
+export DJEPA_BENCH_EMA_PRESETS=${DJEPA_BENCH_EMA_PRESETS:-L}
 export DJEPA_BENCH_ATTN_SHAPES=${DJEPA_BENCH_ATTN_SHAPES:-djepa-B,djepa-H}
 export DJEPA_BENCH_ATTN_FRACTIONS=${DJEPA_BENCH_ATTN_FRACTIONS:-dense,random0.25}
-export DJEPA_BENCH_ATTN_IMPLS=${DJEPA_BENCH_ATTN_IMPLS:-eager,sdpa-efficient,sdpa-cudnn,sdpa-flash-dense,flex,djepa-triton,djepa-cuda}
+export DJEPA_BENCH_ATTN_IMPLS=${DJEPA_BENCH_ATTN_IMPLS:-sdpa-efficient,sdpa-cudnn,sdpa-flash-dense,flex,djepa-triton,djepa-cuda}
+export DJEPA_BENCH_ATTN_MODES=${DJEPA_BENCH_ATTN_MODES:-fwd,fwdbwd,fwdbwd-dropout}
+export DJEPA_BENCH_ATTN_DROPOUT_SHAPES=${DJEPA_BENCH_ATTN_DROPOUT_SHAPES:-djepa-B}
 export DJEPA_BENCH_DENOISE_HEADS=${DJEPA_BENCH_DENOISE_HEADS:-B}
 export DJEPA_BENCH_DENOISE_M=${DJEPA_BENCH_DENOISE_M:-2048}
 export DJEPA_BENCH_DENOISE_TRAIN_M=${DJEPA_BENCH_DENOISE_TRAIN_M:-8192}
@@ -196,7 +201,10 @@ has_pytest_timeout() { "$PY" -c "import pytest_timeout" 2>/dev/null; }
 
 pytest_tests_args() {  # stage [marker expression] -> ARGS, the pytest arguments of the test stage
   ARGS=(-m pytest)
-  if [ "$1" = tests-sm90 ]; then ARGS+=("$TESTS/test_dispatch_sm90.py"); else ARGS+=("$TESTS"); fi
+  if [ "$1" = tests-sm90 ]; then
+    ARGS+=("$TESTS/test_dispatch_sm90.py")
+    if [ -f "$TESTS/test_attention_sm90_designs.py" ]; then ARGS+=("$TESTS/test_attention_sm90_designs.py"); fi
+  else ARGS+=("$TESTS"); fi
   ARGS+=(-v -p no:cacheprovider -p djepa_gpu_run -rfEs --durations=15 --durations-min=1
          -o faulthandler_timeout=60)
   [ -n "${2-x}" ] && ARGS+=(-m "${2-$(stage_marker "$1")}")
@@ -358,7 +366,9 @@ else:
     cases = [k for k in items if k.startswith(f + "::")]
     machine = dict(partial["machine_info"], sm90_kernels=os.environ.get("DJEPA_SM90_KERNELS", "1") != "0")
     json.dump({"dry_run": True, "machine_info": machine, "benchmarks": [], "cases": cases}, open(out, "w"), indent=1)
-    print(f"{stage}: {len(cases)} cases would run")
+    print(f"{stage}: {len(cases)} cases would run:")
+    for c in cases:
+        print("   ", c.split("::", 1)[1])
 EOF
 }
 

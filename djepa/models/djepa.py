@@ -113,12 +113,14 @@ class DJEPANet(nn.Module):
                 x = blk(x, key_mask)
         return x
 
-    def encode(self, tokens: torch.Tensor, mask: torch.Tensor, class_embedding: torch.Tensor):
+    def encode(self, tokens: torch.Tensor, mask: torch.Tensor, class_embedding: torch.Tensor, runner=None):
         """Context encoder on the class tokens + visible tokens (mask False).
 
         Returns (x [B, T + V, D] after encoder_norm, index [B, V], valid [B, V]) with T the
         number of class tokens; V is the largest visible count, shorter samples are padded and
-        excluded as keys through the attention's key_mask.
+        excluded as keys through the attention's key_mask. `runner(blocks, x, key_mask,
+        positions)` replaces the plain run of the blocks (the sampler's feature cache);
+        positions [B, T + V] number each row (class tokens 0..T-1, sequence position p as T + p).
         """
         T = self.config.class_tokens
         pos = self.encoder_pos_embed_learned
@@ -135,13 +137,21 @@ class DJEPANet(nn.Module):
         key_mask = None
         if torch.compiler.is_compiling() or not bool(valid.all()):  # compiled: no host read
             key_mask = torch.cat([valid.new_ones(valid.shape[0], T), valid], dim=1)
-        x = self._run(self.encoder_blocks, x, key_mask)
+        if runner is None:
+            x = self._run(self.encoder_blocks, x, key_mask)
+        else:
+            B = x.shape[0]
+            positions = torch.cat([torch.arange(T, device=x.device).expand(B, T), index + T], dim=1)
+            x = runner(self.encoder_blocks, x, key_mask, positions)
         return self.encoder_norm(x), index, valid
 
-    def predict(self, encoded: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def predict(self, encoded: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, runner=None,
+                need: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Feature predictor over class tokens + the full sequence (mask token where masked).
 
-        Returns z [B, L, Dp] (decoder_norm output, class tokens dropped)."""
+        Returns z [B, L, Dp] (decoder_norm output, class tokens dropped). `runner` as in
+        `encode`; with it, `need` [B, L] bool names the rows the caller reads (the runner may
+        leave the others uncomputed)."""
         T, L = self.config.class_tokens, self.config.seq_len
         x = self.decoder_embed(encoded)
         seq = masking.scatter_visible(x[:, T:], index, valid, L, self.mask_token.reshape(-1))
@@ -151,7 +161,13 @@ class DJEPANet(nn.Module):
         else:
             head, seq = x[:, :T], seq + pos
         x = torch.cat([head, seq], dim=1)
-        x = self._run(self.decoder_blocks, x, None)
+        if runner is None:
+            x = self._run(self.decoder_blocks, x, None)
+        else:
+            B = x.shape[0]
+            positions = torch.arange(T + L, device=x.device).expand(B, T + L)
+            slots = None if need is None else torch.cat([need.new_zeros(B, T), need], dim=1)
+            x = runner(self.decoder_blocks, x, None, positions, need=slots)
         return self.decoder_norm(x)[:, T:]
 
     def diffusion_condition(self, z: torch.Tensor) -> torch.Tensor:
@@ -316,7 +332,11 @@ class DJEPA(nn.Module):
 
     def sample(self, labels: torch.Tensor, num_iter: int = 64, cfg_scale: float = 1.0, cfg_schedule: str = "linear",
                temperature: Optional[float] = None, generator: Optional[torch.Generator] = None,
-               progress: bool = False, use_ema: bool = True, callback=None, order_generator=None) -> torch.Tensor:
+               progress: bool = False, use_ema: bool = True, callback=None, order_generator=None, *,
+               solver: Optional[str] = None, head_steps: Optional[int] = None, eta: Optional[float] = None,
+               anneal: Optional[str] = None, min_head_steps: Optional[int] = None,
+               feature_reuse: Optional[float] = None, cfg_refresh: Optional[int] = None, fast: bool = False,
+               stats=None) -> torch.Tensor:
         """MAR's masked-autoregressive sampler: tokens [B, seq_len, token_channels] for labels [B].
 
         `num_iter` iterations (1 <= num_iter <= seq_len) unmask tokens in a random order on a
@@ -327,10 +347,26 @@ class DJEPA(nn.Module):
         denoiser's noise (diffusion: each step's noise; flow: the initial noise). `callback(step, tokens, predicted_mask)` is called after every iteration.
         The orders come from `generator`, or from `order_generator` (numpy, as the official code
         draws them); the noise from `generator` (None: torch's default generator).
+
+        Faster sampling (opt-in; the defaults are the official procedure, bit for bit):
+        `solver` the head's solver (diffusion: "ddpm", "ddim", "dpm++2m"; flow: "euler", "heun",
+        "midpoint"; see djepa.diffusion.solvers, also for what temperature scales), `head_steps`
+        its steps (default: the config's num_sampling_steps), `eta` DDIM's noise level,
+        `anneal` ("none", "linear", "cosine") lowers the head's steps as tokens become known, down
+        to `min_head_steps`; `feature_reuse` (a tolerance >= 0) reuses encoder/predictor features
+        of tokens that moved less than that since the last iteration (djepa.models.feature_cache);
+        `cfg_refresh` n > 1 runs CFG's unconditional encoder/predictor half every n-th iteration
+        and reuses its guidance residual in between (LazyMAR's condition cache).
+        `fast=True` starts from the measured fast setting (djepa.models.sampler.FAST); arguments
+        given explicitly replace its fields. `stats` (a djepa.models.sampler.SamplingStats) is
+        filled with the passes and head evaluations made.
         """
-        from djepa.models.sampler import sample_tokens
+        from djepa.models.sampler import resolve_options, sample_tokens
 
         labels = self._check_labels(labels)
+        options = resolve_options(self.config.loss, fast, solver=solver, head_steps=head_steps, eta=eta,
+                                  anneal=anneal, min_head_steps=min_head_steps, feature_reuse=feature_reuse,
+                                  cfg_refresh=cfg_refresh)
         net = self._inference_net(use_ema)
         was_training = net.training
         net.eval()
@@ -338,7 +374,8 @@ class DJEPA(nn.Module):
             with torch.no_grad():
                 return sample_tokens(net, labels.to(self._device()), num_iter=num_iter, cfg_scale=cfg_scale,
                                      cfg_schedule=cfg_schedule, temperature=temperature, generator=generator,
-                                     progress=progress, callback=callback, order_generator=order_generator)
+                                     progress=progress, callback=callback, order_generator=order_generator,
+                                     options=options, stats=stats)
         finally:
             net.train(was_training)
 

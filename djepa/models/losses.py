@@ -1,4 +1,5 @@
 """D-JEPA's two losses: the JEPA feature loss and the per-token denoising (diffusion/flow) loss."""
+import math
 from typing import Optional
 
 import torch
@@ -110,21 +111,42 @@ class DenoisingHead(nn.Module):
         return self.flow.training_losses(self._flow_model, target, dict(c=z), noise=noise, t=t)["loss"]
 
     @torch.no_grad()
-    def sample(self, z, temperature=1.0, cfg_scale=1.0, generator=None, noise=None, step_noise=None):
+    def sample(self, z, temperature=1.0, cfg_scale=1.0, generator=None, noise=None, step_noise=None,
+               solver=None, steps=None, eta=0.0):
         """Tokens [M, C] for conditions z [M, z] (cfg_scale == 1), or for z = [cond; uncond]
         ([2M, z], cfg_scale != 1) the M guided tokens of the conditional half.
 
+        solver None: the official loop (MAR's DDPM, or Euler for flow) with `steps` (default:
+        num_sampling_steps), as MAR draws its noise. A named solver (djepa.diffusion.solvers:
+        "ddpm", "ddim" with `eta`, "dpm++2m"; flow: "euler", "heun", "midpoint") runs djepa's loop,
+        which embeds the conditions once and keeps the per-step time embeddings across calls.
+
         Diffusion noise, unless given (x_T `noise` [M, C], `step_noise` [steps, M, C]), is drawn
         from `generator` as MAR's p_sample_loop draws it: x_T, then one draw per step of the whole
-        carried batch ([2M, C] with CFG, of which the conditional half is used). Flow: x0 = `noise`
-        [M, C] (else drawn from `generator`), times `temperature`, then Euler steps."""
+        carried batch ([2M, C] with CFG, of which the conditional half is used); a named solver
+        draws x_T [M, C] and, if it injects step noise, one [M, C] per step. Flow: x0 = `noise`
+        [M, C] (else drawn from `generator`), times `temperature`, then the solver's steps."""
         cfg = float(cfg_scale) != 1.0
         rows = z.shape[0] // 2 if cfg else z.shape[0]
+        steps = self.num_sampling_steps if steps is None else steps
+        gen_device = generator.device if generator is not None else z.device
+        C = self.token_channels
         if self.kind == "diffusion":
             from djepa.diffusion import sample
 
-            gen_device = generator.device if generator is not None else z.device
-            C, steps = self.token_channels, self.num_sampling_steps
+            backend = "auto" if self.backend is None else self.backend
+            if solver is not None:
+                from djepa.diffusion.solvers import gaussian_plan
+
+                if noise is None:
+                    noise = torch.randn(rows, C, generator=generator, device=gen_device, dtype=torch.float32)
+                if step_noise is None and gaussian_plan(solver, steps, eta).stochastic:
+                    step_noise = torch.randn(steps, rows, C, generator=generator, device=gen_device,
+                                             dtype=torch.float32)
+                out = sample(self.net, z, steps=steps, temperature=temperature, cfg_scale=cfg_scale,
+                             noise=noise.to(z.device), step_noise=None if step_noise is None else step_noise.to(z.device),
+                             backend=backend, solver=solver, eta=eta)
+                return out[:rows]
             if noise is None:
                 noise = torch.randn(rows, C, generator=generator, device=gen_device, dtype=torch.float32)
             if step_noise is None:
@@ -132,19 +154,56 @@ class DenoisingHead(nn.Module):
                     torch.randn(z.shape[0], C, generator=generator, device=gen_device, dtype=torch.float32)[:rows]
                     for _ in range(steps)])
             out = sample(self.net, z, steps=steps, temperature=temperature, cfg_scale=cfg_scale,
-                         noise=noise.to(z.device), step_noise=step_noise.to(z.device),
-                         backend="auto" if self.backend is None else self.backend)
+                         noise=noise.to(z.device), step_noise=step_noise.to(z.device), backend=backend)
         else:
-            gen_device = generator.device if generator is not None else z.device
+            if eta:
+                raise ValueError(f"eta is DDIM's noise level; a flow head takes none (got eta={eta})")
             if noise is None:
-                noise = torch.randn(rows, self.token_channels, generator=generator, device=gen_device,
-                                    dtype=torch.float32)
+                noise = torch.randn(rows, C, generator=generator, device=gen_device, dtype=torch.float32)
             noise = noise.to(z.device)
+            if solver is not None:
+                return self._sample_flow(z, noise, steps, solver, temperature, cfg_scale)
             if cfg:
-                out = self.flow.sample(self._flow_model_cfg, (2 * rows, self.token_channels),
-                                       self.num_sampling_steps, model_kwargs=dict(c=z, cfg_scale=cfg_scale),
+                out = self.flow.sample(self._flow_model_cfg, (2 * rows, C), steps,
+                                       model_kwargs=dict(c=z, cfg_scale=cfg_scale),
                                        noise=torch.cat([noise, noise]), temperature=temperature)
             else:
-                out = self.flow.sample(self._flow_model, (rows, self.token_channels), self.num_sampling_steps,
+                out = self.flow.sample(self._flow_model, (rows, C), steps,
                                        model_kwargs=dict(c=z), noise=noise, temperature=temperature)
         return out[:rows]
+
+    def _sample_flow(self, z, noise, steps, solver, temperature, cfg_scale):
+        """The flow head's loop with the conditions embedded once and the time embeddings of
+        every evaluation time from a table kept across calls (the velocity is the same function
+        of (x, t, z) as in training: the MLP sees t * 1000)."""
+        from djepa.diffusion.sampler import head_output, time_table
+        from djepa.diffusion.solvers import check_solver, flow_times
+
+        check_solver("flow", solver)
+        temperature = float(temperature)
+        if not math.isfinite(temperature) or temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+        cfg = float(cfg_scale) != 1.0
+        rows, C = noise.shape
+        dtype = self.net.input_proj.weight.dtype
+        work = torch.float64 if dtype == torch.float64 else torch.float32
+        _, evals = flow_times(solver, int(steps), self.flow.shift)
+        times = sorted({t for ts in evals for t in ts})
+        # the MLP's time input, as the official loop computes it: float32(t) * 1000 in float32
+        inputs = tuple(float(torch.tensor(t, dtype=work) * 1000.0) for t in times)
+        table = time_table(self.net, inputs)
+        row = {t: i for i, t in enumerate(times)}
+        c_emb = self.net.cond_embed(z)
+
+        def velocity(x, t):
+            xin = x.to(dtype)
+            if cfg:
+                xin = torch.cat([xin, xin])
+            i = row[t]
+            v = head_output(self.net, xin, table[i:i + 1], c_emb).to(work)
+            if cfg:
+                v = v[rows:] + cfg_scale * (v[:rows] - v[rows:])
+            return v
+
+        x = noise.to(work) * temperature
+        return self.flow.integrate(velocity, x, int(steps), solver)

@@ -11,8 +11,7 @@ from djepa import backends
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 
 
-def select_backend(op, backend, device, *, cuda_reason=None, triton_reason=None, dtype=None, bucket=None,
-                   wgmma_reason=None):
+def select_backend(op, backend, device, *, cuda_reason=None, triton_reason=None, dtype=None, case=None):
     """Pick the backend that serves one call of `op` on tensors on `device`.
 
     `backend` is "auto" | "cuda" | "triton" | "eager" or None (DJEPA_BACKEND, default auto).
@@ -20,12 +19,10 @@ def select_backend(op, backend, device, *, cuda_reason=None, triton_reason=None,
     go to that backend, or are None. An explicit backend that cannot serve the call raises a
     ValueError with the reason; it never falls back silently.
 
-    "auto" tries the backends in the order of djepa.backends.auto_order: the tuning table's
-    measurement for this `dtype` and shape `bucket` (djepa.tune_table.bucket, or a function
-    returning it) when one is active for the GPU, else the static rule; the first that serves the
+    "auto" tries the backends in the order of djepa.backends.auto_order for the call's `dtype`
+    and `case` (its sizes and flags by name, or a function returning them): the tuning table's
+    measurement when one is active for the GPU, else the static rule; the first that serves the
     call wins.
-    `wgmma_reason`: why djepa._C serves this call with its mma.sync kernels even where it has
-    wgmma ones for the op (backends.static_rule), or None.
     """
     requested = backends.default_backend() if backend is None else str(backend).lower()
     if requested not in backends.BACKENDS:
@@ -45,7 +42,7 @@ def select_backend(op, backend, device, *, cuda_reason=None, triton_reason=None,
     if device.type != "cuda":
         return "eager"
     why = {"cuda": cuda_why, "triton": triton_why, "eager": None}
-    order, _ = backends.auto_order(op, device, dtype=dtype, bucket=bucket, wgmma_reason=wgmma_reason)
+    order, _ = backends.auto_order(op, device, dtype=dtype, case=case)
     return next((b for b in order if why[b] is None), "eager")
 
 

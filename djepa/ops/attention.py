@@ -16,6 +16,9 @@ Backends:
           masked_attention_fwd_sm90 / _bwd_sm90 (head dims 64, 80, 96, 128; the others stay on
           the mma.sync kernels). Chosen per launch by the device (DJEPA_SM90_KERNELS=0: never).
           The sm_90a kernels have no dropout: a call with dropout_p > 0 runs on the mma.sync ones.
+          Their design, read at each launch: DJEPA_SM90_ATTENTION=pipelined (the default;
+          FlashAttention-3's schedule) or baseline (the first sm_90a kernels), see
+          djepa.backends.sm90_attention_design.
 
 The kernel backends compact the mask once per call (visible key indices first) and iterate only
 over the visible keys, so the work follows the number of visible keys, wherever they are.
@@ -52,10 +55,8 @@ __all__ = ["masked_attention", "masked_attention_reference", "dropout_keep_refer
 _OP = "masked_attention"
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 CUDA_HEAD_DIMS = (32, 64, 80, 96, 128)
-SM90_HEAD_DIMS = (64, 80, 96, 128)  # djepa._C's sm_90a (wgmma) kernels
+SM90_HEAD_DIMS = backends.OPS[_OP].sm90_head_dims  # djepa._C's sm_90a (wgmma) kernels
 TRITON_MAX_HEAD_DIM = 256
-# Why the sm_90a kernels do not serve a call with dropout (it runs on the mma.sync ones).
-SM90_NO_DROPOUT = dict(backends.WGMMA_EXCLUDED[_OP])["dropout_p > 0"]
 PHILOX_M = (0xD2511F53, 0xCD9E8D57)  # Philox-4x32 round multipliers
 PHILOX_W = (0x9E3779B9, 0xBB67AE85)  # and key increments (Salmon et al. 2011; curand, Triton)
 PHILOX_ROUNDS = 10
@@ -268,15 +269,10 @@ def _choose_backend(backend, device, dtype, head_dim, num_keys=None, train=False
     # A pure function of its (constant) arguments and the environment, so torch.compile can
     # evaluate it once at trace time instead of tracing the extension/Triton probes.
     probe = torch.empty((0, 0, 0, head_dim), dtype=dtype, device="meta")
-    bucket = None
-    if num_keys is not None and not dropout:  # the tuning tables measure no dropout
-        from djepa import tune_table
-
-        bucket = tune_table.bucket(_OP, D=head_dim, Nk=num_keys, train=train)
     return _dispatch.select_backend(
         _OP, backend, device,
         cuda_reason=cuda_reason(probe), triton_reason=triton_reason(probe, device),
-        dtype=dtype, bucket=bucket, wgmma_reason=_wgmma_reason(head_dim, dropout),
+        dtype=dtype, case=dict(D=head_dim, Nk=num_keys, train=train, dropout=dropout),
     )
 
 
@@ -288,23 +284,22 @@ def choose_backend(backend, device, dtype, head_dim, *, num_keys=None, train=Fal
     return _choose_backend(backend, torch.device(device), dtype, head_dim, num_keys, train, dropout_p > 0.0)
 
 
-def _wgmma_reason(head_dim, dropout=False):
-    """Why the CUDA backend serves this call with the mma.sync kernels on sm_90 (None: the
-    sm_90a wgmma kernels serve it)."""
-    if dropout:
-        return SM90_NO_DROPOUT
-    if head_dim in SM90_HEAD_DIMS:
-        return None
-    return f"the sm_90a kernels serve head dims {SM90_HEAD_DIMS}, not {head_dim}"
-
-
 def cuda_kernels(device, head_dim, dropout=False):
     """The names of the djepa._C (forward, backward) functions that backend="cuda" launches for
     tensors on `device` with this head dim: the sm_90a wgmma kernels on an sm_90 GPU where the
-    build has them and they serve the call (head dim, no dropout), else mma.sync."""
-    if _wgmma_reason(head_dim, dropout) is None and backends.uses_wgmma(_OP, device):
+    build has them and they serve the call (head dim, no dropout: djepa.backends.wgmma_reason),
+    else mma.sync."""
+    if backends.wgmma_reason(_OP, dict(D=head_dim, dropout=dropout)) is None and backends.uses_wgmma(_OP, device):
         return "masked_attention_fwd_sm90", "masked_attention_bwd_sm90"
     return "masked_attention_fwd", "masked_attention_bwd"
+
+
+def _sm90_design(name):
+    """The keyword arguments of djepa._C function `name`: the sm_90a ones take the design
+    DJEPA_SM90_ATTENTION names."""
+    if not name.endswith("_sm90"):
+        return {}
+    return {"design": backends.SM90_ATTENTION_DESIGNS[backends.sm90_attention_design()]}
 
 
 def _compact(key_mask):
@@ -354,14 +349,15 @@ def _fwd_impl(q, k, v, kv_index, kv_count, scale, backend, rng=None, dropout_p=0
         return o.zero_(), lse.zero_()
     dropout = dropout_p > 0.0
     if backend == "cuda":
-        fwd = getattr(_dispatch.extension(), cuda_kernels(q.device, D, dropout)[0])
+        name = cuda_kernels(q.device, D, dropout)[0]
+        fwd, design = getattr(_dispatch.extension(), name), _sm90_design(name)
         extra = (rng.data_ptr(), float(dropout_p), 0 if keep_out is None else keep_out.data_ptr()) if dropout else ()
         fwd(
             q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr(),
             0 if kv_index is None else kv_index.data_ptr(),
             0 if kv_count is None else kv_count.data_ptr(),
             B, H, Nq, Nk, D, _strides3(q), _strides3(k), _strides3(v),
-            float(scale), _dispatch.dtype_code(q.dtype), _dispatch.stream_handle(q.device), *extra,
+            float(scale), _dispatch.dtype_code(q.dtype), _dispatch.stream_handle(q.device), *extra, **design,
         )
     elif backend == "triton":
         from djepa.kernels import attention as kern
@@ -385,7 +381,8 @@ def _bwd_impl(do, q, k, v, o, lse, kv_index, kv_count, scale, backend, rng=None,
     delta = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
     dropout = dropout_p > 0.0
     if backend == "cuda":
-        bwd = getattr(_dispatch.extension(), cuda_kernels(q.device, D, dropout)[1])
+        name = cuda_kernels(q.device, D, dropout)[1]
+        bwd, design = getattr(_dispatch.extension(), name), _sm90_design(name)
         extra = (rng.data_ptr(), float(dropout_p)) if dropout else ()
         bwd(
             q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), do.data_ptr(), lse.data_ptr(),
@@ -393,7 +390,7 @@ def _bwd_impl(do, q, k, v, o, lse, kv_index, kv_count, scale, backend, rng=None,
             0 if kv_count is None else kv_count.data_ptr(),
             dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), delta.data_ptr(),
             B, H, Nq, Nk, D, _strides3(q), _strides3(k), _strides3(v),
-            float(scale), _dispatch.dtype_code(q.dtype), _dispatch.stream_handle(q.device), *extra,
+            float(scale), _dispatch.dtype_code(q.dtype), _dispatch.stream_handle(q.device), *extra, **design,
         )
     elif backend == "triton":
         from djepa.kernels import attention as kern

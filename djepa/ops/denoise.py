@@ -62,11 +62,12 @@ _C.gemm(a, b, c, bias, M, N, K, a_trans, b_trans, epilogue, aux1, aux2, aux_out,
     bias): K is split over that many blocks, whose partials go to `workspace`, a float32 buffer
     of workspace_numel >= (splits - 1) * M * N elements (ValueError when smaller).
 _C.gemm_sm90(a, b, c, bias, M, N, K, a_trans, b_trans, epilogue, aux1, aux2, aux_out, dtype,
-             stream, aux2_ld, workspace, splits, workspace_numel)
+             stream, aux2_ld, workspace, splits, workspace_numel, kernel)
                                                      (builds with sm_90a code; _Cuda picks it on sm_90)
     gemm's contract with wgmma/TMA kernels; any epilogue may split K: with
-    splits = _C.gemm_sm90_splits(M, N, K) > 1, workspace holds workspace_numel >= splits * M * N
-    float32 (ValueError when fewer).
+    splits = _C.gemm_sm90_splits(M, N, K, kernel=kernel) > 1, workspace holds workspace_numel >=
+    splits * M * N float32 (ValueError when fewer). kernel: 0 = the design chosen by shape,
+    1 = 128x128, 2 = 128x256 (DJEPA_SM90_GEMM, djepa.backends.sm90_gemm_design).
 Every entry point checks its arguments before it touches the GPU (csrc/checks.h): dtype codes,
 sizes and their int64 extents, row strides, flags, pointers present and aligned to their element
 size, workspace sizes, the build's archs (ValueError / RuntimeError naming the function); then
@@ -160,61 +161,55 @@ class _Triton:
 
     def ln_mod_fwd(self, x, mod, mod_ld, ln_w, ln_b, h, stats, eps):
         M, W = x.shape
-        BW, BM, warps = self.k.ln_config(W, x.element_size())
-        self.k.ln_mod_fwd_kernel[(triton_cdiv(M, BM),)](
+        tile = self.k.ln_config(W, x.element_size())
+        self.k.ln_mod_fwd_kernel[(triton_cdiv(M, tile.rows),)](
             x, mod, ln_w if ln_w is not None else x, ln_b if ln_b is not None else x, h,
             stats if stats is not None else h, M, W, mod_ld, float(eps),
-            HAS_AFFINE=ln_w is not None, HAS_STATS=stats is not None, BLOCK_M=BM, BLOCK_W=BW,
-            num_warps=warps)
+            HAS_AFFINE=ln_w is not None, HAS_STATS=stats is not None, BLOCK_M=tile.rows, BLOCK_W=tile.block_w,
+            num_warps=tile.warps)
 
     def ln_mod_bwd(self, x, mod, ln_w, ln_b, stats, dh, dres, dx, dmod):
         M, W = x.shape
-        BW, tile_rows, warps = self.k.ln_config(W, x.element_size())
+        tile = self.k.ln_config(W, x.element_size())
         rows = self.k.ln_bwd_rows(W)
         nb = triton_cdiv(M, rows)
         dw_part = torch.empty(nb, W, device=x.device, dtype=torch.float32)
         db_part = torch.empty(nb, W, device=x.device, dtype=torch.float32)
         self.k.ln_mod_bwd_kernel[(nb,)](
             x, mod, ln_w, ln_b, stats, dh, dres if dres is not None else dh, dx, dmod, dw_part, db_part, M, W,
-            HAS_AFFINE=True, HAS_DRES=dres is not None, ROWS=rows, TILE_ROWS=tile_rows, BLOCK_W=BW,
-            num_warps=warps)
+            HAS_AFFINE=True, HAS_DRES=dres is not None, ROWS=rows, TILE_ROWS=tile.rows, BLOCK_W=tile.block_w,
+            num_warps=tile.warps)
         return dw_part.sum(0), db_part.sum(0)
 
     def gate_bwd(self, dout, mod, y2, dy2, dmod):
         M, W = dout.shape
-        BLOCK = 1024
-        self.k.gate_bwd_kernel[(triton_cdiv(M * W, BLOCK),)](dout, mod, y2, dy2, dmod, M, W, BLOCK=BLOCK)
+        block = self.k.ELEMENTWISE_BLOCK
+        self.k.gate_bwd_kernel[(triton_cdiv(M * W, block),)](dout, mod, y2, dy2, dmod, M, W, BLOCK=block)
 
     def add_silu(self, c, t_row, out):
         M, W = c.shape
-        BLOCK = 1024
-        self.k.add_silu_kernel[(triton_cdiv(M * W, BLOCK),)](c, t_row, out, M, W, BLOCK=BLOCK)
+        block = self.k.ELEMENTWISE_BLOCK
+        self.k.add_silu_kernel[(triton_cdiv(M * W, block),)](c, t_row, out, M, W, BLOCK=block)
 
     def gemm(self, a, b, c, M, N, K, a_trans=False, b_trans=False, bias=None, epilogue=0,
              aux1=None, aux2=None, aux2_ld=0, aux_out=None):
-        sam, sak = (1, M) if a_trans else (K, 1)
-        sbk, sbn = (1, K) if b_trans else (N, 1)
+        stride_am, stride_ak = (1, M) if a_trans else (K, 1)
+        stride_bk, stride_bn = (1, K) if b_trans else (N, 1)
         grid = lambda meta: (triton_cdiv(M, meta["BLOCK_M"]) * triton_cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
         self.k.gemm_kernel[grid](
             a, b, c, bias if bias is not None else c, aux1 if aux1 is not None else c,
             aux2 if aux2 is not None else c, aux_out if aux_out is not None else c, M, N, K,
-            sam, sak, sbk, sbn, aux2_ld, EPILOGUE=epilogue, HAS_BIAS=bias is not None,
+            stride_am, stride_ak, stride_bk, stride_bn, aux2_ld, EPILOGUE=epilogue, HAS_BIAS=bias is not None,
             HAS_AUX_OUT=aux_out is not None, IEEE=a.dtype == torch.float32)
 
     def denoise_update(self, x, model_out, noise, out, xin, B, C, cfg, cfg_scale, coefs):
         coef_x, coef_eps, min_log, max_log, noise_scale = coefs
-        BLOCK = 512
-        self.k.denoise_update_kernel[(triton_cdiv(B * C, BLOCK),)](
+        block = self.k.UPDATE_BLOCK
+        self.k.denoise_update_kernel[(triton_cdiv(B * C, block),)](
             x, model_out, noise if noise is not None else x, out, xin if xin is not None else out,
             B, C, model_out.stride(0), cfg_scale, coef_x, coef_eps, min_log, max_log, noise_scale,
             CFG=bool(cfg), HAS_NOISE=noise is not None and noise_scale != 0.0, HAS_XIN=xin is not None,
-            BLOCK=BLOCK)
-
-
-def _tune_bucket(op, **dims):
-    from djepa import tune_table
-
-    return tune_table.bucket(op, **dims)
+            BLOCK=block)
 
 
 def triton_cdiv(a, b):
@@ -242,6 +237,8 @@ class _Cuda:
         self.C = _dispatch.extension()
         self.device = device
         self.sm90 = backends.uses_wgmma("adaln_block", device)
+        # gemm_sm90's `kernel`: the design DJEPA_SM90_GEMM names (djepa.backends.sm90_gemm_design)
+        self.sm90_kernel = backends.SM90_GEMM_DESIGNS[backends.sm90_gemm_design()] if self.sm90 else 0
 
     def _s(self):
         return _dispatch.stream_handle(self.device)
@@ -278,11 +275,11 @@ class _Cuda:
             epilogue |= 16
         if self.sm90:
             # gemm_sm90 may split K under any epilogue; its workspace holds every split's partial.
-            splits = int(self.C.gemm_sm90_splits(M, N, K))
+            splits = int(self.C.gemm_sm90_splits(M, N, K, kernel=self.sm90_kernel))
             ws = torch.empty(splits * M * N, device=c.device, dtype=torch.float32) if splits > 1 else None
             self.C.gemm_sm90(_ptr(a), _ptr(b), _ptr(c), _ptr(bias), M, N, K, int(a_trans), int(b_trans), epilogue,
                              _ptr(aux1), _ptr(aux2), _ptr(aux_out), _dispatch.dtype_code(a.dtype), self._s(),
-                             aux2_ld, _ptr(ws), splits, _numel(ws))
+                             aux2_ld, _ptr(ws), splits, _numel(ws), kernel=self.sm90_kernel)
             return
         # Weight gradients (float32, no epilogue): _C may split K over more blocks than there are
         # output tiles; the partial products go to a workspace it adds up in a fixed order.
@@ -438,7 +435,7 @@ def adaln_block(x, mod, ln_w, ln_b, w1, b1, w2, b2, *, eps=1e-6, backend="auto")
     train = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, mod, ln_w, ln_b, w1, b1, w2, b2))
     chosen = _dispatch.select_backend("adaln_block", backend, x.device,
                                       cuda_reason=cuda_reason, triton_reason=triton_reason,
-                                      dtype=x.dtype, bucket=_tune_bucket("adaln_block", W=W, M=M, train=train))
+                                      dtype=x.dtype, case=dict(W=W, M=M, train=train))
     if chosen == "eager" or M == 0:
         return adaln_block_reference(x, mod, ln_w, ln_b, w1, b1, w2, b2, eps)
     affine = ln_w is not None
@@ -594,7 +591,7 @@ def denoise_step(mlp, x, c_emb, diffusion, t, *, noise=None, cfg_scale=1.0, temp
     cuda_reason, triton_reason = _step_reasons(mlp, x, diffusion)
     chosen = _dispatch.select_backend("denoise_step", backend, x.device,
                                       cuda_reason=cuda_reason, triton_reason=triton_reason, dtype=c_emb.dtype,
-                                      bucket=_tune_bucket("denoise_step", W=mlp.model_channels, M=c_emb.shape[0]))
+                                      case=dict(W=mlp.model_channels, M=c_emb.shape[0]))
     if noise is None and t > 0:
         noise = torch.randn_like(x)
     with torch.no_grad():

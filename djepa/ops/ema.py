@@ -227,14 +227,8 @@ def ema_update_(ema_tensors: Sequence[torch.Tensor], tensors: Sequence[torch.Ten
         return
     reason = _kernel_reason(ema_tensors, tensors, decay, device)
     chosen = _dispatch.select_backend(OP, backend, device, cuda_reason=reason, triton_reason=reason,
-                                      dtype=tensors[0].dtype, bucket=lambda: _tune_bucket(tensors))
+                                      dtype=tensors[0].dtype, case=lambda: dict(numel=sum(t.numel() for t in tensors)))
     _ema_update_op(list(ema_tensors), list(tensors), *_op_decay(decay), chosen)
-
-
-def _tune_bucket(tensors):
-    from djepa import tune_table
-
-    return tune_table.bucket(OP, numel=sum(t.numel() for t in tensors))
 
 
 def _op_decay(decay):
