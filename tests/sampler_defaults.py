@@ -70,8 +70,21 @@ def cases():
     }
 
 
+def cpu_model():
+    """vendor, family and model of the CPU: the same ISA level on another microarchitecture can
+    pick other MKL/oneDNN kernels and round differently."""
+    try:
+        info = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.count(":") >= 1 and line.split(":", 1)[0].strip() in ("vendor_id", "cpu family", "model"))
+        info = {k.strip(): v.strip() for k, v in info.items()}
+        return f"{info.get('vendor_id', '?')} family {info.get('cpu family', '?')} model {info.get('model', '?')}"
+    except OSError:
+        import platform
+        return platform.processor() or platform.machine()
+
+
 def environment():
-    return f"torch {torch.__version__}, cpu {torch.backends.cpu.get_cpu_capability()}"
+    return f"torch {torch.__version__}, cpu {torch.backends.cpu.get_cpu_capability()}, {cpu_model()}"
 
 
 def record():

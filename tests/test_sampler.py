@@ -241,7 +241,7 @@ def test_defaults_reproduce_the_samples_recorded_before_the_fast_samplers():
     """The default procedure (no sampler option given) draws what main drew before the fast
     samplers existed (tests/sampler_defaults.npz, on fixed seeds: diffusion and flow heads, CFG
     linear and constant, numpy orders, the 100-step DDPM head loop). Bit for bit where the file
-    was recorded (same torch, same CPU capability); elsewhere to float32 rounding."""
+    was recorded (same torch, CPU capability and CPU model); elsewhere to float32 rounding."""
     import numpy as np
 
     import sampler_defaults
