@@ -1,5 +1,7 @@
 """One process or many: the process group torchrun describes, and the few collectives the
 training loop needs (gather/broadcast of Python objects, a mean, and agreement on stopping)."""
+import atexit
+import gc
 import os
 from dataclasses import dataclass
 
@@ -40,15 +42,24 @@ def setup_distributed(device=None) -> Dist:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
         initialized_here = True
+        atexit.register(gc.collect)  # error paths: see teardown
     return Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank,
                 device=dev, initialized_here=initialized_here)
 
 
 def teardown(info: Dist) -> None:
-    """Leave the process group if `setup_distributed` joined it."""
+    """Leave the process group if `setup_distributed` joined it.
+
+    DDP sits in reference cycles, so it outlives the training loop until a garbage collection,
+    and it holds the process group: left to the collection in the interpreter's finalization,
+    the group's worker threads decref tensors while Python shuts down, and the process aborts
+    ("terminate called without an active exception", seen under load with gloo). So collect
+    here, while the interpreter is alive; on an error path the traceback still holds the loop's
+    frames, and the collection registered at exit by setup_distributed frees them."""
     if info.initialized_here:
         import torch.distributed as dist
 
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -118,10 +118,38 @@ def test_torchrun_cli(tmp_path):
     for k, v in SMALL.items():
         cmd += ["--set", f"{k}={v}"]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-6000:]
     state = json.load(open(out / "step-0000002" / "state.json"))
     assert state["world_size"] == 2 and state["step"] == 2
     assert r.stdout.count("trained to step 2") == 1  # only rank 0 reports
+
+
+PROBE = """
+import gc, json, os, sys
+from torch.nn.parallel import DistributedDataParallel
+from djepa.cli import main
+rc = main(sys.argv[2:])
+alive = sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())
+with open(os.path.join(sys.argv[1], "rank%s.json" % os.environ["RANK"]), "w") as f:
+    json.dump({"rc": rc, "ddp_alive": alive}, f)
+"""
+
+
+def test_torchrun_train_frees_ddp_before_the_interpreter_exits(tmp_path):
+    """DDP sits in reference cycles and holds the gloo group; left to the collection in Python's
+    finalization, the group's worker threads decref tensors while the interpreter shuts down and
+    rank 0 aborted ("terminate called without an active exception", test_torchrun_cli under load,
+    about 1 run in 35). After `djepa train` returns, no rank may still hold a DDP."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(probe), str(tmp_path),
+           "train", "--out", str(tmp_path / "run"), "--steps", "1", "--batch-size", "8", "--no-progress", "--device", "cpu"]
+    for k, v in SMALL.items():
+        cmd += ["--set", f"{k}={v}"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-6000:]
+    ranks = [json.load(open(tmp_path / f"rank{i}.json")) for i in range(2)]
+    assert ranks == [{"rc": 0, "ddp_alive": 0}] * 2, ranks
 
 
 def _signal_worker(rank, world, out, result_dir):
