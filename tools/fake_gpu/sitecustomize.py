@@ -16,3 +16,6 @@ if os.environ.get("DJEPA_FAKE_GPU") == "1":
     torch.cuda.device_count = lambda: _count
     torch.cuda.get_device_name = lambda device=None: "NVIDIA H200 (faked)"
     torch.cuda.get_device_capability = lambda device=None: (9, 0)
+    # Adam and friends ask before each step; a CUDA build of torch with no driver would raise
+    # (the GPU machine's torch, rehearsed on a CPU machine). Nothing is ever captured here.
+    torch.cuda.is_current_stream_capturing = lambda: False
