@@ -424,7 +424,9 @@ INTERPRETER_TILE = Tile(16, 16, 1, 1)
 # Triton 3.9, masked and dense variants; benchmarks/results/static/sm_90.md), or the spill that
 # ruled out the bigger tile. Every hot variant (16-bit, a preset's or a benchmark's head dim)
 # has no spill and no stack. fp32 multiplies in IEEE fp32 on the FMA units, whose dot operands
-# live in registers: its tiles are small and its warps many. D 129-256 serves no preset.
+# live in registers: its tiles are small and its warps many. D 129-256 serves no preset. The GPU
+# machine's image compiles with Triton 3.6, whose ptxas spilled fp32's D = 80-96 backward on the
+# 32 x 32 tiles 3.9 kept: those take the smaller tiles that spill on neither.
 _TILES = {
     # forward: a 128-query block keeps the K/V traffic per FLOP of FlashAttention-2
     ("fwd", "16-bit", 64): Tile(128, 64, 4, 3),   # one warpgroup: 142-225 regs, <= 64 KiB smem
@@ -442,7 +444,7 @@ _TILES = {
     ("dq", "16-bit", 128): Tile(64, 64, 4, 2),    # 166-186 regs, 96 KiB
     ("dq", "16-bit", 256): Tile(64, 32, 4, 2),    # not hot: spills up to 88 B at D 160-256
     ("dq", "fp32", 64): Tile(32, 32, 8, 1),       # 56-172 regs, no spill
-    ("dq", "fp32", 96): Tile(32, 32, 8, 1),       # not hot: spills up to 32 B at D = 96
+    ("dq", "fp32", 96): Tile(16, 16, 8, 1),       # 32 x 32 spilled 48-76 B with dropout on Triton 3.6
     ("dq", "fp32", 128): Tile(16, 16, 8, 1),      # 170-171 regs; 16 warps spilled 2 KB on Triton 3.6
     ("dq", "fp32", 256): Tile(16, 16, 8, 1),      # not hot: spills up to 640 B
     # dkdv: the dK and dV accumulators of the block's keys stay in registers over the query loop
@@ -451,7 +453,7 @@ _TILES = {
     ("dkdv", "16-bit", 128): Tile(64, 64, 8, 2),  # 223-227 regs, 97 KiB
     ("dkdv", "16-bit", 256): Tile(16, 64, 8, 2),  # 16-query steps; not hot: spills up to 208 B
     ("dkdv", "fp32", 64): Tile(32, 32, 8, 1),     # 54-94 regs
-    ("dkdv", "fp32", 96): Tile(32, 32, 8, 1),     # 114-208 regs
+    ("dkdv", "fp32", 96): Tile(16, 32, 8, 1),     # 32-query steps spilled 8-60 B on Triton 3.6 (D = 80)
     ("dkdv", "fp32", 128): Tile(32, 32, 8, 1),    # 96-108 regs, 72 KiB
     ("dkdv", "fp32", 256): Tile(16, 16, 8, 1),    # not hot: spills up to 40 B
 }
