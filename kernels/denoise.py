@@ -247,16 +247,30 @@ def _acc_per_thread(config):
     return config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] // (32 * config.num_warps)
 
 
+# Triton 3.6 (the GPU machine's; not 3.5, 3.7-3.9) serializes the wgmma of these tiles when a is
+# read transposed (stride_am = 1: the weight gradients x^T @ dy): ptxas warning C7515.
+_SERIALIZES_TRANSPOSED_A = tuple(int(v) for v in triton.__version__.split(".")[:2]) == (3, 6)
+
+
+def _serialized_transposed_a(config):
+    return config.num_warps == 8 and config.kwargs["BLOCK_N"] == 128
+
+
 def _prune_gemm_configs(configs, named_args, **kwargs):
     """The tiles an epilogue fits in registers beside (checked by tools/static_check.py): the
     dSiLU epilogue (3) holds the pre-activation tile with the accumulator, so it takes at most
     32 accumulator elements per thread; the others up to 64. (A 128 x 256 tile, 128 per thread,
-    spilled with the epilogues 2 and 3; 128 x 128 over 16 warps spilled on Triton 3.6.)"""
-    epilogue = kwargs.get("EPILOGUE", named_args.get("EPILOGUE"))
-    if epilogue == EPI_DSILU.value:
+    spilled with the epilogues 2 and 3; 128 x 128 over 16 warps spilled on Triton 3.6.) On
+    Triton 3.6 a transposed a on the tensor cores leaves out the tiles whose wgmma it serializes."""
+    def arg(name):
+        return kwargs.get(name, named_args.get(name))
+
+    if arg("EPILOGUE") == EPI_DSILU.value:
         kept = [c for c in configs if _acc_per_thread(c) <= 32]
     else:
         kept = [c for c in configs if _acc_per_thread(c) <= 64]
+    if _SERIALIZES_TRANSPOSED_A and arg("stride_am") == 1 and not arg("IEEE"):
+        kept = [c for c in kept if not _serialized_transposed_a(c)]
     return kept or configs[:1]
 
 

@@ -716,6 +716,33 @@ def test_layernorm_tiles_follow_the_width():
     assert ln_config(8192, 2) == (8192, 1, 16)
 
 
+@pytest.mark.parametrize("serializes", [False, True], ids=["triton-other", "triton-3.6"])
+def test_gemm_prune_leaves_out_the_tiles_triton_3_6_serializes(monkeypatch, serializes):
+    """On Triton 3.6 ptxas serializes the wgmma of the 8-warp, 128-column tiles when a is read
+    transposed (the weight gradients; tools/static_check.py under 3.6): those are left out there,
+    and only there."""
+    import triton
+
+    from djepa.kernels import denoise as kd
+
+    monkeypatch.setattr(kd, "_SERIALIZES_TRANSPOSED_A", serializes)
+    configs = [triton.Config({"BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "BLOCK_K": 64, "GROUP_M": 8},
+                             num_stages=t.stages, num_warps=t.warps) for t in kd.GEMM_TILES]
+
+    def tiles(**args):
+        kept = kd._prune_gemm_configs(configs, dict(EPILOGUE=kd.EPI_NONE.value, IEEE=False, **args))
+        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) for c in kept}
+
+    everything = {(t.block_m, t.block_n, t.warps) for t in kd.GEMM_TILES}
+    serialized = {(128, 128, 8), (64, 128, 8)}
+    assert serialized <= everything
+    assert tiles(stride_am=1024, stride_ak=1) == everything
+    transposed = tiles(stride_am=1, stride_ak=1024)
+    assert transposed == (everything - serialized if serializes else everything)
+    fp32 = kd._prune_gemm_configs(configs, dict(EPILOGUE=kd.EPI_NONE.value, IEEE=True, stride_am=1))
+    assert len(fp32) == len(configs)  # IEEE fp32 runs on the FMA units: no wgmma to serialize
+
+
 @pytest.mark.parametrize("M,W,dtype", [(41, 600, torch.float32), (37, 272, torch.float16)])
 def test_adaln_block_triton_several_row_tiles_per_program(triton_device, M, W, dtype):
     """Widths whose LayerNorm backward loops over several row tiles per program and sums the
