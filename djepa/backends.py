@@ -112,6 +112,15 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def version_tuple(version: str) -> tuple:
+    """(major, minor) of a version string such as Triton's "3.6.0" or "3.7.0rc1+git4f5e6a7"."""
+    parts = []
+    for piece in version.split("+")[0].split(".")[:2]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
 def default_backend() -> str:
     value = os.environ.get("DJEPA_BACKEND", "auto").strip().lower() or "auto"
     if value not in BACKENDS:

@@ -5,7 +5,9 @@ This folder sits at the top of the source tree, beside csrc/ (the CUDA kernels),
 installed as the subpackage `djepa.kernels` (setup.py maps it): import `djepa.kernels.attention`,
 not `kernels.attention`. Under TRITON_INTERPRET=1 (set before triton is imported) every kernel
 runs on CPU tensors."""
+from djepa.backends import interpreter_enabled
+
 from . import _interpreter_compat
 
-if _interpreter_compat.interpreter_requested():
+if interpreter_enabled():
     _interpreter_compat.apply()

@@ -9,25 +9,14 @@ before it the same conversion. torch 2.11 pins Triton 3.6 and the GPU machine's 
 NumPy 2.5.2: without this, no masked attention test runs there under the interpreter.
 """
 import functools
-import os
+
+from djepa.backends import version_tuple
 
 FIXED_IN = (3, 7)
 
 
-def _version_tuple(version: str):
-    parts = []
-    for piece in version.split("+")[0].split(".")[:2]:
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        parts.append(int(digits or 0))
-    return tuple(parts)
-
-
 def needed(triton_version: str) -> bool:
-    return _version_tuple(triton_version) < FIXED_IN
-
-
-def interpreter_requested() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return version_tuple(triton_version) < FIXED_IN
 
 
 def _index(self):

@@ -10,6 +10,8 @@ from typing import NamedTuple
 import triton
 import triton.language as tl
 
+from djepa.backends import version_tuple
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # A LayerNorm program works on tiles of about LN_TILE elements (rows x BLOCK_W), 16 per thread.
@@ -249,7 +251,7 @@ def _acc_per_thread(config):
 
 # Triton 3.6 (the GPU machine's; not 3.5, 3.7-3.9) serializes the wgmma of these tiles when a is
 # read transposed (stride_am = 1: the weight gradients x^T @ dy): ptxas warning C7515.
-_SERIALIZES_TRANSPOSED_A = tuple(int(v) for v in triton.__version__.split(".")[:2]) == (3, 6)
+_SERIALIZES_TRANSPOSED_A = version_tuple(triton.__version__) == (3, 6)
 
 
 def _serialized_transposed_a(config):

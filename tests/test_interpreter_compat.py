@@ -7,6 +7,7 @@ import types
 import numpy as np
 import pytest
 
+from djepa.backends import interpreter_enabled
 from djepa.kernels import _interpreter_compat as compat
 
 
@@ -14,6 +15,7 @@ from djepa.kernels import _interpreter_compat as compat
     ("3.6.0", True),
     ("3.3.1", True),
     ("3.6.0+git4f5e6a7", True),
+    ("3.7.0rc1", False),
     ("3.7.0", False),
     ("3.10.0", False),
 ])
@@ -86,7 +88,7 @@ def test_apply_fixes_this_interpreter_only_where_needed():
 
     patched = getattr(interpreter._patch_lang_tensor, "_djepa_index_fix", False)
     if compat.needed(triton.__version__):
-        if not compat.interpreter_requested():
+        if not interpreter_enabled():
             pytest.skip("TRITON_INTERPRET is not 1: djepa.kernels leaves the interpreter alone")
         assert patched  # djepa.kernels applied it on import
         assert compat.apply() is False
